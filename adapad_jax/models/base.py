@@ -1,0 +1,55 @@
+"""What every model family hands to the trainer and the exporter."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import numpy as np
+
+Task = Literal["classification", "regression", "qa", "lm"]
+FlaxPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTarget:
+    """One adapted linear layer: where it sits in PyTorch and in the Flax tree, and its shape."""
+
+    hf_path: str  # full module path in the transformers model, e.g. "deberta.encoder.layer.0.attention.self.query_proj"
+    flax_path: FlaxPath  # path of the AdaptedDense module in the params tree (without "kernel")
+    in_features: int
+    out_features: int
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Names the loader could not match, and head weights initialised fresh."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    initialized: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A Flax model with its weights, its adapter targets and its mapping back to transformers names.
+
+    ``module.apply({"params": params, "lora": lora}, **inputs, deterministic=..., rngs=...)`` returns a dict:
+    ``{"logits": [B, C]}`` (classification/regression), ``{"start_logits", "end_logits": [B, S]}`` (qa) or
+    ``{"logits": [B, S, V]}`` (lm). ``inputs`` are ``input_ids`` and ``attention_mask`` (and ``token_type_ids``
+    when the model uses them).
+    """
+
+    family: str  # "deberta-v2" or "qwen3"
+    task: Task
+    module: nn.Module
+    params: dict[str, Any]
+    hf_config: Any  # transformers.PretrainedConfig
+    targets: list[AdapterTarget]
+    head_prefixes: list[FlaxPath]  # params subtrees that are the trainable task head
+    modules_to_save: list[str]  # HF module names of the head, for PEFT's modules_to_save
+    to_hf_state_dict: Callable[[dict[str, Any]], dict[str, np.ndarray]]  # Flax params -> HF names/layouts
+    hf_architecture: str  # e.g. "DebertaV2ForSequenceClassification"
+    report: LoadReport = dataclasses.field(default_factory=LoadReport)
+    uses_token_type_ids: bool = False
