@@ -1,0 +1,111 @@
+"""One call from a task name and a tokenizer to tokenised train features and eval sets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from adapad_jax.data.glue import tokenize_glue
+from adapad_jax.data.loading import load_raw_splits
+from adapad_jax.data.squad import QAEvalFeatures, prepare_qa_eval_features, prepare_qa_train_features
+from adapad_jax.data.tasks import DataError, TaskSpec, get_task
+
+DEFAULT_MAX_LENGTH = {"classification": 128, "regression": 128, "qa": 384}
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One validation split: raw rows, the arrays to batch, and (QA) the window bookkeeping."""
+
+    split: str
+    examples: Any  # datasets.Dataset of the raw rows
+    features: dict[str, np.ndarray]  # arrays for eval_batches (GLUE ones also carry labels and idx)
+    qa: QAEvalFeatures | None = None
+
+    @property
+    def num_features(self) -> int:
+        """Rows the model sees (QA: windows, more than examples when contexts are long)."""
+        return len(next(iter(self.features.values())))
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Tokenised training features (None when not loaded) and eval sets keyed by split name."""
+
+    spec: TaskSpec
+    train: dict[str, np.ndarray] | None
+    evals: dict[str, EvalSet]
+    max_length: int
+
+
+def build_task_data(
+    task: str | TaskSpec,
+    tokenizer: Any,
+    *,
+    source: str = "auto",
+    train_file: str = "",
+    validation_file: str = "",
+    max_length: int = 0,
+    doc_stride: int = 128,
+    max_train_examples: int = 0,
+    max_eval_examples: int = 0,
+    with_token_type_ids: bool = True,
+    include_train: bool = True,
+) -> TaskData:
+    """Load the task's splits (hub / tfds / local files) and tokenise them with the checkpoint's tokenizer.
+
+    ``max_length`` 0 means the task default (GLUE 128, SQuAD 384). The tokenizer should have been through
+    ``prepare_tokenizer`` (right padding, a pad token).
+    """
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    max_length = max_length or DEFAULT_MAX_LENGTH[spec.kind]
+    raw = load_raw_splits(
+        spec,
+        source=source,
+        train_file=train_file,
+        validation_file=validation_file,
+        max_train_examples=max_train_examples,
+        max_eval_examples=max_eval_examples,
+        include_train=include_train,
+    )
+    train = None
+    if "train" in raw:
+        if spec.kind == "qa":
+            train = prepare_qa_train_features(raw["train"], tokenizer, max_length, doc_stride, with_token_type_ids)
+        else:
+            train = tokenize_glue(raw["train"], spec, tokenizer, max_length, with_token_type_ids)
+    evals = {}
+    for split in spec.validation_splits:
+        if split not in raw:
+            continue
+        if spec.kind == "qa":
+            qa = prepare_qa_eval_features(raw[split], tokenizer, max_length, doc_stride, with_token_type_ids)
+            evals[split] = EvalSet(split, raw[split], qa.arrays, qa)
+        else:
+            features = tokenize_glue(raw[split], spec, tokenizer, max_length, with_token_type_ids)
+            evals[split] = EvalSet(split, raw[split], features)
+    if include_train and train is None and not evals:
+        raise DataError(f"no data was loaded for task {spec.name}")
+    return TaskData(spec=spec, train=train, evals=evals, max_length=max_length)
+
+
+def build_task_data_from_config(
+    config: Any, tokenizer: Any, *, include_train: bool = True, with_token_type_ids: bool = True
+) -> TaskData:
+    """``build_task_data`` with the run config's ``task`` and ``data.*`` fields (see adapad_jax/config.py)."""
+    data = config.data
+    return build_task_data(
+        config.task,
+        tokenizer,
+        source=data.get("source", "auto"),
+        train_file=data.get("train_file", ""),
+        validation_file=data.get("validation_file", ""),
+        max_length=data.get("max_length", 0) or 0,
+        doc_stride=data.get("doc_stride", 128),
+        max_train_examples=data.get("max_train_examples", 0),
+        max_eval_examples=data.get("max_eval_examples", 0),
+        with_token_type_ids=with_token_type_ids,
+        include_train=include_train,
+    )

@@ -1,0 +1,208 @@
+"""Local-file loading (jsonl, json, csv, parquet, official SQuAD), validation errors, hub/tfds failures."""
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from adapad_jax.data import DataError, get_task, load_raw_splits, validate_data_files
+from adapad_jax.testing.tiny import write_tiny_glue, write_tiny_squad
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _write_csv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: json.dumps(row[c]) if isinstance(row[c], dict) else row[c] for c in columns})
+    return str(path)
+
+
+def _same_rows(dataset, rows, columns):
+    assert len(dataset) == len(rows)
+    for loaded, expected in zip(dataset, rows):
+        for column in columns:
+            assert loaded[column] == expected[column], column
+
+
+@pytest.fixture(scope="module")
+def mrpc(tmp_path_factory):
+    return write_tiny_glue(tmp_path_factory.mktemp("mrpc"), "mrpc", n_train=12, n_val=6)
+
+
+def test_task_registry():
+    assert get_task("mnli").validation_splits == ("validation_matched", "validation_mismatched")
+    assert get_task("glue_stsb").kind == "regression" and get_task("stsb").num_labels == 1
+    assert get_task("squad_v2").version_2
+    assert get_task("squad").required_columns == ("id", "context", "question", "answers")
+    with pytest.raises(DataError, match="unknown task 'glue_foo'"):
+        get_task("glue_foo")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_glue_local_files_in_every_format(mrpc, tmp_path, fmt):
+    rows = _read_jsonl(mrpc.train_file)
+    columns = ["sentence1", "sentence2", "label", "idx"]
+    path = tmp_path / f"train.{fmt}"
+    if fmt == "jsonl":
+        path = mrpc.train_file
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        _write_csv(path, rows, columns)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    splits = load_raw_splits("glue_mrpc", train_file=str(path), validation_file=mrpc.validation_file)
+    assert set(splits) == {"train", "validation"}
+    _same_rows(splits["train"], rows, columns)
+    _same_rows(splits["validation"], _read_jsonl(mrpc.validation_file), columns)
+
+
+def test_squad_local_files_jsonl_parquet_csv_and_official_nested_json(tmp_path):
+    files = write_tiny_squad(tmp_path, version=2, n_train=10, n_val=4)
+    rows = _read_jsonl(files.train_file)
+    columns = ["id", "title", "context", "question", "answers"]
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    csv_path = _write_csv(tmp_path / "train.csv", rows, columns)
+    def qa(row):
+        pairs = zip(row["answers"]["text"], row["answers"]["answer_start"])
+        return {"id": row["id"], "question": row["question"], "is_impossible": not row["answers"]["text"],
+                "answers": [{"text": t, "answer_start": s} for t, s in pairs]}
+
+    official = {"version": "v2.0", "data": [
+        {"title": row["title"], "paragraphs": [{"context": row["context"], "qas": [qa(row)]}]} for row in rows]}
+    official_path = tmp_path / "train-v2.0.json"
+    official_path.write_text(json.dumps(official))
+    for path in (files.train_file, parquet, csv_path, official_path):
+        splits = load_raw_splits("squad_v2", train_file=str(path))
+        assert list(splits) == ["train"]
+        _same_rows(splits["train"], rows, columns)
+    assert any(not r["answers"]["text"] for r in rows), "the tiny v2 data must contain unanswerable rows"
+
+
+def test_mnli_two_validation_files_and_label_names(tmp_path):
+    files = write_tiny_glue(tmp_path, "mnli", n_train=9, n_val=5)
+    matched, mismatched = files.validation_file.split(",")
+    named = [dict(r, label=["entailment", "neutral", "contradiction"][r["label"]]) for r in _read_jsonl(matched)]
+    named_path = tmp_path / "named.jsonl"
+    named_path.write_text("".join(json.dumps(r) + "\n" for r in named))
+    splits = load_raw_splits("glue_mnli", train_file=files.train_file, validation_file=f"{named_path},{mismatched}")
+    assert list(splits) == ["train", "validation_matched", "validation_mismatched"]
+    assert splits["validation_matched"]["label"] == [r["label"] for r in _read_jsonl(matched)]
+    assert splits["validation_mismatched"]["label"] == [r["label"] for r in _read_jsonl(mismatched)]
+
+
+def test_missing_idx_is_filled_and_limits_apply(tmp_path, mrpc):
+    rows = [{k: v for k, v in r.items() if k != "idx"} for r in _read_jsonl(mrpc.train_file)]
+    path = tmp_path / "noidx.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_raw_splits("glue_mrpc", train_file=str(path), validation_file=mrpc.validation_file,
+                             max_train_examples=5, max_eval_examples=2)
+    assert splits["train"]["idx"] == [0, 1, 2, 3, 4] and len(splits["validation"]) == 2
+
+
+def test_clear_errors_for_bad_files(tmp_path, mrpc):
+    with pytest.raises(DataError, match=r"data file '.*nope.jsonl' does not exist"):
+        validate_data_files("glue_mrpc", str(tmp_path / "nope.jsonl"))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"sentence1": "a", "sentence2": "b", "label": 1}\n{"sentence1": "a", oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl' is not valid JSON lines: line 2"):
+        validate_data_files("glue_mrpc", str(bad_json))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"sentence": "a", "label": 1}\n')
+    with pytest.raises(DataError, match=r"missing.jsonl' lacks column\(s\) sentence1, sentence2 needed by task glue_"):
+        validate_data_files("glue_mrpc", "", str(missing))
+    bad_label = tmp_path / "label.jsonl"
+    bad_label.write_text('{"sentence1": "a", "sentence2": "b", "label": 7}\n')
+    with pytest.raises(DataError, match="label 7 is outside 0..1"):
+        validate_data_files("glue_mrpc", str(bad_label))
+    parquet = tmp_path / "cols.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "context": "c"}]), parquet)
+    with pytest.raises(DataError, match="lacks column\\(s\\) id, answers"):
+        load_raw_splits("squad", train_file=str(parquet))
+    not_parquet = tmp_path / "junk.parquet"
+    not_parquet.write_text("hello")
+    with pytest.raises(DataError, match="not a valid parquet file"):
+        validate_data_files("glue_mrpc", str(not_parquet))
+    text_file = tmp_path / "rows.txt"
+    text_file.write_text("a b c\n")
+    with pytest.raises(DataError, match="unsupported extension"):
+        validate_data_files("glue_mrpc", str(text_file))
+    with pytest.raises(DataError, match="lists 2 files but task glue_mrpc has 1 validation split"):
+        validate_data_files("glue_mrpc", "", f"{mrpc.validation_file},{mrpc.validation_file}")
+    bad_answers = tmp_path / "answers.jsonl"
+    bad_answers.write_text(json.dumps({"id": "1", "context": "c", "question": "q", "answers": {"text": ["c"]}}) + "\n")
+    with pytest.raises(DataError, match="answers must be"):
+        validate_data_files("squad", str(bad_answers))
+
+
+def test_hub_and_tfds_failures_name_the_dataset_and_the_way_out():
+    with pytest.raises(DataError, match=r"'nyu-mll/glue' \(config 'rte'\).*data.train_file"):
+        load_raw_splits("glue_rte", source="hub")
+    with pytest.raises(DataError, match=r"tensorflow-datasets 'squad/v2.0'.*data.train_file"):
+        load_raw_splits("squad_v2", source="tfds")
+    with pytest.raises(DataError, match="data.source must be one of"):
+        load_raw_splits("glue_rte", source="s3")
+
+
+def test_label_forms_accepted_and_rejected(tmp_path):
+    good = tmp_path / "labels.csv"
+    good.write_text("sentence,label\nfine words,1.0\nmore words,acceptable\nbad words,unacceptable\nx,0\n")
+    splits = load_raw_splits("glue_cola", train_file=str(good))
+    assert splits["train"]["label"] == [1, 1, 0, 0] and splits["train"]["idx"] == [0, 1, 2, 3]
+    fractional = tmp_path / "fractional.csv"
+    fractional.write_text("sentence,label\nfine words,1.5\n")
+    with pytest.raises(DataError, match="label '1.5' is not a class id"):
+        load_raw_splits("glue_cola", train_file=str(fractional))
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(
+        '{"sentence1": "a", "sentence2": "b", "label": 3.25}\n{"sentence1": "a", "sentence2": "b", "label": "x"}\n'
+    )
+    with pytest.raises(DataError, match="row 2: label 'x' is not a number"):
+        validate_data_files("glue_stsb", str(scores))
+
+
+class _FakeTfdsBuilder:
+    """Stands in for a prepared tensorflow-datasets builder: rows with bytes and numpy scalars, as tfds gives."""
+
+    def __init__(self, rows_by_split):
+        self.rows_by_split = rows_by_split
+
+    def as_data_source(self, split):
+        return self.rows_by_split[split]
+
+
+def test_tfds_rows_are_decoded_into_the_hub_schema(monkeypatch):
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    glue_rows = {"train": [{"idx": np.int32(i), "label": np.int64(i % 2), "sentence1": f"s{i}".encode(),
+                            "sentence2": b"other"} for i in range(3)],
+                 "validation": [{"idx": np.int32(0), "label": np.int64(1), "sentence1": b"a", "sentence2": b"b"}]}
+    squad_rows = {"validation": [{"id": b"q1", "title": b"T", "context": b"abc def", "question": b"what?",
+                                  "is_impossible": np.bool_(False),
+                                  "answers": {"text": np.array([b"def"], dtype=object),
+                                              "answer_start": np.array([4], dtype=np.int32)}}]}
+    requested = []
+
+    def fake_builder(name):
+        requested.append(name)
+        return _FakeTfdsBuilder(glue_rows if name.startswith("glue") else squad_rows)
+
+    monkeypatch.setattr(tfds, "builder", fake_builder)
+    splits = load_raw_splits("glue_mrpc", source="tfds")
+    assert requested == ["glue/mrpc", "glue/mrpc"]
+    assert splits["train"]["sentence1"] == ["s0", "s1", "s2"] and splits["train"]["label"] == [0, 1, 0]
+    assert splits["validation"]["idx"] == [0]
+    squad = load_raw_splits("squad_v2", source="tfds", include_train=False)["validation"]
+    assert requested[-1] == "squad/v2.0"
+    assert squad[0] == {"id": "q1", "title": "T", "context": "abc def", "question": "what?",
+                        "answers": {"text": ["def"], "answer_start": [4]}}
