@@ -1,0 +1,134 @@
+"""Dynamic rank discovery (SPEC §2): importance EMAs and top-k promotion of reserves.
+
+Allocator state (a dict of arrays, M modules, R = r_max slots):
+``committed`` [M, R] bool (slots 0..rank-1), ``reserve`` [M, R] bool (slot ``rank`` while a
+promotion is still possible), ``rank`` [M] int32, ``imp_ema`` / ``unc_ema`` [M] float32,
+``budget_left`` int32 (rank budget minus the sum of ranks).
+Once the budget is spent no reserve is kept (it could never be promoted), so it costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AllocState = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorConfig:
+    """Static allocator settings (taken from ``config.adapter``)."""
+
+    r_max: int
+    top_k: int
+    growth_interval: int
+    beta1: float = 0.85
+    beta2: float = 0.85
+    importance: str = "score"  # "score" | "uniform"
+    grow: bool = True
+
+    def __post_init__(self):
+        if self.importance not in ("score", "uniform"):
+            raise ValueError(f"adapter.importance must be 'score' or 'uniform', got {self.importance!r}")
+        if self.growth_interval < 1:
+            raise ValueError(f"adapter.growth_interval must be >= 1, got {self.growth_interval}")
+        if self.top_k < 0:
+            raise ValueError(f"adapter.top_k must be >= 0, got {self.top_k}")
+
+
+def masks_from_rank(rank: jax.Array, r_max: int, budget_left: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Committed slots 0..rank-1 and a reserve at slot ``rank`` (if < r_max and budget is left)."""
+    slot = jnp.arange(r_max)[None, :]
+    committed = slot < rank[:, None]
+    reserve = (slot == rank[:, None]) & (rank[:, None] < r_max) & (budget_left > 0)
+    return committed, reserve
+
+
+def init_allocator(num_modules: int, r_max: int, initial_rank: int, rank_budget: int) -> AllocState:
+    """Every module starts with ``initial_rank`` committed slots and one reserve."""
+    if not 0 <= initial_rank <= r_max:
+        raise ValueError(f"adapter.initial_rank={initial_rank} must be between 0 and adapter.r_max={r_max}")
+    if num_modules * initial_rank > rank_budget:
+        raise ValueError(
+            f"adapter.rank_budget={rank_budget} is smaller than the initial ranks: {num_modules} modules x "
+            f"initial_rank {initial_rank} = {num_modules * initial_rank}; raise the budget to at least that"
+        )
+    rank = jnp.full((num_modules,), initial_rank, jnp.int32)
+    budget_left = jnp.asarray(min(rank_budget, num_modules * r_max) - num_modules * initial_rank, jnp.int32)
+    committed, reserve = masks_from_rank(rank, r_max, budget_left)
+    return {
+        "committed": committed,
+        "reserve": reserve,
+        "rank": rank,
+        "imp_ema": jnp.zeros((num_modules,), jnp.float32),
+        "unc_ema": jnp.zeros((num_modules,), jnp.float32),
+        "budget_left": budget_left,
+    }
+
+
+def module_importance(slots: dict[str, list[jax.Array]], grads: dict[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
+    """Per module, the mean of |theta * grad| over the entries of its committed slots (a and b)."""
+    values = []
+    for m in range(len(slots["a"])):
+        mask = committed[m].astype(jnp.float32)
+        per_slot = jnp.abs(slots["a"][m] * grads["a"][m]).sum(-1) + jnp.abs(slots["b"][m] * grads["b"][m]).sum(-1)
+        entries = mask.sum() * (slots["a"][m].shape[-1] + slots["b"][m].shape[-1])
+        values.append((per_slot * mask).sum() / jnp.maximum(entries, 1.0))
+    return jnp.stack(values)
+
+
+def is_growth_step(step: int | jax.Array, config: AllocatorConfig) -> Any:
+    """Growth happens after completed step t when t is a multiple of T and t >= 2T (one warm-up round)."""
+    interval = config.growth_interval
+    return (step % interval == 0) & (step >= 2 * interval)
+
+
+def update_allocator(
+    state: AllocState, importance: jax.Array, step: jax.Array, config: AllocatorConfig, key: jax.Array
+) -> tuple[AllocState, jax.Array]:
+    """Update the EMAs with this step's importance and, on a growth step, promote the top-k reserves.
+
+    ``step`` is the 1-based number of the step just completed. Returns the new state and whether
+    any module grew. Ties in the score go to the lowest module index.
+    """
+    imp_ema = config.beta1 * state["imp_ema"] + (1.0 - config.beta1) * importance
+    unc_ema = config.beta2 * state["unc_ema"] + (1.0 - config.beta2) * jnp.abs(importance - imp_ema)
+    rank, budget_left = state["rank"], state["budget_left"]
+    if config.importance == "score":
+        score = imp_ema * unc_ema
+    else:
+        score = jax.random.uniform(key, importance.shape)
+    eligible = rank < config.r_max
+    ordered = jnp.argsort(jnp.where(eligible, -score, jnp.inf), stable=True)
+    position = jnp.zeros_like(rank).at[ordered].set(jnp.arange(rank.shape[0], dtype=rank.dtype))
+    count = jnp.minimum(config.top_k, budget_left)
+    grow_now = is_growth_step(step, config) & config.grow
+    promote = eligible & (position < count) & grow_now
+    rank = rank + promote.astype(rank.dtype)
+    budget_left = budget_left - promote.sum().astype(budget_left.dtype)
+    committed, reserve = masks_from_rank(rank, config.r_max, budget_left)
+    new_state = {
+        "committed": committed,
+        "reserve": reserve,
+        "rank": rank,
+        "imp_ema": imp_ema,
+        "unc_ema": unc_ema,
+        "budget_left": budget_left,
+    }
+    return new_state, promote.any()
+
+
+def live_mask(state: AllocState, advance_learning: bool) -> jax.Array:
+    """Slots that train: committed, plus the reserve when advance learning is on."""
+    return state["committed"] | state["reserve"] if advance_learning else state["committed"]
+
+
+def num_live_slots(state: AllocState, advance_learning: bool) -> int:
+    """1 + the highest slot index that is live in any module (host side; 0 if none)."""
+    mask = np.asarray(live_mask(state, advance_learning)).any(axis=0)
+    idx = np.nonzero(mask)[0]
+    return int(idx[-1]) + 1 if idx.size else 0

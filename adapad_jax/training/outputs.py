@@ -1,0 +1,92 @@
+"""End-of-training files: ranks.json, ranks.png (layers x module types), metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.(.+)$")
+
+
+def layer_and_type(hf_path: str) -> tuple[int, str]:
+    """``"...layer.3.attention.self.query_proj"`` -> ``(3, "attention.self.query_proj")``; -1 if no layer index."""
+    match = _LAYER.search(hf_path)
+    if match is None:
+        return -1, hf_path
+    return int(match.group(1)), match.group(2)
+
+
+def write_ranks_json(path: str | Path, ranks: Mapping[str, int]) -> None:
+    """``{hf_path: rank}`` as indented JSON."""
+    Path(path).write_text(json.dumps({k: int(v) for k, v in ranks.items()}, indent=2) + "\n")
+
+
+def rank_grid(ranks: Mapping[str, int]) -> tuple[np.ndarray, list[int], list[str]]:
+    """Ranks as a [layers, module types] grid (NaN where a module is absent), with row and column labels."""
+    parsed = [(layer_and_type(path), rank) for path, rank in ranks.items()]
+    layers = sorted({layer for (layer, _), _ in parsed})
+    types: list[str] = []
+    for (_, kind), _ in parsed:
+        if kind not in types:
+            types.append(kind)
+    grid = np.full((len(layers), len(types)), np.nan)
+    for (layer, kind), rank in parsed:
+        grid[layers.index(layer), types.index(kind)] = rank
+    return grid, layers, types
+
+
+def plot_ranks(path: str | Path, ranks: Mapping[str, int], title: str = "committed rank per module") -> None:
+    """Save a heatmap of ranks: rows = layers, columns = module types."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, layers, types = rank_grid(ranks)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(types), 1.5 + 0.35 * len(layers)), layout="constrained")
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=8)
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    array = np.asarray(value)
+    if array.ndim == 0:
+        return array.item()
+    return array.tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record (numpy/jax values converted)."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(_jsonable(dict(record))) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))

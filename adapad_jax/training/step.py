@@ -1,0 +1,250 @@
+"""The train step (deflated slots for ``adapad``, one forward for ``joint``/``lora``) and the eval forward.
+
+Train state (a dict pytree, replicated on every device):
+``step`` int32, ``rng`` uint32[2], ``trainable`` = ``{"slots": {"a": [...], "b": [...]}, "head": {name: subtree}}``,
+``opt_state``, ``snapshot`` (stop-gradient copy of the slots), ``alloc`` (see ``allocator.py``).
+
+For ``adapad`` the per-slot losses run inside ``jax.shard_map``: slots split over the mesh axis
+``components``, batch over ``data``, backbone and trainables replicated; per-device gradients are
+summed with one ``psum`` over both axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from adapad_jax.adapters.slots import deflated_lora, masked_lora
+from adapad_jax.models.base import AdapterTarget
+from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.training.losses import loss_terms
+from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
+
+METHODS = ("adapad", "joint", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a compiled train step."""
+
+    method: str
+    task: str
+    scaling: float
+    live_slots: int  # L: 1 + highest live slot index (adapad) / number of rows in the forward (joint, lora)
+    padded_slots: int  # L rounded up to a multiple of mesh.components (adapad)
+    advance_learning: bool
+    orth_reg: float
+    sync_every: int
+    slot_chunk_size: int
+    remat: bool
+    use_dropout: bool
+    input_keys: tuple[str, ...]
+    alloc: alloc_lib.AllocatorConfig
+
+
+def set_subtrees(params: Mapping[str, Any], subtrees: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """A copy of nested dict ``params`` with the subtrees at the given paths replaced."""
+    out = dict(params)
+    for path, value in subtrees.items():
+        node = out
+        for name in path[:-1]:
+            node[name] = dict(node[name])
+            node = node[name]
+        node[path[-1]] = value
+    return out
+
+
+def head_key(path: Sequence[str]) -> str:
+    """The name of a head subtree in the trainable tree."""
+    return "/".join(path)
+
+
+def merge_head(frozen: Mapping[str, Any], head: Mapping[str, Any]) -> dict[str, Any]:
+    """Frozen params with the trainable head subtrees put back in place."""
+    return set_subtrees(frozen, {tuple(name.split("/")): value for name, value in head.items()})
+
+
+def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
+    """Sum over modules of ||A A^T - I||^2 + ||B^T B - I||^2 over the committed slots."""
+    total = jnp.zeros((), jnp.float32)
+    for m in range(len(slots["a"])):
+        mask = committed[m].astype(jnp.float32)
+        a = slots["a"][m] * mask[:, None]
+        b = slots["b"][m] * mask[:, None]
+        eye = jnp.diag(mask)
+        total = total + jnp.sum(jnp.square(a @ a.T - eye)) + jnp.sum(jnp.square(b @ b.T - eye))
+    return total
+
+
+def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator):
+    params = merge_head(frozen, head)
+    inputs = {k: batch[k] for k in spec.input_keys}
+    outputs = module.apply(
+        {"params": params, "lora": lora}, **inputs, deterministic=not spec.use_dropout, rngs={"dropout": rng}
+    )
+    numerator, _ = loss_terms(spec.task, outputs, batch)
+    return numerator / denominator
+
+
+def _weight_sum(batch) -> jax.Array:
+    if "example_weight" in batch:
+        return jnp.sum(batch["example_weight"].astype(jnp.float32))
+    return jnp.asarray(next(iter(batch.values())).shape[0], jnp.float32)
+
+
+def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng):
+    """Per-slot deflated losses (sharded over ``components``) and the summed gradient."""
+    committed = alloc["committed"]
+    live = alloc_lib.live_mask(alloc, spec.advance_learning)
+    num_rows = spec.padded_slots
+
+    def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
+        denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
+        rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
+
+        def slot_loss(trainable, slot):
+            lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
+            loss = _model_loss(
+                module, spec, frozen, trainable["head"], lora, batch, jax.random.fold_in(rng, slot), denominator
+            )
+            return jnp.where(slot < spec.live_slots, loss, 0.0)
+
+        if spec.remat:
+            slot_loss = jax.checkpoint(slot_loss)
+
+        def chunk_objective(trainable, chunk_ids):
+            losses = jax.vmap(slot_loss, in_axes=(None, 0))(trainable, chunk_ids)
+            return losses.sum(), losses
+
+        local = slot_ids.shape[0]
+        chunk = spec.slot_chunk_size if 0 < spec.slot_chunk_size < local else local
+        if local % chunk:
+            chunk = next(c for c in range(chunk, 0, -1) if local % c == 0)
+        grad_fn = jax.value_and_grad(chunk_objective, has_aux=True)
+        if chunk == local:
+            (_, losses), grads = grad_fn(trainable, slot_ids)
+        else:
+            def scan_body(acc, chunk_ids):
+                (_, losses), grads = grad_fn(trainable, chunk_ids)
+                return jax.tree.map(jnp.add, acc, grads), losses
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, losses = jax.lax.scan(scan_body, zeros, slot_ids.reshape(-1, chunk))
+            losses = losses.reshape(-1)
+        grads = jax.lax.psum(grads, (DATA_AXIS, COMPONENTS_AXIS))
+        losses = jax.lax.psum(losses, DATA_AXIS)
+        return grads, losses
+
+    sharded = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
+        out_specs=(P(), P(COMPONENTS_AXIS)),
+        check_vma=False,
+    )
+    slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
+    grads, slot_losses = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
+    loss = slot_losses[: spec.live_slots].mean()
+    return grads, loss, slot_losses
+
+
+def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, frozen, batch, step_rng):
+    """One forward with every live slot (joint, lora); batch over ``data``, replicated over ``components``."""
+    live = alloc_lib.live_mask(alloc, spec.advance_learning)
+
+    def body(trainable, live, frozen, batch, step_rng):
+        denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
+        rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
+
+        def objective(trainable):
+            lora = masked_lora(targets, trainable["slots"], live, spec.scaling, spec.live_slots)
+            return _model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator)
+
+        loss, grads = jax.value_and_grad(objective)(trainable)
+        return jax.lax.psum(grads, DATA_AXIS), jax.lax.psum(loss, DATA_AXIS)
+
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
+    )
+    grads, loss = sharded(trainable, live, frozen, batch, step_rng)
+    return grads, loss, loss[None]
+
+
+def build_train_step(
+    module, targets: Sequence[AdapterTarget], spec: StepSpec, mesh: Mesh, tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable:
+    """The pure train step ``(state, frozen_params, batch) -> (state, metrics)`` for static ``spec``."""
+
+    def train_step(state, frozen, batch):
+        trainable, alloc = state["trainable"], state["alloc"]
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+        if spec.method == "adapad":
+            grads, loss, slot_losses = _adapad_grads(
+                module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng
+            )
+        else:
+            grads, loss, slot_losses = _single_forward_grads(
+                module, targets, spec, mesh, trainable, alloc, frozen, batch, step_rng
+            )
+        if spec.orth_reg > 0:
+            penalty, penalty_grads = jax.value_and_grad(
+                lambda s: spec.orth_reg * orthogonality_penalty(s, alloc["committed"])
+            )(trainable["slots"])
+            grads = {"slots": jax.tree.map(jnp.add, grads["slots"], penalty_grads), "head": grads["head"]}
+        else:
+            penalty = jnp.zeros((), jnp.float32)
+
+        live = alloc_lib.live_mask(alloc, spec.advance_learning)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        updates["slots"] = {
+            part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(updates["slots"][part])]
+            for part in ("a", "b")
+        }
+        new_trainable = optax.apply_updates(trainable, updates)
+
+        step = state["step"] + 1
+        importance = alloc_lib.module_importance(trainable["slots"], grads["slots"], alloc["committed"])
+        new_alloc, grew = alloc_lib.update_allocator(
+            alloc, importance, step, spec.alloc, jax.random.fold_in(step_rng, 0x5EED)
+        )
+        refresh = (step % spec.sync_every == 0) | grew
+        snapshot = jax.tree.map(
+            lambda new, old: jnp.where(refresh, new, old), new_trainable["slots"], state["snapshot"]
+        )
+        new_state = {
+            "step": step,
+            "rng": state["rng"],
+            "trainable": new_trainable,
+            "opt_state": opt_state,
+            "snapshot": snapshot,
+            "alloc": new_alloc,
+        }
+        metrics = {
+            "loss": loss,
+            "slot_losses": slot_losses,
+            "orth_penalty": penalty,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+            "total_rank": new_alloc["rank"].sum(),
+            "grew": grew,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def build_eval_forward(module, targets: Sequence[AdapterTarget], scaling: float, input_keys: tuple[str, ...]) -> Callable:
+    """``(trainable, committed, frozen, batch) -> model outputs`` with the current committed slots only."""
+
+    def forward(trainable, committed, frozen, batch):
+        lora = masked_lora(targets, trainable["slots"], committed, scaling)
+        params = merge_head(frozen, trainable["head"])
+        return module.apply({"params": params, "lora": lora}, **{k: batch[k] for k in input_keys}, deterministic=True)
+
+    return forward

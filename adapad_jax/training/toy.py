@@ -1,0 +1,220 @@
+"""A tiny model that honours the ``LoadedModel`` contract, and a planted low-rank teacher task.
+
+Model: frozen token embedding -> masked mean pool -> ``num_layers`` residual MLP blocks whose two
+linear layers (``fc_in`` h->2h, ``fc_out`` 2h->h) are ``AdaptedDense`` -> trainable ``head``.
+HF-style paths ``toy.layers.{i}.fc_in`` / ``toy.layers.{i}.fc_out``.
+
+Planted task: the teacher is the same network with ``kernel += U V^T`` of a chosen rank in some
+modules; regression labels are the teacher's outputs on random token sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from adapad_jax.adapters.layer import AdaptedDense
+from adapad_jax.models.base import AdapterTarget, LoadedModel
+
+MODULE_TYPES = ("fc_in", "fc_out")
+
+
+class ToyBlock(nn.Module):
+    """Residual MLP block with two adapted linear layers."""
+
+    hidden: int
+    adapter_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        h = AdaptedDense(2 * self.hidden, name="fc_in", adapter_dropout=self.adapter_dropout,
+                         kernel_init=nn.initializers.normal(1.0 / np.sqrt(self.hidden)))(x, deterministic)
+        h = nn.gelu(h)
+        h = AdaptedDense(self.hidden, name="fc_out", adapter_dropout=self.adapter_dropout,
+                         kernel_init=nn.initializers.normal(1.0 / np.sqrt(2 * self.hidden)))(h, deterministic)
+        return x + h
+
+
+class ToyModel(nn.Module):
+    """Embedding, mean pool, then adapted linear layers and a head.
+
+    ``layout="residual"``: ``num_layers`` residual MLP blocks (``fc_in`` h->2h, gelu, ``fc_out`` 2h->h), then a
+    dense head. ``layout="branches"``: every adapted layer (h->h, named like the residual ones) reads the pooled
+    input on its own branch; the outputs are concatenated through gelu and a per-output affine head, so an
+    error planted in one module can only be fixed by that module (used by the planted-rank test).
+    """
+
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    num_outputs: int
+    adapter_dropout: float = 0.0
+    layout: str = "residual"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        emb = nn.Embed(self.vocab_size, self.hidden, name="embed", embedding_init=nn.initializers.normal(1.0))(input_ids)
+        mask = attention_mask.astype(jnp.float32)[..., None]
+        x = (emb * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+        if self.layout == "branches":
+            outs = []
+            for i in range(self.num_layers):
+                for name in MODULE_TYPES:
+                    layer = AdaptedDense(self.hidden, name=f"{name}_{i}", adapter_dropout=self.adapter_dropout,
+                                         kernel_init=nn.initializers.normal(1.0 / np.sqrt(self.hidden)))
+                    outs.append(nn.gelu(layer(x, deterministic)))
+            y = jnp.concatenate(outs, axis=-1)
+            scale = self.param("scale", nn.initializers.ones, (y.shape[-1],))
+            bias = self.param("bias", nn.initializers.zeros, (y.shape[-1],))
+            return {"logits": y * scale + bias}
+        for i in range(self.num_layers):
+            x = ToyBlock(self.hidden, self.adapter_dropout, name=f"layers_{i}")(x, deterministic)
+        return {"logits": nn.Dense(self.num_outputs, name="head")(x)}
+
+
+def make_toy_model(
+    hidden: int = 32, num_layers: int = 2, vocab_size: int = 64, num_outputs: int = 8, task: str = "regression",
+    adapter_dropout: float = 0.0, seed: int = 0, layout: str = "residual",
+) -> LoadedModel:
+    """A randomly initialised toy ``LoadedModel`` (task ``regression`` or ``classification``)."""
+    if layout not in ("residual", "branches"):
+        raise ValueError(f"layout must be 'residual' or 'branches', got {layout!r}")
+    module = ToyModel(vocab_size, hidden, num_layers, num_outputs, adapter_dropout, layout)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids))["params"]
+    targets = []
+    for i in range(num_layers):
+        for name, (fan_in, fan_out) in zip(MODULE_TYPES, ((hidden, 2 * hidden), (2 * hidden, hidden))):
+            if layout == "branches":
+                targets.append(AdapterTarget(f"toy.layers.{i}.{name}", (f"{name}_{i}",), hidden, hidden))
+            else:
+                targets.append(AdapterTarget(f"toy.layers.{i}.{name}", (f"layers_{i}", name), fan_in, fan_out))
+    return LoadedModel(
+        family="toy",
+        task=task,
+        module=module,
+        params=jax.tree.map(np.asarray, params),
+        hf_config=None,
+        targets=targets,
+        head_prefixes=[("scale",), ("bias",)] if layout == "branches" else [("head",)],
+        modules_to_save=["head"],
+        to_hf_state_dict=lambda p: {},
+        hf_architecture="ToyModel",
+    )
+
+
+def planted_teacher(model: LoadedModel, planted_ranks: Sequence[int], scale: float = 1.0, seed: int = 1) -> dict[str, Any]:
+    """Teacher params: the model's params with a rank-r_m delta ``U V^T`` added to module m's kernel."""
+    if len(planted_ranks) != len(model.targets):
+        raise ValueError(f"planted_ranks has {len(planted_ranks)} entries for {len(model.targets)} modules")
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(np.array, model.params)
+    for target, rank in zip(model.targets, planted_ranks):
+        if rank == 0:
+            continue
+        u = rng.normal(size=(target.in_features, rank)) / np.sqrt(target.in_features)
+        v = rng.normal(size=(rank, target.out_features))
+        node = params
+        for name in target.flax_path:
+            node = node[name]
+        node["kernel"] = (node["kernel"] + scale * u @ v).astype(np.float32)
+    return params
+
+
+def toy_batch(
+    model: LoadedModel, teacher_params: dict[str, Any], index: int, batch_size: int, seq_len: int = 8, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Batch number ``index`` of the planted task: random tokens, teacher outputs as labels (deterministic)."""
+    rng = np.random.default_rng([seed, index])
+    vocab = model.module.vocab_size
+    input_ids = rng.integers(0, vocab, size=(batch_size, seq_len)).astype(np.int32)
+    lengths = rng.integers(seq_len // 2, seq_len + 1, size=(batch_size,))
+    attention_mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+    outputs = model.module.apply({"params": teacher_params}, input_ids, attention_mask)["logits"]
+    if model.task == "classification":
+        labels = np.asarray(outputs).argmax(-1).astype(np.int32)
+    else:
+        labels = np.asarray(outputs, np.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "example_weight": np.ones((batch_size,), np.float32),
+    }
+
+
+class ToyBatches:
+    """A resumable iterator over planted-task batches; ``state()`` / ``start`` give its position."""
+
+    def __init__(self, model: LoadedModel, teacher_params: dict[str, Any], batch_size: int, seq_len: int = 8,
+                 seed: int = 0, start: int = 0):
+        self.model, self.teacher, self.batch_size, self.seq_len, self.seed = model, teacher_params, batch_size, seq_len, seed
+        self.position = start
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = toy_batch(self.model, self.teacher, self.position, self.batch_size, self.seq_len, self.seed)
+        self.position += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """JSON-able position."""
+        return {"position": self.position}
+
+
+def toy_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """A config with the trainer's fields (the CLI's base_config schema), for tests and benchmarks.
+
+    Keys in ``overrides`` are dotted paths, e.g. ``toy_config(**{"adapter.r_max": 4})``.
+    """
+    config = ml_collections.ConfigDict()
+    config.task = "demo"
+    config.seed = 0
+    config.output_dir = ""
+    config.model = ml_collections.ConfigDict({"name_or_path": "toy", "dtype": "float32", "classifier_dropout": 0.0})
+    config.adapter = ml_collections.ConfigDict({
+        "method": "adapad", "target_modules": (), "r_max": 4, "rank_budget": 8, "lora_rank": 2, "alpha": 8.0,
+        "init_std": 0.02, "initial_rank": 1, "top_k": 2, "growth_interval": 5, "sync_every": 0,
+        "ema_beta1": 0.85, "ema_beta2": 0.85, "importance": "score", "advance_learning": True, "grow": True,
+        "orth_reg": 0.0, "dropout": 0.0, "slot_chunk_size": 0, "remat": False,
+    })
+    config.optim = ml_collections.ConfigDict({
+        "learning_rate": 1e-2, "weight_decay": 0.01, "adapter_weight_decay": 0.0, "warmup_steps": 2,
+        "schedule": "linear", "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
+    })
+    config.train = ml_collections.ConfigDict({
+        "num_epochs": 1, "num_steps": -1, "batch_size": 16, "eval_batch_size": 64, "eval_every_steps": 0,
+        "log_every_steps": 1,
+    })
+    config.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
+    config.mesh = ml_collections.ConfigDict({"data": 1, "components": 1})
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Turn on JAX's persistent compilation cache (every program, however fast to compile); returns the dir.
+
+    Tests and benchmarks build many small trainers whose programs repeat across processes; the
+    cache turns each repeat compile (seconds on 2 CPU cores) into a file read.
+    """
+    import os
+    import tempfile
+
+    directory = directory or os.path.join(tempfile.gettempdir(), "adapad_jax_compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory

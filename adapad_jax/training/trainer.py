@@ -1,0 +1,328 @@
+"""The training loop: state init/restore, compiled steps cached by L, logging, checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adapad_jax.adapters import slots as slots_lib
+from adapad_jax.models.base import LoadedModel
+from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.training.checkpointing import Checkpointer
+from adapad_jax.training.optim import make_optimizer
+from adapad_jax.training.outputs import MetricsWriter, plot_ranks, write_ranks_json
+from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS, batch_sharding, replicated
+from adapad_jax.training.step import METHODS, StepSpec, build_eval_forward, build_train_step, head_key, merge_head
+
+
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+class Trainer:
+    """Trains the adapters and head of ``model`` with ``config.adapter.method`` on ``mesh``.
+
+    Use: ``Trainer(model, config, mesh, output_dir)``; ``data_state = trainer.restore_or_init(data_state)``;
+    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_factors`` /
+    ``export``. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
+    ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
+    """
+
+    def __init__(self, model: LoadedModel, config: Any, mesh: Mesh, output_dir: str | Path):
+        adapter = config.adapter
+        if adapter.method not in METHODS:
+            raise ValueError(f"adapter.method must be one of {METHODS}, got {adapter.method!r}")
+        if not model.targets:
+            raise ValueError("the model has no adapter targets; check adapter.target_modules")
+        self.model, self.config, self.mesh = model, config, mesh
+        self.output_dir = Path(output_dir)
+        self.method = adapter.method
+        self.data_size = mesh.shape[DATA_AXIS]
+        self.components = mesh.shape[COMPONENTS_AXIS]
+        num_modules = len(model.targets)
+        if self.method == "lora":
+            if adapter.lora_rank < 1:
+                raise ValueError(f"adapter.lora_rank must be >= 1, got {adapter.lora_rank}")
+            self.num_slots = adapter.lora_rank
+            self.scaling = float(adapter.alpha) / adapter.lora_rank
+            initial_rank, budget, grow = adapter.lora_rank, num_modules * adapter.lora_rank, False
+        else:
+            if adapter.r_max % self.components:
+                raise ValueError(
+                    f"adapter.r_max={adapter.r_max} is not divisible by mesh.components={self.components}; "
+                    "choose mesh.components among the divisors of r_max"
+                )
+            self.num_slots = adapter.r_max
+            self.scaling = float(adapter.alpha) / adapter.r_max
+            initial_rank, grow = adapter.initial_rank, bool(adapter.grow)
+            budget = adapter.rank_budget if grow else num_modules * initial_rank
+            if budget < num_modules:
+                raise ValueError(
+                    f"adapter.rank_budget={adapter.rank_budget} is smaller than the number of adapted modules "
+                    f"({num_modules}); every module needs at least rank 1"
+                )
+        self._initial_rank, self._budget = initial_rank, budget
+        self.alloc_config = alloc_lib.AllocatorConfig(
+            r_max=self.num_slots, top_k=int(adapter.top_k), growth_interval=int(adapter.growth_interval),
+            beta1=float(adapter.ema_beta1), beta2=float(adapter.ema_beta2), importance=adapter.importance, grow=grow,
+        )
+        # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
+        self.advance_learning = bool(adapter.advance_learning) and self.method != "lora"
+        self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
+        self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
+        self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
+        self.frozen = jax.device_put(model.params, replicated(mesh))
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep))
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+        self.state: dict[str, Any] | None = None
+        self._steps: dict[tuple[int, int], Callable] = {}
+        self._total_steps = max(int(config.train.get("num_steps", -1)), 1)
+        self.tx, self.schedule = make_optimizer(config.optim, self._total_steps)
+        self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.scaling, self.input_keys))
+
+    # ----------------------------------------------------------------- state
+    def init_state(self) -> dict[str, Any]:
+        """A fresh train state (slots from ``config.seed``), replicated on the mesh."""
+        adapter = self.config.adapter
+        root = jax.random.PRNGKey(int(self.config.seed))
+        slots = slots_lib.init_slots(
+            self.model.targets, self.num_slots, float(adapter.init_std), jax.random.fold_in(root, 1),
+            zero_b=self.method == "lora",
+        )
+        head = {head_key(p): jax.tree.map(jnp.asarray, _subtree(self.model.params, tuple(p)))
+                for p in self.model.head_prefixes}
+        trainable = {"slots": slots, "head": head}
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(root, 2),
+            "trainable": trainable,
+            "opt_state": self.tx.init(trainable),
+            "snapshot": jax.tree.map(jnp.copy, slots),
+            "alloc": alloc_lib.init_allocator(len(self.model.targets), self.num_slots, self._initial_rank, self._budget),
+        }
+        return jax.device_put(state, self.state_shardings(state))
+
+    def state_shardings(self, state: dict[str, Any]) -> Any:
+        """Slot arrays (and their snapshot and Adam moments) split over ``components`` on the slot axis; rest replicated."""
+        rep = replicated(self.mesh)
+        if self.num_slots % self.components:
+            return jax.tree.map(lambda _: rep, state)
+        sliced = NamedSharding(self.mesh, P(COMPONENTS_AXIS))
+
+        def choose(path, leaf):
+            names = {getattr(k, "key", None) for k in path}
+            in_slots = "slots" in names or "snapshot" in names
+            if in_slots and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == self.num_slots:
+                return sliced
+            return rep
+
+        return jax.tree_util.tree_map_with_path(choose, state)
+
+    def restore_or_init(self, data_state: dict, step: int | None = None) -> dict:
+        """Restore the newest checkpoint in ``output_dir`` (or ``step``), returning its data state; else init.
+
+        Returns ``data_state`` unchanged when there is no checkpoint to restore.
+        """
+        fresh = self.init_state()
+        if step is not None and step not in self.checkpointer.manager.all_steps():
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.checkpointer.directory}; available: "
+                f"{sorted(self.checkpointer.manager.all_steps())}"
+            )
+        step = self.checkpointer.latest_step() if step is None else step
+        if step is None:
+            self.state = fresh
+            return data_state
+        meta = self.checkpointer.restore_meta(step)
+        saved = {"method": meta.get("method"), "modules": sorted(meta.get("ranks", {}))}
+        current = {"method": self.method, "modules": sorted(self.ranks_of(fresh))}
+        if saved != current:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.checkpointer.directory} was written by a different run "
+                f"(method {saved['method']!r}, {len(saved['modules'])} adapted modules) than this one (method "
+                f"{current['method']!r}, {len(current['modules'])} modules); use a new output_dir or the same config"
+            )
+        self.state, meta = self.checkpointer.restore(step, fresh)
+        self.metrics.truncate_after(step)
+        return meta["data_state"]
+
+    @property
+    def step(self) -> int:
+        """Number of completed train steps."""
+        return int(self.state["step"])
+
+    @property
+    def live_slots(self) -> int:
+        """L for the current allocator state (joint/lora: rows in the single forward)."""
+        return max(alloc_lib.num_live_slots(self.state["alloc"], self.advance_learning), 1)
+
+    # ------------------------------------------------------------------ step
+    def _spec(self, live: int) -> StepSpec:
+        adapter = self.config.adapter
+        padded = live if self.method != "adapad" else math.ceil(live / self.components) * self.components
+        return StepSpec(
+            method=self.method, task=self.model.task, scaling=self.scaling, live_slots=live, padded_slots=padded,
+            advance_learning=self.advance_learning, orth_reg=float(adapter.orth_reg), sync_every=self.sync_every,
+            slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
+            input_keys=self.input_keys, alloc=self.alloc_config,
+        )
+
+    def compiled_step(self, live: int | None = None) -> Callable:
+        """The jitted train step for L = ``live`` (default: current), cached by (L, total steps)."""
+        live = self.live_slots if live is None else live
+        key = (live, self._total_steps)
+        if key not in self._steps:
+            step_fn = build_train_step(self.model.module, self.model.targets, self._spec(live), self.mesh, self.tx,
+                                       self.schedule)
+            rep, data = replicated(self.mesh), batch_sharding(self.mesh)
+            state_sh = self.state_shardings(self.state)
+            self._steps[key] = jax.jit(
+                step_fn, in_shardings=(state_sh, rep, data), out_shardings=(state_sh, rep), donate_argnums=0
+            )
+        return self._steps[key]
+
+    def _set_total_steps(self, total: int) -> None:
+        total = max(int(total), 1)
+        if total != self._total_steps:
+            self._total_steps = total
+            self.tx, self.schedule = make_optimizer(self.config.optim, total)
+
+    def _put_batch(self, batch: dict) -> dict:
+        size = len(next(iter(batch.values())))
+        if size % self.data_size:
+            raise ValueError(f"batch size {size} is not divisible by mesh.data={self.data_size}")
+        return self._place({k: np.asarray(v) for k, v in batch.items()})
+
+    def _place(self, batch: dict) -> dict:
+        # Multi-process: each process passes its own slice of the global batch.
+        sharding = batch_sharding(self.mesh)
+        if jax.process_count() > 1:
+            return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        return jax.device_put(batch, sharding)
+
+    def train_step(self, batch: dict) -> dict:
+        """Run one step on ``batch`` and return its metrics (device arrays)."""
+        self.state, metrics = self.compiled_step()(self.state, self.frozen, self._put_batch(batch))
+        return metrics
+
+    def train(
+        self,
+        batches: Iterator[dict],
+        num_steps: int,
+        data_state_fn: Callable[[], dict],
+        eval_fn: Callable[["Trainer"], dict] | None = None,
+        eval_every: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing."""
+        if self.state is None:
+            raise RuntimeError("call restore_or_init() before train()")
+        self._set_total_steps(num_steps)
+        log_every = max(int(self.config.train.get("log_every_steps", 10)), 1)
+        every = int(self.config.checkpoint.every_steps)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_steps, initial=self.step, desc=self.method, dynamic_ncols=True)
+        live = self.live_slots
+        last_time = time.perf_counter()
+        while self.step < num_steps:
+            batch = next(batches)
+            self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self._put_batch(batch))
+            step = self.step
+            if alloc_lib.is_growth_step(step, self.alloc_config):
+                live = self.live_slots
+            if step % log_every == 0 or step == num_steps:
+                host = jax.device_get(metrics)
+                now = time.perf_counter()
+                record = {
+                    "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+                    "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
+                    "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / log_every,
+                }
+                last_time = now
+                self.metrics.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(host['loss']):.4f}", lr=f"{float(host['lr']):.2e}", L=live,
+                                    rank=int(host["total_rank"]))
+            if bar is not None:
+                bar.update(1)
+            if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step < num_steps:
+                self.metrics.write({"step": step, "eval": eval_fn(self)})
+            if (every > 0 and step % every == 0) or step == num_steps:
+                self.save(data_state_fn())
+        if bar is not None:
+            bar.close()
+
+    def save(self, data_state: dict) -> None:
+        """Checkpoint the current state with the data position and L."""
+        meta = {"data_state": data_state, "live_slots": self.live_slots, "step": self.step, "method": self.method,
+                "ranks": self.ranks()}
+        self.checkpointer.save(self.step, self.state, meta)
+
+    # ------------------------------------------------------------ evaluation
+    def predict(self, batch: dict) -> dict[str, np.ndarray]:
+        """Eval forward (current committed slots only) on ``batch``; numpy outputs."""
+        size = len(next(iter(batch.values())))
+        pad = (-size) % self.data_size
+        inputs = {k: np.asarray(batch[k]) for k in self.input_keys}
+        if pad:
+            inputs = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in inputs.items()}
+        inputs = self._place(inputs)
+        outputs = self._eval(self.state["trainable"], self.state["alloc"]["committed"], self.frozen, inputs)
+        return {k: np.asarray(v)[:size] for k, v in outputs.items()}
+
+    # --------------------------------------------------------------- outputs
+    def ranks(self) -> dict[str, int]:
+        """``{hf_path: committed rank}``."""
+        return self.ranks_of(self.state)
+
+    def ranks_of(self, state: dict[str, Any]) -> dict[str, int]:
+        """``{hf_path: committed rank}`` of a train state."""
+        rank = np.asarray(state["alloc"]["rank"])
+        return {t.hf_path: int(r) for t, r in zip(self.model.targets, rank)}
+
+    def committed_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{hf_path: (A [r, in], B [out, r])}`` of the committed slots; delta W^T = scaling * B @ A."""
+        slots = jax.device_get(self.state["trainable"]["slots"])
+        return slots_lib.committed_factors(self.model.targets, slots, np.asarray(self.state["alloc"]["committed"]))
+
+    def trained_params(self) -> dict[str, Any]:
+        """The model params (numpy) with the trained head in place."""
+        return jax.device_get(merge_head(self.frozen, self.state["trainable"]["head"]))
+
+    def export(self, out_dir: str | Path | None = None) -> Path:
+        """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``."""
+        out = Path(out_dir) if out_dir is not None else self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        ranks = self.ranks()
+        write_ranks_json(out / "ranks.json", ranks)
+        plot_ranks(out / "ranks.png", ranks, title=f"{self.method}: committed rank (total {sum(ranks.values())})")
+        if self.model.family != "toy":
+            from adapad_jax.models.export import write_peft_adapter
+
+            write_peft_adapter(
+                out / "adapter", self.model, self.trained_params(), self.committed_factors(), self.scaling,
+                self.config.model.name_or_path,
+            )
+        (out / "allocator.json").write_text(json.dumps({
+            "scaling": self.scaling, "method": self.method, "step": self.step,
+            "importance_ema": np.asarray(self.state["alloc"]["imp_ema"]).tolist(),
+            "uncertainty_ema": np.asarray(self.state["alloc"]["unc_ema"]).tolist(),
+        }, indent=2) + "\n")
+        return out
+
+    def close(self) -> None:
+        """Release the checkpoint manager."""
+        self.checkpointer.close()

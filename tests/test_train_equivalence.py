@@ -1,0 +1,153 @@
+"""Trainer equivalences: adapad r_max=1 == rank-1 lora; (data=2, components=4) mesh == one device."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adapad_jax.adapters.slots import masked_lora
+from adapad_jax.training import Trainer, make_mesh
+from adapad_jax.training.losses import loss_terms
+from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_batch, toy_config
+from adapad_jax.training.toy import enable_compilation_cache
+
+enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = make_toy_model(hidden=16, num_layers=2, num_outputs=4)
+    return model, planted_teacher(model, [2, 1, 0, 0])
+
+
+def _losses(out_dir):
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(model, teacher, cfg, mesh, steps, out_dir, init_slots=None):
+    trainer = Trainer(model, cfg, mesh, out_dir)
+    data = ToyBatches(model, teacher, 16)
+    trainer.restore_or_init(data.state())
+    if init_slots is not None:
+        slots = jax.device_put(init_slots, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        trainer.state = {**trainer.state, "trainable": {**trainer.state["trainable"], "slots": slots},
+                         "snapshot": jax.tree.map(jnp.copy, slots)}
+    trainer.train(data, steps, data.state, progress=False)
+    return trainer
+
+
+def test_adapad_rank_one_trains_like_lora(toy):
+    model, teacher = toy
+    common = {"adapter.alpha": 4.0, "adapter.init_std": 0.3, "checkpoint.every_steps": 0}
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        adapad = _run(model, teacher, toy_config(**common, **{"adapter.r_max": 1, "adapter.grow": False,
+                                                               "adapter.rank_budget": 4}),
+                      make_mesh(1, 1), 0, d1)
+        init = jax.device_get(adapad.state["trainable"]["slots"])
+        assert np.abs(init["b"][0]).max() > 0
+        adapad.train(ToyBatches(model, teacher, 16), 6, lambda: {}, progress=False)
+        lora = _run(model, teacher, toy_config(**common, **{"adapter.method": "lora", "adapter.lora_rank": 1}),
+                    make_mesh(1, 1), 6, d2, init_slots=init)
+        assert adapad.scaling == lora.scaling == 4.0
+        np.testing.assert_allclose(_losses(d1), _losses(d2), rtol=1e-6)
+        for x, y in zip(jax.tree.leaves(jax.device_get(adapad.state["trainable"])),
+                        jax.tree.leaves(jax.device_get(lora.state["trainable"]))):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+        moved = np.abs(np.asarray(adapad.state["trainable"]["slots"]["a"][0]) - init["a"][0]).max()
+        assert moved > 1e-4
+
+
+def test_lora_starts_at_base_model_and_joint_uses_committed_and_reserve(toy):
+    model, teacher = toy
+    batch = toy_batch(model, teacher, 0, 16)
+    base = model.module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"])
+    base_loss = float(np.divide(*loss_terms(model.task, base, batch)))
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        lora = _run(model, teacher, toy_config(**{"adapter.method": "lora", "checkpoint.every_steps": 0}),
+                    make_mesh(1, 1), 1, d1)
+        np.testing.assert_allclose(_losses(d1)[0], base_loss, rtol=1e-6)
+        joint = Trainer(model, toy_config(**{"adapter.method": "joint", "adapter.init_std": 0.3}), make_mesh(1, 1), d2)
+        joint.restore_or_init({})
+        state = jax.device_get(joint.state)
+        live = state["alloc"]["committed"] | state["alloc"]["reserve"]
+        lora_c = masked_lora(model.targets, state["trainable"]["slots"], live, joint.scaling)
+        out = model.module.apply({"params": model.params, "lora": lora_c}, batch["input_ids"], batch["attention_mask"])
+        expected = float(np.divide(*loss_terms(model.task, out, batch)))
+        joint.train(ToyBatches(model, teacher, 16), 1, lambda: {}, progress=False)
+        np.testing.assert_allclose(_losses(d2)[0], expected, rtol=1e-6)
+        assert abs(expected - base_loss) > 1e-4
+        lora.close()
+        joint.close()
+
+
+def test_mesh_run_matches_single_device(toy):
+    model, teacher = toy
+    cfg = toy_config(**{"adapter.r_max": 4, "adapter.rank_budget": 9, "adapter.top_k": 2,
+                        "adapter.growth_interval": 2, "adapter.init_std": 0.1, "adapter.orth_reg": 0.1,
+                        "checkpoint.every_steps": 0})
+    results = []
+    for data, components in ((1, 1), (2, 4)):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _run(model, teacher, cfg, make_mesh(data, components), 5, out)
+            slot_a = trainer.state["trainable"]["slots"]["a"][0]
+            assert slot_a.sharding.spec == jax.sharding.PartitionSpec("components")
+            assert len({shard.device for shard in slot_a.addressable_shards}) == data * components
+            assert slot_a.addressable_shards[0].data.shape[0] == 4 // components
+            results.append((jax.device_get(trainer.state), _losses(out), sorted(trainer._steps)))
+            trainer.close()
+    (single, single_losses, single_steps), (mesh, mesh_losses, mesh_steps) = results
+    assert [L for L, _ in single_steps][:2] == [2, 3], "expected an L recompile after the growth at step 4"
+    assert single_steps == mesh_steps
+    np.testing.assert_array_equal(single["alloc"]["rank"], mesh["alloc"]["rank"])
+    assert int(single["alloc"]["rank"].sum()) > 4
+    np.testing.assert_allclose(single_losses, mesh_losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(mesh)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_mesh_and_config_errors_name_the_problem(toy, tmp_path):
+    model, _ = toy
+    with pytest.raises(ValueError, match=r"mesh.data=4 x mesh.components=4 = 16 devices, but only 8"):
+        make_mesh(4, 4)
+    with pytest.raises(ValueError, match=r"adapter.r_max=4 is not divisible by mesh.components=3"):
+        make_mesh(1, 3, r_max=4)
+    with pytest.raises(ValueError, match=r"adapter.r_max=4 is not divisible by mesh.components=3"):
+        Trainer(model, toy_config(), make_mesh(1, 3), tmp_path)
+    with pytest.raises(ValueError, match=r"rank_budget=3 is smaller than the number of adapted modules \(4\)"):
+        Trainer(model, toy_config(**{"adapter.rank_budget": 3}), make_mesh(1, 1), tmp_path)
+    with pytest.raises(ValueError, match="adapter.method"):
+        Trainer(model, toy_config(**{"adapter.method": "dora"}), make_mesh(1, 1), tmp_path)
+    with pytest.raises(ValueError, match="adapter.importance"):
+        Trainer(model, toy_config(**{"adapter.importance": "magnitude"}), make_mesh(1, 1), tmp_path)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        Trainer(model, toy_config(**{"optim.schedule": "step"}), make_mesh(1, 1), tmp_path)
+    trainer = Trainer(model, toy_config(), make_mesh(2, 1), tmp_path)
+    trainer.restore_or_init({})
+    with pytest.raises(ValueError, match="batch size 7 is not divisible by mesh.data=2"):
+        trainer.train_step({"input_ids": np.zeros((7, 4), np.int32), "attention_mask": np.ones((7, 4), np.int32),
+                            "labels": np.zeros((7, 4), np.float32)})
+
+
+def test_schedule_and_separate_weight_decay():
+    import ml_collections
+
+    from adapad_jax.training.optim import learning_rate_schedule, make_optimizer
+
+    linear = learning_rate_schedule(1.0, 10, 110, "linear")
+    np.testing.assert_allclose([linear(0), linear(5), linear(10), linear(60), linear(110)], [0, 0.5, 1, 0.5, 0],
+                               atol=1e-6)
+    cosine = learning_rate_schedule(2.0, 0, 100, "cosine")
+    np.testing.assert_allclose([cosine(0), cosine(50), cosine(100)], [2.0, 1.0, 0.0], atol=1e-5)
+    optim = ml_collections.ConfigDict({"learning_rate": 0.5, "warmup_steps": 0, "schedule": "linear",
+                                       "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
+                                       "weight_decay": 0.1, "adapter_weight_decay": 0.01})
+    tx, _ = make_optimizer(optim, 100)
+    params = {"slots": {"a": [jnp.full((2, 3), 2.0)]}, "head": {"head": {"kernel": jnp.full((3,), 4.0)}}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["slots"]["a"][0], -0.5 * 0.01 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["head"]["head"]["kernel"], -0.5 * 0.1 * 4.0, rtol=1e-6)
