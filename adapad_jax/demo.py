@@ -1,0 +1,363 @@
+"""The offline demo: a planted-rank teacher task on a small random DeBERTaV3 backbone.
+
+``python launch/train.py --config configs/demo.py`` builds, once (cached under ``demo.assets_dir``):
+
+1. a SentencePiece tokenizer trained on synthetic sentences (``adapad_jax.testing.tiny``);
+2. a random DeBERTaV3-architecture backbone (hidden 64, 2 layers) written as a transformers checkpoint;
+3. a teacher = backbone + planted adapter deltas ``sum_k sigma_k u_k v_k^T`` of different ranks in a few
+   modules (rank 0 elsewhere), applied through the same ``lora`` collection the trainer uses;
+4. a classification head that reads the direction of the pooled features the planted deltas move most
+   relative to how much the backbone alone moves it (a generalised eigenvector), thresholded at the median:
+   the backbone alone predicts these labels at about chance, so everything learnable is in the deltas;
+5. train/validation files (``sentence``, ``label``, ``idx``) labelled by the teacher.
+
+AdaPaD then trains on it like any GLUE task; ``report`` prints accuracy against the backbone alone and a
+planted-vs-found rank table, and draws ``planted_vs_found.png`` next to ``ranks.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from adapad_jax.data.tasks import TaskSpec
+
+DEMO_TASK = TaskSpec(
+    name="demo",
+    kind="classification",
+    hub_names=(),
+    tfds_name="",
+    text_columns=("sentence",),
+    num_labels=2,
+    metric_names=("accuracy",),
+    label_names=("low", "high"),
+)
+PLACEHOLDER_MODEL = "demo-backbone"
+BACKBONE_DIR = "backbone"
+PLANTED_FILE = "planted.json"
+PICTURE_FILE = "planted_vs_found.png"
+_ASSET_VERSION = 1  # bump when the asset recipe changes, so stale caches are rebuilt
+
+
+def demo_settings() -> ml_collections.ConfigDict:
+    """The ``demo`` section of configs/demo.py: backbone size, planted ranks and data sizes."""
+    demo = ml_collections.ConfigDict()
+    demo.assets_dir = ""  # "" = ~/.cache/adapad_jax/demo (or $ADAPAD_DEMO_CACHE)
+    demo.hidden_size = 64
+    demo.num_layers = 2
+    demo.num_heads = 4
+    demo.intermediate_size = 128
+    demo.initializer_range = 0.1
+    demo.vocab_size = 400
+    # Comma-separated "<module path inside deberta.encoder>:<rank>"; modules not listed get rank 0.
+    demo.planted = "layer.1.attention.self.value_proj:4,layer.0.intermediate.dense:3,layer.1.attention.output.dense:2"
+    demo.planted_scale = 1.5  # top planted singular value / spectral norm of the module's weight
+    demo.planted_decay = 0.7  # sigma_k = scale * ||W0|| * decay**k
+    demo.num_train = 2048
+    demo.num_validation = 512
+    demo.min_words = 6
+    demo.max_words = 18
+    demo.max_length = 48  # tokens, as data.max_length of the run
+    demo.logit_scale = 4.0  # std of the teacher's logit margin
+    demo.seed = 0
+    return demo
+
+
+def parse_planted(text: str) -> dict[str, int]:
+    """``"layer.1.attention.self.value_proj:4,..."`` -> ``{"deberta.encoder.layer.1.attention.self.value_proj": 4}``."""
+    planted: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        path, _, rank = item.rpartition(":")
+        if not path or not rank.isdigit() or int(rank) < 1:
+            raise ValueError(f"demo.planted entry '{item}' must look like 'layer.0.intermediate.dense:3' (rank >= 1)")
+        full = path if path.startswith("deberta.") else f"deberta.encoder.{path}"
+        planted[full] = int(rank)
+    if not planted:
+        raise ValueError("demo.planted is empty: plant at least one module")
+    return planted
+
+
+def assets_root(demo: ml_collections.ConfigDict) -> Path:
+    """Cache directory of the demo assets for these settings (a hash of them names the subdirectory)."""
+    base = demo.assets_dir or os.environ.get("ADAPAD_DEMO_CACHE") or os.path.join("~", ".cache", "adapad_jax", "demo")
+    settings = {k: v for k, v in demo.to_dict().items() if k != "assets_dir"}
+    digest = hashlib.sha256(json.dumps([_ASSET_VERSION, settings], sort_keys=True).encode()).hexdigest()[:12]
+    return Path(os.path.expanduser(base)) / digest
+
+
+# ------------------------------------------------------------------------------------------- synthetic text
+
+
+def _word_pool() -> list[str]:
+    from adapad_jax.testing import tiny
+
+    words = list(tiny.NAMES + tiny.NOUNS + tiny.POSITIVE + tiny.NEGATIVE + tiny.VERBS)
+    for values in tiny.ATTRIBUTES.values():
+        words += list(values)
+    return words + ["the", "a", "of", "near", "was", "and", "but"]
+
+
+def synthetic_sentences(count: int, min_words: int, max_words: int, rng: np.random.Generator) -> list[str]:
+    """Random word sequences over the tiny datasets' vocabulary (the tokenizer covers every word)."""
+    words = _word_pool()
+    lengths = rng.integers(min_words, max_words + 1, size=count)
+    return [" ".join(words[i] for i in rng.integers(len(words), size=n)) + "." for n in lengths]
+
+
+# ------------------------------------------------------------------------------------------- teacher
+
+
+def planted_lora(model: Any, planted: Mapping[str, int], scale: float, decay: float, seed: int) -> dict[str, Any]:
+    """The teacher's ``lora`` collection: orthonormal rank-r deltas with sigma_k = scale ||W0||_2 decay^k."""
+    from flax import traverse_util
+
+    by_path = {t.hf_path: t for t in model.targets}
+    unknown = sorted(set(planted) - set(by_path))
+    if unknown:
+        raise ValueError(f"demo.planted names modules that are not adapter targets: {unknown}")
+    rng = np.random.default_rng(seed)
+    flat_params = traverse_util.flatten_dict(model.params)
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for path, rank in planted.items():
+        target = by_path[path]
+        kernel = np.asarray(flat_params[target.flax_path + ("kernel",)], dtype=np.float64)
+        norm = np.linalg.norm(kernel, 2)
+        u, _ = np.linalg.qr(rng.standard_normal((target.in_features, rank)))
+        v, _ = np.linalg.qr(rng.standard_normal((target.out_features, rank)))
+        flat[target.flax_path + ("a",)] = u.T.astype(np.float32)
+        flat[target.flax_path + ("b",)] = v.T.astype(np.float32)
+        flat[target.flax_path + ("coef",)] = (scale * norm * decay ** np.arange(rank)).astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+def pooled_features(model: Any, params: Any, lora: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    batch_size: int = 256) -> np.ndarray:
+    """The classification head's input (pooler output) for every row, with the given adapter deltas."""
+    import jax
+
+    @jax.jit
+    def forward(ids, mask):
+        variables = {"params": params, **({"lora": lora} if lora else {})}
+        _, state = model.module.apply(
+            variables, input_ids=ids, attention_mask=mask, deterministic=True,
+            capture_intermediates=lambda module, method: module.name == "pooler",
+        )
+        return state["intermediates"]["pooler"]["__call__"][0]
+
+    out = [np.asarray(forward(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+           for i in range(0, len(input_ids), batch_size)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def readout_direction(base: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Unit w maximising Var(w.(teacher - base)) / Var(w.base): what the deltas move and the backbone does not."""
+    import scipy.linalg
+
+    moved = np.cov((teacher - base).T)
+    still = np.cov(base.T)
+    still = still + 1e-6 * np.trace(still) / len(still) * np.eye(len(still))
+    _, vectors = scipy.linalg.eigh(moved, still)
+    w = vectors[:, -1]
+    return w / np.linalg.norm(w)
+
+
+# ------------------------------------------------------------------------------------------- assets
+
+
+def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable[[str], None] = print) -> dict:
+    """Write tokenizer + backbone checkpoint + teacher-labelled data into ``directory``; returns planted.json."""
+    import jax
+    import jax.numpy as jnp
+    import transformers
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    from adapad_jax.models.registry import model_from_config
+    from adapad_jax.testing import tiny
+
+    planted = parse_planted(demo.planted)
+    rng = np.random.default_rng(demo.seed)
+    backbone = directory / BACKBONE_DIR
+    sentences = synthetic_sentences(demo.num_train + demo.num_validation, demo.min_words, demo.max_words, rng)
+    tokenizer = tiny.train_sentencepiece_tokenizer(backbone, tiny.tiny_corpus() + sentences[:200], demo.vocab_size)
+    hf_config = transformers.DebertaV2Config(
+        vocab_size=max(len(tokenizer), demo.vocab_size),
+        hidden_size=demo.hidden_size,
+        num_hidden_layers=demo.num_layers,
+        num_attention_heads=demo.num_heads,
+        intermediate_size=demo.intermediate_size,
+        hidden_act="gelu",
+        max_position_embeddings=512,
+        relative_attention=True,
+        position_buckets=32,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+        initializer_range=demo.initializer_range,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
+    )
+    model = model_from_config(hf_config, task="classification", num_labels=2, seed=int(demo.seed))
+    params = jax.tree.map(np.asarray, model.params)
+    lora = planted_lora(model, planted, demo.planted_scale, demo.planted_decay, int(demo.seed) + 1)
+
+    max_length = int(demo.max_length)
+    encoded = tokenizer(sentences, truncation=True, max_length=max_length, padding="max_length")
+    ids = np.asarray(encoded["input_ids"], np.int32)
+    mask = np.asarray(encoded["attention_mask"], np.int32)
+    base = pooled_features(model, params, None, ids, mask)
+    teacher = pooled_features(model, params, lora, ids, mask)
+    w = readout_direction(base, teacher)
+    margin_teacher, margin_base = teacher @ w, base @ w
+    threshold = float(np.median(margin_teacher[: demo.num_train]))
+    gain = demo.logit_scale / max(float(np.std(margin_teacher)), 1e-12)
+    labels = (margin_teacher > threshold).astype(int)
+    # Head: logit_1 - logit_0 = gain * (w . pooled - threshold).
+    flat = traverse_util.flatten_dict(params)
+    kernel = np.zeros(flat[("classifier", "kernel")].shape, np.float32)
+    kernel[:, 1], kernel[:, 0] = 0.5 * gain * w, -0.5 * gain * w
+    flat[("classifier", "kernel")] = kernel
+    flat[("classifier", "bias")] = np.array([0.5 * gain * threshold, -0.5 * gain * threshold], np.float32)
+    params = traverse_util.unflatten_dict(flat)
+
+    # Labels straight from the teacher's logits with the final head, as a check of the construction.
+    teacher_logits = np.concatenate([
+        np.asarray(model.module.apply({"params": params, "lora": lora}, input_ids=ids[i:i + 256],
+                                      attention_mask=mask[i:i + 256], deterministic=True)["logits"])
+        for i in range(0, len(ids), 256)
+    ])
+    agree = float(np.mean(teacher_logits.argmax(-1) == labels))
+    if agree < 0.99:
+        raise AssertionError(f"demo teacher construction: logits agree with the labels on only {agree:.3f}")
+
+    hf_config.architectures = [model.hf_architecture]
+    hf_config.save_pretrained(str(backbone))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in model.to_hf_state_dict(params).items()},
+              str(backbone / "model.safetensors"), metadata={"format": "pt"})
+
+    n_train = demo.num_train
+    split_rows = {
+        "train.jsonl": [(s, int(y), i) for i, (s, y) in enumerate(zip(sentences[:n_train], labels[:n_train]))],
+        "validation.jsonl": [(s, int(y), i) for i, (s, y) in enumerate(zip(sentences[n_train:], labels[n_train:]))],
+    }
+    for name, rows in split_rows.items():
+        with (directory / name).open("w") as f:
+            for sentence, label, idx in rows:
+                f.write(json.dumps({"sentence": sentence, "label": label, "idx": idx}) + "\n")
+    val = slice(n_train, None)
+    info = {
+        "planted": planted,
+        "modules": [t.hf_path for t in model.targets],
+        "label_balance_validation": float(labels[val].mean()),
+        "backbone_only_accuracy": float(np.mean((margin_base[val] > threshold) == labels[val].astype(bool))),
+        "teacher_accuracy": float(np.mean(teacher_logits[val].argmax(-1) == labels[val])),
+        "max_length": max_length,
+    }
+    (directory / PLANTED_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"demo assets built in {directory}: backbone accuracy alone {info['backbone_only_accuracy']:.3f}")
+    return info
+
+
+def ensure_assets(demo: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Path:
+    """Build the assets once (into a temp dir renamed into place) and return their directory."""
+    root = assets_root(demo)
+    if (root / PLANTED_FILE).is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
+    try:
+        log(f"building the demo backbone, tokenizer and teacher-labelled data (once) in {root}")
+        build_assets(demo, staging, log)
+        try:
+            os.replace(staging, root)
+        except OSError:  # another process finished first
+            if not (root / PLANTED_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def prepare_config(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Path:
+    """Build or reuse the demo assets and point the config's model and data fields at them."""
+    root = ensure_assets(config.demo, log)
+    if config.model.name_or_path in ("", PLACEHOLDER_MODEL):
+        config.model.name_or_path = str(root / BACKBONE_DIR)
+    if not config.data.train_file and not config.data.validation_file:
+        config.data.train_file = str(root / "train.jsonl")
+        config.data.validation_file = str(root / "validation.jsonl")
+    return root
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def rank_table(planted: Mapping[str, int], found: Mapping[str, int]) -> str:
+    """Text table: module, planted rank, found rank (modules in the order of ``found``)."""
+    width = max(len(p) for p in found)
+    lines = [f"{'module':<{width}}  planted  found", "-" * (width + 16)]
+    for path, rank in found.items():
+        lines.append(f"{path:<{width}}  {planted.get(path, 0):>7}  {rank:>5}")
+    lines.append(f"{'total':<{width}}  {sum(planted.values()):>7}  {sum(found.values()):>5}")
+    return "\n".join(lines)
+
+
+def plot_planted_vs_found(path: str | os.PathLike, planted: Mapping[str, int], found: Mapping[str, int]) -> None:
+    """Two heatmaps (layers x module types), planted ranks left, ranks found by training right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adapad_jax.training.outputs import rank_grid
+
+    found_grid, layers, types = rank_grid(found)
+    planted_grid, _, _ = rank_grid({p: planted.get(p, 0) for p in found})
+    top = max(np.nanmax(found_grid), np.nanmax(planted_grid), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.6 * len(types), 1.6 + 0.5 * len(layers)))
+    for ax, grid, title in ((axes[0], planted_grid, "planted rank (teacher)"), (axes[1], found_grid, "rank found by AdaPaD")):
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, aspect="auto")
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", color="w", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], None] = print) -> str:
+    """Print accuracy against chance and the backbone alone, and the planted-vs-found table; draw the picture."""
+    root = assets_root(config.demo)
+    info = json.loads((root / PLANTED_FILE).read_text())
+    planted = {k: int(v) for k, v in info["planted"].items()}
+    found = dict(result.ranks)
+    out = Path(result.output_dir)
+    tmp = out / f".{PICTURE_FILE}.tmp.png"
+    plot_planted_vs_found(tmp, planted, found)
+    os.replace(tmp, out / PICTURE_FILE)
+    accuracy = result.metrics.get("accuracy", float("nan"))
+    chance = max(info["label_balance_validation"], 1 - info["label_balance_validation"])
+    text = "\n".join([
+        f"demo: validation accuracy {accuracy:.3f} after {result.step} steps "
+        f"(majority class {chance:.3f}, backbone without the planted deltas {info['backbone_only_accuracy']:.3f}, "
+        f"teacher {info['teacher_accuracy']:.3f})",
+        rank_table(planted, found),
+        f"pictures: {out / 'ranks.png'}, {out / PICTURE_FILE}",
+    ])
+    log(text)
+    return text

@@ -1,0 +1,32 @@
+"""GLUE QQP with AdaPaD on DeBERTaV3-base (paper Table 8 settings; metric: accuracy and F1).
+
+Run:
+    python launch/train.py --config configs/glue_qqp.py
+Offline, with local files in the GLUE schema and a local checkpoint:
+    python launch/train.py --config configs/glue_qqp.py \
+        --config.model.name_or_path=/path/to/deberta-v3-base \
+        --config.data.train_file=train.jsonl --config.data.validation_file=dev.jsonl
+Writes metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json,
+ranks.png and config.json to --config.output_dir (default runs/glue_qqp). The learning rate is not in the
+paper text we have: see adapad_jax.config.GLUE_LEARNING_RATES.
+"""
+
+from adapad_jax.config import glue_config
+
+
+def get_config():
+    """The paper's QQP row: epochs 7, batch 128, alpha 48, warmup 500, top-k 5, T 300."""
+    return glue_config(
+        "qqp",
+        epochs=7,
+        batch_size=128,
+        alpha=48,
+        warmup=500,
+        top_k=5,
+        growth_interval=300,
+        orth_reg=0.15,
+        adapter_dropout=0.1,
+        classifier_dropout=0.15,
+        adapter_weight_decay=0.0,
+        schedule="linear",
+    )

@@ -1,0 +1,32 @@
+"""GLUE RTE with AdaPaD on DeBERTaV3-base (paper Table 8 settings; metric: accuracy).
+
+Run:
+    python launch/train.py --config configs/glue_rte.py
+Offline, with local files in the GLUE schema and a local checkpoint:
+    python launch/train.py --config configs/glue_rte.py \
+        --config.model.name_or_path=/path/to/deberta-v3-base \
+        --config.data.train_file=train.jsonl --config.data.validation_file=dev.jsonl
+Writes metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json,
+ranks.png and config.json to --config.output_dir (default runs/glue_rte). The learning rate is not in the
+paper text we have: see adapad_jax.config.GLUE_LEARNING_RATES.
+"""
+
+from adapad_jax.config import glue_config
+
+
+def get_config():
+    """The paper's RTE row: epochs 50, batch 32, alpha 24, warmup 100, top-k 3, T 200."""
+    return glue_config(
+        "rte",
+        epochs=50,
+        batch_size=32,
+        alpha=24,
+        warmup=100,
+        top_k=3,
+        growth_interval=200,
+        orth_reg=0.3,
+        adapter_dropout=0.0,
+        classifier_dropout=0.0,
+        adapter_weight_decay=0.01,
+        schedule="linear",
+    )

@@ -1,0 +1,32 @@
+"""GLUE SST-2 with AdaPaD on DeBERTaV3-base (paper Table 8 settings; metric: accuracy).
+
+Run:
+    python launch/train.py --config configs/glue_sst2.py
+Offline, with local files in the GLUE schema and a local checkpoint:
+    python launch/train.py --config configs/glue_sst2.py \
+        --config.model.name_or_path=/path/to/deberta-v3-base \
+        --config.data.train_file=train.jsonl --config.data.validation_file=dev.jsonl
+Writes metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json,
+ranks.png and config.json to --config.output_dir (default runs/glue_sst2). The learning rate is not in the
+paper text we have: see adapad_jax.config.GLUE_LEARNING_RATES.
+"""
+
+from adapad_jax.config import glue_config
+
+
+def get_config():
+    """The paper's SST-2 row: epochs 24, batch 64, alpha 8, warmup 1000, top-k 5, T 100."""
+    return glue_config(
+        "sst2",
+        epochs=24,
+        batch_size=64,
+        alpha=8,
+        warmup=1000,
+        top_k=5,
+        growth_interval=100,
+        orth_reg=0.2,
+        adapter_dropout=0.1,
+        classifier_dropout=0.0,
+        adapter_weight_decay=0.0,
+        schedule="linear",
+    )

@@ -1,0 +1,32 @@
+"""GLUE STS-B with AdaPaD on DeBERTaV3-base (paper Table 8 settings; metric: Pearson and Spearman correlation).
+
+Run:
+    python launch/train.py --config configs/glue_stsb.py
+Offline, with local files in the GLUE schema and a local checkpoint:
+    python launch/train.py --config configs/glue_stsb.py \
+        --config.model.name_or_path=/path/to/deberta-v3-base \
+        --config.data.train_file=train.jsonl --config.data.validation_file=dev.jsonl
+Writes metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json,
+ranks.png and config.json to --config.output_dir (default runs/glue_stsb). The learning rate is not in the
+paper text we have: see adapad_jax.config.GLUE_LEARNING_RATES.
+"""
+
+from adapad_jax.config import glue_config
+
+
+def get_config():
+    """The paper's STS-B row: epochs 25, batch 32, alpha 32, warmup 100, top-k 1, T 100."""
+    return glue_config(
+        "stsb",
+        epochs=25,
+        batch_size=32,
+        alpha=32,
+        warmup=100,
+        top_k=1,
+        growth_interval=100,
+        orth_reg=0.5,
+        adapter_dropout=0.0,
+        classifier_dropout=0.2,
+        adapter_weight_decay=0.0,
+        schedule="linear",
+    )

@@ -1,0 +1,50 @@
+"""Train AdaPaD (or the joint / lora baselines) from an ml_collections config file.
+
+    python launch/train.py --config configs/demo.py
+    python launch/train.py --config configs/squad_v2.py --config.output_dir=runs/squad_v2
+    python launch/train.py --config configs/glue_rte.py --config.train.num_steps=0   # evaluate + export only
+
+Any field of the config can be overridden with --config.<field>=<value>. Bad input (unknown or ill-typed
+field, missing model or data file, budget below the module count, a mesh that does not fit) stops before
+any compute with one line on stderr and exit code 2. Rerunning on an output_dir with checkpoints resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from adapad_jax.run import fail, loaded_config_or_fail, parse_flags_or_fail, user_errors  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config(), e.g. configs/demo.py.", lock_config=True
+)
+
+
+def main(argv: list[str]) -> None:
+    """Validate the config, then train, evaluate and export (or resume)."""
+    if len(argv) > 1:
+        fail(f"unexpected positional arguments {argv[1:]}; fields are set with --config.<field>=<value>")
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    if config is None:
+        fail("no config given: pass --config configs/<task>.py (e.g. --config configs/demo.py)")
+    loaded_config_or_fail(config)
+    with user_errors():
+        from adapad_jax.run import run
+
+        result = run(config, progress=sys.stderr.isatty() or bool(os.environ.get("ADAPAD_PROGRESS")))
+        if config.task == "demo":
+            from adapad_jax import demo
+
+            demo.report(config, result)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_fail)
