@@ -263,24 +263,15 @@ def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: st
 
 def count_adapter_targets(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> int:
     """How many modules a model built from ``hf_config`` adapts (reads the config only, builds nothing)."""
-    names = tuple(target_modules) or None
-    model_type = getattr(hf_config, "model_type", None)
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import targets_for_config
+
     try:
-        if model_type == "deberta-v2":
-            from adapad_jax.models import deberta
-            from adapad_jax.models.deberta_modules import spec_from_config
-
-            return len(deberta.adapter_targets(spec_from_config(hf_config), names))
-        if model_type == "qwen3":
-            from adapad_jax.models import qwen3
-            from adapad_jax.models.qwen3_modules import DEFAULT_TARGETS, spec_from_hf_config
-
-            names = names or DEFAULT_TARGETS
-            qwen3._check_targets(names)  # noqa: SLF001 - the family's own name check
-            return len(qwen3.adapter_targets(spec_from_hf_config(hf_config), task_kind, names))
+        return len(targets_for_config(hf_config, task_kind, tuple(target_modules) or None))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
     except ValueError as err:
         raise ConfigError(f"adapter.target_modules: {err}") from None
-    raise ConfigError(f"model type '{model_type}' is not supported (supported: deberta-v2, qwen3)")
 
 
 def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any, Any, int]:

@@ -4,6 +4,9 @@ Order matters for the user's contract: every check (``adapad_jax.config.validate
 model weights or data are loaded and before ``output_dir`` is created or touched. Every file this module
 writes into ``output_dir`` is written to a temporary name and renamed into place, so a run that dies leaves
 the previous version of each output intact. Rerunning on an ``output_dir`` with checkpoints resumes.
+
+Several processes (``initialize_distributed``): every process runs the same ``run``; each feeds its block of
+every global batch, evaluation outputs are gathered to every process, and only process 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ EVAL_RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.jsonl"
 EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
+# The three variables that start JAX's multi-process runtime (see initialize_distributed).
+DISTRIBUTED_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Set to "auto" to let jax.distributed.initialize() detect a cluster (SLURM, Open MPI, Kubernetes, TPU pods).
+DISTRIBUTED_AUTO_VAR = "ADAPAD_DISTRIBUTED"
 
 
 @dataclasses.dataclass
@@ -42,6 +49,57 @@ class RunResult:
     num_steps: int
     trainer: Any = None  # the Trainer, kept open only when run(..., keep_trainer=True)
     data: Any = None  # the TaskData (same condition)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def distributed_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """Arguments for ``jax.distributed.initialize`` from the environment; None for a single-process run.
+
+    Explicit: all of ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. Cluster auto-detection: ``ADAPAD_DISTRIBUTED=auto`` and none of the three.
+    """
+    present = [name for name in DISTRIBUTED_ENV_VARS if environ.get(name)]
+    auto = environ.get(DISTRIBUTED_AUTO_VAR, "").strip().lower()
+    if auto not in ("", "auto"):
+        raise ConfigError(f"{DISTRIBUTED_AUTO_VAR}={auto!r} is not understood: set it to 'auto' or leave it unset")
+    if not present:
+        return {} if auto == "auto" else None
+    if len(present) != len(DISTRIBUTED_ENV_VARS):
+        missing = [name for name in DISTRIBUTED_ENV_VARS if name not in present]
+        raise ConfigError(
+            f"multi-process run: {', '.join(present)} set but {', '.join(missing)} missing; set all three"
+        )
+    try:
+        num_processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ConfigError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})")
+    return {
+        "coordinator_address": environ["JAX_COORDINATOR_ADDRESS"],
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+
+
+def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
+    """Start JAX's multi-process runtime when the environment asks for it (before any device use); True if started."""
+    settings = distributed_settings(os.environ if environ is None else environ)
+    if settings is None:
+        return False
+    import jax
+
+    jax.distributed.initialize(**settings)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files and logs (process 0; the only one without jax.distributed)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -84,7 +142,13 @@ def replace_path(new: Path, target: Path) -> None:
 
 
 def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None) -> None:
-    """``trainer.export`` into a temporary directory inside ``output_dir``, then rename each output into place."""
+    """``trainer.export`` into a temporary directory inside ``output_dir``, then rename each output into place.
+
+    Every process must call it (the export gathers the adapters); only process 0 writes.
+    """
+    if not is_main_process():
+        trainer.export(None)
+        return
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".export-"))
     try:
         trainer.export(staging)
@@ -117,6 +181,20 @@ def _model_task(kind: str) -> str:
     return {"classification": "classification", "regression": "regression", "qa": "qa"}[kind]
 
 
+def model_config_overrides(checked: CheckedRun) -> dict[str, Any]:
+    """Fields to set on the checkpoint's config: ``pad_token_id`` from the tokenizer when the config has none.
+
+    Qwen3 checkpoints (e.g. Qwen/Qwen3-0.6B) carry no ``pad_token_id``, which sequence classification needs to
+    find the last real token of padded rows; the tokenizer's pad token (eos when it has none) is what pads them.
+    """
+    if getattr(checked.hf_config, "pad_token_id", None) is not None:
+        return {}
+    from adapad_jax.data import load_tokenizer
+
+    pad_token_id = load_tokenizer(str(checked.checkpoint_dir)).pad_token_id
+    return {} if pad_token_id is None else {"pad_token_id": int(pad_token_id)}
+
+
 def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> Any:
     """The Flax model for the config's task, with the checkpoint's weights."""
     import jax.numpy as jnp
@@ -133,6 +211,7 @@ def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> An
         adapter_dropout=float(config.adapter.dropout),
         classifier_dropout=float(config.model.classifier_dropout),
         seed=int(config.seed),
+        config_overrides=model_config_overrides(checked),
     )
 
 
@@ -157,10 +236,12 @@ def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model:
 
 
 def predict_split(trainer: Any, eval_set: Any, batch_size: int) -> dict[str, np.ndarray]:
-    """Model outputs on every row of one eval set (the padded last batch trimmed)."""
+    """Model outputs on every row of one eval set (the padded last batch trimmed), gathered from every process."""
     from adapad_jax.data import concat_eval_outputs, eval_batches
 
-    outputs = [trainer.predict(batch) for batch in eval_batches(eval_set.features, batch_size)]
+    process_index, process_count = trainer.batch_slice
+    batches = eval_batches(eval_set.features, batch_size, process_index=process_index, process_count=process_count)
+    outputs = [trainer.predict(batch) for batch in batches]
     return concat_eval_outputs(outputs, eval_set.num_features)
 
 
@@ -181,6 +262,12 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
 
     devices = jax.devices()
     checked = validate_config(config, num_devices=len(devices), platform=devices[0].platform)
+    mesh_size = int(config.mesh.data) * int(config.mesh.components)
+    if jax.process_count() > 1 and mesh_size != len(devices):
+        raise ConfigError(
+            f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices: "
+            f"mesh.data={config.mesh.data} x mesh.components={config.mesh.components} = {mesh_size}"
+        )
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
@@ -205,6 +292,9 @@ def run(
 
         demo.prepare_config(config, log=log)
     checked = check(config)
+    main_process = is_main_process()
+    if not main_process:
+        progress, log = False, _ignore
     if not progress:
         import datasets
 
@@ -227,13 +317,18 @@ def run(
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
+    if main_process:
+        write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
 
     trainer = Trainer(model, config, mesh, output_dir)
     try:
         batches = None
         if want_train:
-            batches = TrainBatches(data.train, int(config.train.batch_size), int(config.seed))
+            process_index, process_count = trainer.batch_slice
+            batches = TrainBatches(
+                data.train, int(config.train.batch_size), int(config.seed),
+                process_index=process_index, process_count=process_count,
+            )
         data_state = trainer.restore_or_init(batches.state_dict() if batches is not None else {})
         if batches is not None and data_state:
             batches.load_state_dict(data_state)
@@ -254,8 +349,9 @@ def run(
         metrics, rows = evaluate(trainer, data, eval_batch)
         step = trainer.step
         trainer.metrics.write({"step": step, "eval": metrics, "final": True})
-        write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics})
-        write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
+        if main_process:
+            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics})
+            write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
         export_outputs(trainer, output_dir)
         ranks = trainer.ranks()
         log(
@@ -269,6 +365,10 @@ def run(
     finally:
         if not keep_trainer:
             trainer.close()
+
+
+def _ignore(_: str) -> None:
+    """A ``log`` that drops its message (processes other than 0)."""
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -306,7 +406,10 @@ def export_checkpoint(
     run_dir: str | os.PathLike, *, step: int | None = None, out_dir: str | None = None, merged: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Rebuild a run's model, restore one of its checkpoints and write the PEFT adapter (+ merged checkpoint)."""
+    """Rebuild a run's model, restore one of its checkpoints and write the PEFT adapter (+ merged checkpoint).
+
+    Reads the run directory only. With several processes every process restores and only process 0 writes.
+    """
     import jax
 
     from adapad_jax.config import task_spec_for
@@ -320,9 +423,9 @@ def export_checkpoint(
     checkpoints = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
         raise ConfigError(f"run directory '{run_dir}' has no checkpoints to export")
-    reader = Checkpointer(checkpoints, keep=0)
+    reader = Checkpointer(checkpoints, keep=0, read_only=True)
     try:
-        steps = sorted(reader.manager.all_steps())
+        steps = reader.all_steps()
     finally:
         reader.close()
     if step is None:
@@ -336,19 +439,27 @@ def export_checkpoint(
     spec = task_spec_for(config)
     checked = CheckedRun(spec, checkpoint_dir, hf_config, num_modules=0)
     model = load_model_for(config, checked)
-    # One device is enough to restore and export; the checkpoint restores onto any mesh.
-    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    # One device is enough to restore and export (the checkpoint restores onto any mesh); several processes
+    # must all hold part of the mesh, so then it spans every device with the adapters replicated.
+    if jax.process_count() > 1:
+        mesh = make_mesh(jax.device_count(), 1)
+    else:
+        mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     out = Path(out_dir) if out_dir else run_dir / f"export-step{step}"
+    main_process = is_main_process()
     with tempfile.TemporaryDirectory() as scratch:
         # The trainer's own output_dir is a scratch dir so that nothing in the run directory is appended to.
-        trainer = Trainer(model, config, mesh, scratch)
+        trainer = Trainer(model, config, mesh, scratch, checkpoint_dir=checkpoints)
         try:
-            fresh = trainer.init_state()
-            restorer = Checkpointer(checkpoints, keep=0)
             try:
-                trainer.state, _ = restorer.restore(step, fresh)
-            finally:
-                restorer.close()
+                trainer.restore(step)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if not main_process:
+                trainer.export(None)
+                if merged:
+                    trainer.trained_params(), trainer.committed_factors()
+                return out
             out.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
             try:
@@ -372,6 +483,17 @@ def export_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- command lines
+
+
+def start_command(argv: list[str], hint: str = "") -> None:
+    """Shared start of the launch scripts: refuse positional arguments, quiet absl, start jax.distributed if asked."""
+    from absl import logging
+
+    if len(argv) > 1:
+        fail(f"unexpected positional arguments {argv[1:]}{hint}")
+    logging.set_verbosity(logging.WARNING)
+    with user_errors():
+        initialize_distributed()  # before anything touches a device
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -6,6 +6,10 @@
 Reads the run's config.json, rebuilds the model, restores the checkpoint and writes ``adapter/`` (PEFT),
 ``ranks.json``, ``ranks.png`` and, with --merged, ``merged/`` (config.json + model.safetensors for
 plain transformers) into --out.
+
+Several hosts (JAX multi-process): the same environment as launch/train.py starts jax.distributed
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or ADAPAD_DISTRIBUTED=auto); every process
+restores the checkpoint and only process 0 writes. On one host no variable is needed.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from adapad_jax.run import fail, parse_flags_or_fail, user_errors  # noqa: E402
+from adapad_jax.run import fail, parse_flags_or_fail, start_command, user_errors  # noqa: E402
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of a launch/train.py run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
@@ -27,9 +31,7 @@ _MERGED = flags.DEFINE_bool("merged", False, "Also write a merged transformers c
 
 def main(argv: list[str]) -> None:
     """Restore one checkpoint of a run and export it."""
-    if len(argv) > 1:
-        fail(f"unexpected positional arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    start_command(argv)
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     with user_errors():

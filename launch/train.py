@@ -7,6 +7,14 @@
 Any field of the config can be overridden with --config.<field>=<value>. Bad input (unknown or ill-typed
 field, missing model or data file, budget below the module count, a mesh that does not fit) stops before
 any compute with one line on stderr and exit code 2. Rerunning on an output_dir with checkpoints resumes.
+
+Several hosts (JAX multi-process): run the same command on every host with, per process,
+    JAX_COORDINATOR_ADDRESS=<host of process 0>:<port> JAX_NUM_PROCESSES=<N> JAX_PROCESS_ID=<0..N-1>
+or, on a cluster that jax.distributed.initialize() detects (SLURM, Open MPI, Kubernetes, TPU pods),
+ADAPAD_DISTRIBUTED=auto. jax.distributed is started before any device is used; the mesh then spans the
+devices of all processes (mesh.data x mesh.components must equal the global device count), each process
+reads its block of every global batch, and only process 0 writes into the output directory (the checkpoints
+are written by orbax from every process, so output_dir must be on a filesystem that all hosts share).
 """
 
 from __future__ import annotations
@@ -17,10 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from adapad_jax.run import fail, loaded_config_or_fail, parse_flags_or_fail, user_errors  # noqa: E402
+from adapad_jax.run import (  # noqa: E402
+    fail,
+    loaded_config_or_fail,
+    parse_flags_or_fail,
+    start_command,
+    user_errors,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(), e.g. configs/demo.py.", lock_config=True
@@ -29,9 +43,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv: list[str]) -> None:
     """Validate the config, then train, evaluate and export (or resume)."""
-    if len(argv) > 1:
-        fail(f"unexpected positional arguments {argv[1:]}; fields are set with --config.<field>=<value>")
-    logging.set_verbosity(logging.WARNING)
+    start_command(argv, "; fields are set with --config.<field>=<value>")
     config = _CONFIG.value
     if config is None:
         fail("no config given: pass --config configs/<task>.py (e.g. --config configs/demo.py)")

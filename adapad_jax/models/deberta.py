@@ -115,6 +115,11 @@ def adapter_targets(spec: DebertaSpec, target_names: Sequence[str] | str | None)
     return targets
 
 
+def targets_for_config(hf_config: Any, task: Task, target_names: Sequence[str] | str | None) -> list[AdapterTarget]:
+    """The adapter targets a model built from ``hf_config`` would have (reads the config only; same for every task)."""
+    return adapter_targets(spec_from_config(hf_config), target_names)
+
+
 def _flax_key_to_hf(key: tuple[str, ...]) -> tuple[str, bool]:
     """Flat Flax param key -> (HF state-dict name, whether the array is a kernel to transpose)."""
     *modules, leaf = key

@@ -34,7 +34,7 @@ from adapad_jax.models.qwen3_modules import (
     spec_from_hf_config,
 )
 
-__all__ = ["DEFAULT_TARGETS", "Qwen3ConfigError", "hf_architecture", "hf_backbone_prefix", "load"]
+__all__ = ["DEFAULT_TARGETS", "Qwen3ConfigError", "hf_architecture", "hf_backbone_prefix", "load", "targets_for_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,11 @@ def adapter_targets(spec: Qwen3Spec, task: Task, target_names: Sequence[str]) ->
                 )
             )
     return targets
+
+
+def targets_for_config(hf_config: Any, task: Task, target_names: Sequence[str] | None) -> list[AdapterTarget]:
+    """The adapter targets a model built from ``hf_config`` for ``task`` would have (reads the config only)."""
+    return adapter_targets(spec_from_hf_config(hf_config), task, _check_targets(target_names))
 
 
 def _resolve_dtype(dtype: Any) -> Any:

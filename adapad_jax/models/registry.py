@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
-from adapad_jax.models.base import LoadedModel, Task
+from adapad_jax.models.base import AdapterTarget, LoadedModel, Task
 from adapad_jax.models.checkpoint_io import CheckpointError, resolve_checkpoint_dir
 
-# HF model_type -> module in adapad_jax.models that implements `load(...)`.
+# HF model_type -> module in adapad_jax.models that implements `load(...)` and `targets_for_config(...)`.
 FAMILIES = {"deberta-v2": "deberta", "qwen3": "qwen3"}
 
 
-def _family_module(model_type: str):
+def _family_module(model_type: str | None):
     if model_type not in FAMILIES:
         raise CheckpointError(
             f"model_type '{model_type}' is not supported (supported: {', '.join(sorted(FAMILIES))})"
@@ -23,8 +23,11 @@ def _family_module(model_type: str):
     return importlib.import_module(f"adapad_jax.models.{FAMILIES[model_type]}")
 
 
-def load_hf_config(name_or_path: str) -> tuple[Path, Any]:
-    """Resolve a checkpoint and read its config through transformers (which normalises old formats)."""
+def load_hf_config(name_or_path: str, config_overrides: Mapping[str, Any] | None = None) -> tuple[Path, Any]:
+    """Resolve a checkpoint and read its config through transformers (which normalises old formats).
+
+    ``config_overrides``: attributes set on the config after reading it (e.g. ``{"pad_token_id": 0}``).
+    """
     from transformers import AutoConfig
 
     checkpoint_dir = resolve_checkpoint_dir(name_or_path)
@@ -32,7 +35,23 @@ def load_hf_config(name_or_path: str) -> tuple[Path, Any]:
         hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot read config.json of '{checkpoint_dir}': {err}") from None
+    for name, value in (config_overrides or {}).items():
+        setattr(hf_config, name, value)
     return checkpoint_dir, hf_config
+
+
+def targets_for_config(hf_config: Any, task: Task, target_names: Sequence[str] | None) -> list[AdapterTarget]:
+    """The adapter targets of a model built from ``hf_config`` (reads the config only, builds nothing).
+
+    Raises CheckpointError for an unsupported model type, ValueError for target names the family rejects.
+    """
+    family = _family_module(getattr(hf_config, "model_type", None))
+    return family.targets_for_config(hf_config, task, target_names)
+
+
+def _build(checkpoint_dir: Path | None, hf_config: Any, **options: Any) -> LoadedModel:
+    """The family's ``load(checkpoint_dir, hf_config, **options)`` for ``hf_config.model_type``."""
+    return _family_module(hf_config.model_type).load(checkpoint_dir, hf_config, **options)
 
 
 def load_model(
@@ -45,20 +64,17 @@ def load_model(
     adapter_dropout: float = 0.0,
     classifier_dropout: float | None = None,
     seed: int = 0,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a Hugging Face checkpoint (local dir or cached hub id) as a Flax model with adapter targets."""
-    checkpoint_dir, hf_config = load_hf_config(name_or_path)
-    family = _family_module(hf_config.model_type)
-    return family.load(
-        checkpoint_dir,
-        hf_config,
-        task=task,
-        num_labels=num_labels,
-        dtype=dtype,
-        target_names=target_names,
-        adapter_dropout=adapter_dropout,
-        classifier_dropout=classifier_dropout,
-        seed=seed,
+    """Load a Hugging Face checkpoint (local dir or cached hub id) as a Flax model with adapter targets.
+
+    ``config_overrides`` are set on the checkpoint's config before the model is built; the model's
+    ``hf_config`` (and so an exported merged checkpoint) keeps them.
+    """
+    checkpoint_dir, hf_config = load_hf_config(name_or_path, config_overrides)
+    return _build(
+        checkpoint_dir, hf_config, task=task, num_labels=num_labels, dtype=dtype, target_names=target_names,
+        adapter_dropout=adapter_dropout, classifier_dropout=classifier_dropout, seed=seed,
     )
 
 
@@ -74,15 +90,7 @@ def model_from_config(
     seed: int = 0,
 ) -> LoadedModel:
     """Build a randomly initialised model from a transformers config (benchmarks, demos)."""
-    family = _family_module(hf_config.model_type)
-    return family.load(
-        None,
-        hf_config,
-        task=task,
-        num_labels=num_labels,
-        dtype=dtype,
-        target_names=target_names,
-        adapter_dropout=adapter_dropout,
-        classifier_dropout=classifier_dropout,
-        seed=seed,
+    return _build(
+        None, hf_config, task=task, num_labels=num_labels, dtype=dtype, target_names=target_names,
+        adapter_dropout=adapter_dropout, classifier_dropout=classifier_dropout, seed=seed,
     )

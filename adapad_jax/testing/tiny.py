@@ -196,31 +196,15 @@ def _check_model_task(task: str, num_labels: int) -> int:
     return num_labels
 
 
-def build_tiny_deberta(
-    directory: str | os.PathLike,
-    task: str = "classification",
-    num_labels: int = 2,
-    vocab_size: int = 400,
-    seed: int = 0,
-    texts: Iterable[str] | None = None,
-    **config_overrides: Any,
-) -> Path:
-    """Save a random DeBERTaV3-architecture checkpoint (safetensors) and its SentencePiece tokenizer in ``directory``.
+def tiny_deberta_config(**overrides: Any) -> Any:
+    """A DeBERTaV3-architecture ``DebertaV2Config``: hidden 32, 2 layers, 4 heads, unless ``overrides`` say otherwise.
 
-    ``task``: "classification" / "regression" (DebertaV2ForSequenceClassification), "qa"
-    (DebertaV2ForQuestionAnswering) or "lm" (DebertaV2ForMaskedLM). Size: hidden 32, 2 layers, 4 heads,
-    unless ``config_overrides`` say otherwise.
+    Relative attention with shared keys, p2c|c2p, no absolute positions or token types, as in DeBERTaV3-base.
     """
-    import torch
     import transformers
 
-    num_labels = _check_model_task(task, num_labels)
-    directory = Path(directory)
-    tokenizer = train_sentencepiece_tokenizer(directory, texts, vocab_size)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
-    settings = dict(
-        vocab_size=vocab_size,
+    settings: dict[str, Any] = dict(
+        vocab_size=400,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -236,22 +220,89 @@ def build_tiny_deberta(
         position_biased_input=False,
         type_vocab_size=0,
         layer_norm_eps=1e-7,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=num_labels,
+        pad_token_id=0,
+        num_labels=2,
+    )
+    settings.update(overrides)
+    return transformers.DebertaV2Config(**settings)
+
+
+def tiny_qwen3_config(**overrides: Any) -> Any:
+    """A ``Qwen3Config``: hidden 32, 2 layers, 4 query heads, 2 key/value heads of dim 8, tied embeddings.
+
+    ``overrides`` replace any of these settings (``pad_token_id=None``: no pad id, like Qwen/Qwen3-0.6B).
+    """
+    import transformers
+
+    settings: dict[str, Any] = dict(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+        num_labels=2,
+    )
+    settings.update(overrides)
+    return transformers.Qwen3Config(**settings)
+
+
+def _save_random_model(family: str, task: str, config: Any, seed: int, directory: Path) -> Path:
+    """Instantiate the task's transformers class for ``family`` with seeded random weights and save it."""
+    import torch
+    import transformers
+
+    prefix = {"deberta": "DebertaV2", "qwen3": "Qwen3"}[family]
+    suffix = {
+        "classification": "ForSequenceClassification",
+        "regression": "ForSequenceClassification",
+        "qa": "ForQuestionAnswering",
+        "lm": "ForMaskedLM" if family == "deberta" else "ForCausalLM",
+    }[task]
+    torch.manual_seed(seed)
+    _save_quietly(getattr(transformers, prefix + suffix)(config).eval(), directory)
+    return directory
+
+
+def _settings(task: str, tokenizer: Any, vocab_size: int, num_labels: int, **config_overrides: Any) -> dict:
+    """Config settings from the tokenizer and the task (regression's problem type), then the caller's overrides."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, num_labels=num_labels
     )
     if task == "regression":
         settings["problem_type"] = "regression"
-    settings.update(config_overrides)
-    config = transformers.DebertaV2Config(**settings)
-    model_class = {
-        "classification": transformers.DebertaV2ForSequenceClassification,
-        "regression": transformers.DebertaV2ForSequenceClassification,
-        "qa": transformers.DebertaV2ForQuestionAnswering,
-        "lm": transformers.DebertaV2ForMaskedLM,
-    }[task]
-    torch.manual_seed(seed)
-    _save_quietly(model_class(config).eval(), directory)
-    return directory
+    return {**settings, **config_overrides}
+
+
+def build_tiny_deberta(
+    directory: str | os.PathLike,
+    task: str = "classification",
+    num_labels: int = 2,
+    vocab_size: int = 400,
+    seed: int = 0,
+    texts: Iterable[str] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Save a random DeBERTaV3-architecture checkpoint (safetensors) and its SentencePiece tokenizer in ``directory``.
+
+    ``task``: "classification" / "regression" (DebertaV2ForSequenceClassification), "qa"
+    (DebertaV2ForQuestionAnswering) or "lm" (DebertaV2ForMaskedLM). Size: hidden 32, 2 layers, 4 heads,
+    unless ``config_overrides`` say otherwise (see ``tiny_deberta_config``).
+    """
+    num_labels = _check_model_task(task, num_labels)
+    directory = Path(directory)
+    tokenizer = train_sentencepiece_tokenizer(directory, texts, vocab_size)
+    config = tiny_deberta_config(**_settings(task, tokenizer, vocab_size, num_labels, **config_overrides))
+    return _save_random_model("deberta", task, config, seed, directory)
 
 
 def build_tiny_qwen3(
@@ -267,45 +318,15 @@ def build_tiny_qwen3(
 
     ``task``: "classification" / "regression" (Qwen3ForSequenceClassification), "qa"
     (Qwen3ForQuestionAnswering) or "lm" (Qwen3ForCausalLM). Size: hidden 32, 2 layers, 4 query heads,
-    2 key/value heads of dim 8, tied embeddings, unless ``config_overrides`` say otherwise.
+    2 key/value heads of dim 8, tied embeddings, unless ``config_overrides`` say otherwise
+    (see ``tiny_qwen3_config``; ``pad_token_id=None`` gives a config without one, like Qwen/Qwen3-0.6B).
     """
-    import torch
-    import transformers
-
     num_labels = _check_model_task(task, num_labels)
     directory = Path(directory)
     tokenizer = train_bpe_tokenizer(directory, texts, vocab_size)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
-    settings = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        num_labels=num_labels,
-    )
-    if task == "regression":
-        settings["problem_type"] = "regression"
-    settings.update(config_overrides)
-    config = transformers.Qwen3Config(**settings)
-    model_class = {
-        "classification": transformers.Qwen3ForSequenceClassification,
-        "regression": transformers.Qwen3ForSequenceClassification,
-        "qa": transformers.Qwen3ForQuestionAnswering,
-        "lm": transformers.Qwen3ForCausalLM,
-    }[task]
-    torch.manual_seed(seed)
-    _save_quietly(model_class(config).eval(), directory)
-    return directory
+    settings = _settings(task, tokenizer, vocab_size, num_labels, eos_token_id=tokenizer.eos_token_id)
+    config = tiny_qwen3_config(**{**settings, **config_overrides})
+    return _save_random_model("qwen3", task, config, seed, directory)
 
 
 # --------------------------------------------------------------------------------------------------------

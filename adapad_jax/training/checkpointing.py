@@ -16,15 +16,21 @@ class Checkpointer:
     killed mid-save leaves the previous checkpoint as the newest valid one.
     """
 
-    def __init__(self, directory: str | Path, keep: int):
+    def __init__(self, directory: str | Path, keep: int, *, read_only: bool = False):
+        """``read_only``: only restore; create nothing and leave another run's temporary directories alone."""
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None,
-            create=True,
+            max_to_keep=keep if keep and keep > 0 and not read_only else None,
+            create=not read_only,
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
         )
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint step, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint step, or None."""
@@ -32,6 +38,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Write state and metadata for ``step`` (overwrites nothing; a step already saved is skipped)."""
+        if self.read_only:
+            raise RuntimeError(f"checkpoints in {self.directory} were opened read-only")
         if step in self.manager.all_steps():
             return
         self.manager.save(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +41,12 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[np.ndarray, list[int], list[str
     return grid, layers, types
 
 
+def label_color(rgba: Sequence[float]) -> str:
+    """Text colour readable on a cell of colour ``rgba``: black on light cells, white on dark ones."""
+    red, green, blue = rgba[:3]
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+
+
 def plot_ranks(path: str | Path, ranks: Mapping[str, int], title: str = "committed rank per module") -> None:
     """Save a heatmap of ranks: rows = layers, columns = module types."""
     import matplotlib
@@ -57,7 +65,8 @@ def plot_ranks(path: str | Path, ranks: Mapping[str, int], title: str = "committ
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", color="w", fontsize=7)
+                cell = image.cmap(image.norm(grid[i, j]))
+                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", color=label_color(cell), fontsize=7)
     fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -73,20 +82,33 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
+    """Appends one JSON object per line to ``metrics.jsonl``; writes nothing when not ``enabled``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (numpy/jax values converted)."""
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(_jsonable(dict(record))) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint)."""
-        if not self.path.exists():
+        """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint).
+
+        The file is rewritten through a temporary file and a rename, so a crash keeps the old version whole.
+        """
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -39,3 +39,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data``, replicated over ``components``."""
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def batch_slice_for_process(process_grid: np.ndarray, process_index: int) -> tuple[int, int]:
+    """``(index, count)`` of one process's block of the global batch, from the mesh's [data, components] process ids.
+
+    The batch is split over ``data``; a process feeds the rows of the data coordinates its devices hold. Those
+    coordinates must form a contiguous block of the same size for every process; processes holding the same
+    block (when ``components`` spans processes) feed the same rows. ``count`` is the number of distinct blocks.
+    """
+    process_grid = np.asarray(process_grid)
+    blocks: dict[int, tuple[int, ...]] = {}
+    for process in np.unique(process_grid):
+        rows = tuple(int(r) for r in np.unique(np.nonzero(process_grid == process)[0]))
+        if rows != tuple(range(rows[0], rows[-1] + 1)):
+            raise ValueError(f"process {process} holds non-contiguous data rows {list(rows)} of the mesh")
+        blocks[int(process)] = rows
+    if process_index not in blocks:
+        raise ValueError(f"process {process_index} has no device in the mesh; the mesh must use every process")
+    distinct = sorted(set(blocks.values()))
+    sizes = {len(block) for block in distinct}
+    covered = sorted(r for block in distinct for r in block)
+    if len(sizes) != 1 or covered != list(range(process_grid.shape[0])):
+        raise ValueError(f"the processes split the mesh's data axis unevenly: {blocks}")
+    return distinct.index(blocks[process_index]), len(distinct)
+
+
+def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
+    """``(process_index, process_count)`` to hand the data pipeline: this process's block of every global batch."""
+    grid = np.vectorize(lambda device: device.process_index, otypes=[int])(mesh.devices)
+    return batch_slice_for_process(grid, jax.process_index())

@@ -19,7 +19,13 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import MetricsWriter, plot_ranks, write_ranks_json
-from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS, batch_sharding, replicated
+from adapad_jax.training.sharding import (
+    COMPONENTS_AXIS,
+    DATA_AXIS,
+    batch_sharding,
+    process_batch_slice,
+    replicated,
+)
 from adapad_jax.training.step import METHODS, StepSpec, build_eval_forward, build_train_step, head_key, merge_head
 
 
@@ -29,6 +35,15 @@ def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
+def to_host(tree: Any) -> Any:
+    """Numpy copy of a tree of global arrays; with several processes every process joins the gather."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 class Trainer:
     """Trains the adapters and head of ``model`` with ``config.adapter.method`` on ``mesh``.
 
@@ -36,9 +51,17 @@ class Trainer:
     ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_factors`` /
     ``export``. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
     ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
+
+    Several processes (``jax.distributed``): every process runs the same calls; each feeds its block of the
+    global batch (``batch_slice`` = (index, count) for the data pipeline), outputs are gathered to every
+    process, and only process 0 writes files (checkpoints are written by orbax across processes).
     """
 
-    def __init__(self, model: LoadedModel, config: Any, mesh: Mesh, output_dir: str | Path):
+    def __init__(
+        self, model: LoadedModel, config: Any, mesh: Mesh, output_dir: str | Path,
+        *, checkpoint_dir: str | Path | None = None,
+    ):
+        """``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``)."""
         adapter = config.adapter
         if adapter.method not in METHODS:
             raise ValueError(f"adapter.method must be one of {METHODS}, got {adapter.method!r}")
@@ -49,6 +72,8 @@ class Trainer:
         self.method = adapter.method
         self.data_size = mesh.shape[DATA_AXIS]
         self.components = mesh.shape[COMPONENTS_AXIS]
+        self.batch_slice = process_batch_slice(mesh)
+        self.writes_files = jax.process_index() == 0
         num_modules = len(model.targets)
         if self.method == "lora":
             if adapter.lora_rank < 1:
@@ -82,8 +107,11 @@ class Trainer:
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
         self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
         self.frozen = jax.device_put(model.params, replicated(mesh))
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep))
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+        if checkpoint_dir is None:
+            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep))
+        else:
+            self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True)
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.writes_files)
         self.state: dict[str, Any] | None = None
         self._steps: dict[tuple[int, int], Callable] = {}
         self._total_steps = max(int(config.train.get("num_steps", -1)), 1)
@@ -133,16 +161,27 @@ class Trainer:
 
         Returns ``data_state`` unchanged when there is no checkpoint to restore.
         """
-        fresh = self.init_state()
-        if step is not None and step not in self.checkpointer.manager.all_steps():
-            raise ValueError(
-                f"no checkpoint for step {step} in {self.checkpointer.directory}; available: "
-                f"{sorted(self.checkpointer.manager.all_steps())}"
-            )
-        step = self.checkpointer.latest_step() if step is None else step
-        if step is None:
-            self.state = fresh
+        if step is None and self.checkpointer.latest_step() is None:
+            self.state = self.init_state()
             return data_state
+        saved_data_state = self.restore(step)
+        self.metrics.truncate_after(self.step)
+        return saved_data_state
+
+    def restore(self, step: int | None = None) -> dict:
+        """Load checkpoint ``step`` (default: the newest) into ``self.state``; returns its saved data state.
+
+        Raises ValueError when there is no such checkpoint or it was written by a different kind of run.
+        """
+        available = self.checkpointer.all_steps()
+        if step is None and not available:
+            raise ValueError(f"no checkpoint to restore in {self.checkpointer.directory}")
+        if step is not None and step not in available:
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.checkpointer.directory}; available: {available}"
+            )
+        step = available[-1] if step is None else step
+        fresh = self.init_state()
         meta = self.checkpointer.restore_meta(step)
         saved = {"method": meta.get("method"), "modules": sorted(meta.get("ranks", {}))}
         current = {"method": self.method, "modules": sorted(self.ranks_of(fresh))}
@@ -153,7 +192,6 @@ class Trainer:
                 f"{current['method']!r}, {len(current['modules'])} modules); use a new output_dir or the same config"
             )
         self.state, meta = self.checkpointer.restore(step, fresh)
-        self.metrics.truncate_after(step)
         return meta["data_state"]
 
     @property
@@ -198,16 +236,20 @@ class Trainer:
             self.tx, self.schedule = make_optimizer(self.config.optim, total)
 
     def _put_batch(self, batch: dict) -> dict:
-        size = len(next(iter(batch.values())))
+        size = len(next(iter(batch.values()))) * self.batch_slice[1]
         if size % self.data_size:
             raise ValueError(f"batch size {size} is not divisible by mesh.data={self.data_size}")
         return self._place({k: np.asarray(v) for k, v in batch.items()})
 
     def _place(self, batch: dict) -> dict:
-        # Multi-process: each process passes its own slice of the global batch.
+        """This process's block of a global batch -> global arrays split over ``data``."""
         sharding = batch_sharding(self.mesh)
         if jax.process_count() > 1:
-            return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+            count = self.batch_slice[1]
+            return {
+                k: jax.make_array_from_process_local_data(sharding, v, (len(v) * count,) + v.shape[1:])
+                for k, v in batch.items()
+            }
         return jax.device_put(batch, sharding)
 
     def train_step(self, batch: dict) -> dict:
@@ -273,15 +315,21 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def predict(self, batch: dict) -> dict[str, np.ndarray]:
-        """Eval forward (current committed slots only) on ``batch``; numpy outputs."""
-        size = len(next(iter(batch.values())))
+        """Eval forward (current committed slots only) on this process's block of a global batch.
+
+        Returns numpy outputs for the whole global batch (gathered from every process).
+        """
+        count = self.batch_slice[1]
+        size = len(next(iter(batch.values()))) * count
         pad = (-size) % self.data_size
+        if pad and count > 1:
+            raise ValueError(f"global eval batch of {size} rows is not divisible by mesh.data={self.data_size}")
         inputs = {k: np.asarray(batch[k]) for k in self.input_keys}
         if pad:
             inputs = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in inputs.items()}
         inputs = self._place(inputs)
         outputs = self._eval(self.state["trainable"], self.state["alloc"]["committed"], self.frozen, inputs)
-        return {k: np.asarray(v)[:size] for k, v in outputs.items()}
+        return {k: v[:size] for k, v in to_host(outputs).items()}
 
     # --------------------------------------------------------------- outputs
     def ranks(self) -> dict[str, int]:
@@ -295,16 +343,22 @@ class Trainer:
 
     def committed_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{hf_path: (A [r, in], B [out, r])}`` of the committed slots; delta W^T = scaling * B @ A."""
-        slots = jax.device_get(self.state["trainable"]["slots"])
+        slots = to_host(self.state["trainable"]["slots"])
         return slots_lib.committed_factors(self.model.targets, slots, np.asarray(self.state["alloc"]["committed"]))
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
-        return jax.device_get(merge_head(self.frozen, self.state["trainable"]["head"]))
+        return to_host(merge_head(self.frozen, self.state["trainable"]["head"]))
 
     def export(self, out_dir: str | Path | None = None) -> Path:
-        """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``."""
+        """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``.
+
+        Every process must call it (the adapters are gathered); only process 0 writes.
+        """
         out = Path(out_dir) if out_dir is not None else self.output_dir
+        params, factors = self.trained_params(), self.committed_factors()
+        if not self.writes_files:
+            return out
         out.mkdir(parents=True, exist_ok=True)
         ranks = self.ranks()
         write_ranks_json(out / "ranks.json", ranks)
@@ -313,7 +367,7 @@ class Trainer:
             from adapad_jax.models.export import write_peft_adapter
 
             write_peft_adapter(
-                out / "adapter", self.model, self.trained_params(), self.committed_factors(), self.scaling,
+                out / "adapter", self.model, params, factors, self.scaling,
                 self.config.model.name_or_path,
             )
         (out / "allocator.json").write_text(json.dumps({
