@@ -30,21 +30,25 @@ import numpy as np
 
 from adapad_jax.data.tasks import TaskSpec
 
+# Several classes, so the labels see several output directions of the deltas: with one readout direction
+# (a binary label), a rank-r delta acts on the label only through one linear functional, to first order,
+# and every rank above 1 is invisible to the task.
+DEMO_CLASSES = 6
 DEMO_TASK = TaskSpec(
     name="demo",
     kind="classification",
     hub_names=(),
     tfds_name="",
     text_columns=("sentence",),
-    num_labels=2,
+    num_labels=DEMO_CLASSES,
     metric_names=("accuracy",),
-    label_names=("low", "high"),
+    label_names=tuple(f"class{c}" for c in range(DEMO_CLASSES)),
 )
 PLACEHOLDER_MODEL = "demo-backbone"
 BACKBONE_DIR = "backbone"
 PLANTED_FILE = "planted.json"
 PICTURE_FILE = "planted_vs_found.png"
-_ASSET_VERSION = 1  # bump when the asset recipe changes, so stale caches are rebuilt
+_ASSET_VERSION = 2  # bump when the asset recipe changes, so stale caches are rebuilt
 
 
 def demo_settings() -> ml_collections.ConfigDict:
@@ -58,9 +62,12 @@ def demo_settings() -> ml_collections.ConfigDict:
     demo.initializer_range = 0.1
     demo.vocab_size = 400
     # Comma-separated "<module path inside deberta.encoder>:<rank>"; modules not listed get rank 0.
-    demo.planted = "layer.1.attention.self.value_proj:4,layer.0.intermediate.dense:3,layer.1.attention.output.dense:2"
+    # A value_proj delta equals an attention.output.dense delta of the same layer (D_o = W_v^-1 D_v W_o,
+    # attention mixes tokens linearly), so the planted modules avoid that pair: intermediate.dense and
+    # output.dense sit on either side of the GELU and have no such twin.
+    demo.planted = "layer.1.intermediate.dense:4,layer.0.intermediate.dense:3,layer.1.output.dense:2"
     demo.planted_scale = 1.5  # top planted singular value / spectral norm of the module's weight
-    demo.planted_decay = 0.7  # sigma_k = scale * ||W0|| * decay**k
+    demo.planted_decay = 0.8  # sigma_k = scale * ||W0|| * decay**k
     demo.num_train = 2048
     demo.num_validation = 512
     demo.min_words = 6
@@ -116,7 +123,7 @@ def synthetic_sentences(count: int, min_words: int, max_words: int, rng: np.rand
 
 
 def planted_lora(model: Any, planted: Mapping[str, int], scale: float, decay: float, seed: int) -> dict[str, Any]:
-    """The teacher's ``lora`` collection: orthonormal rank-r deltas with sigma_k = scale ||W0||_2 decay^k."""
+    """The teacher's ``lora`` collection: random orthonormal rank-r deltas with sigma_k = scale ||W0||_2 decay^k."""
     from flax import traverse_util
 
     by_path = {t.hf_path: t for t in model.targets}
@@ -157,16 +164,16 @@ def pooled_features(model: Any, params: Any, lora: Any, input_ids: np.ndarray, a
     return np.concatenate(out).astype(np.float64)
 
 
-def readout_direction(base: np.ndarray, teacher: np.ndarray) -> np.ndarray:
-    """Unit w maximising Var(w.(teacher - base)) / Var(w.base): what the deltas move and the backbone does not."""
+def readout_directions(base: np.ndarray, teacher: np.ndarray, count: int) -> np.ndarray:
+    """[H, count] unit columns: the top generalised eigenvectors of Var(w.(teacher - base)) / Var(w.base)."""
     import scipy.linalg
 
     moved = np.cov((teacher - base).T)
     still = np.cov(base.T)
     still = still + 1e-6 * np.trace(still) / len(still) * np.eye(len(still))
     _, vectors = scipy.linalg.eigh(moved, still)
-    w = vectors[:, -1]
-    return w / np.linalg.norm(w)
+    top = vectors[:, ::-1][:, :count]
+    return top / np.linalg.norm(top, axis=0, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------------- assets
@@ -207,29 +214,29 @@ def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable
         layer_norm_eps=1e-7,
         initializer_range=demo.initializer_range,
         pad_token_id=tokenizer.pad_token_id,
-        num_labels=2,
+        num_labels=DEMO_CLASSES,
     )
-    model = model_from_config(hf_config, task="classification", num_labels=2, seed=int(demo.seed))
+    model = model_from_config(hf_config, task="classification", num_labels=DEMO_CLASSES, seed=int(demo.seed))
     params = jax.tree.map(np.asarray, model.params)
-    lora = planted_lora(model, planted, demo.planted_scale, demo.planted_decay, int(demo.seed) + 1)
 
     max_length = int(demo.max_length)
     encoded = tokenizer(sentences, truncation=True, max_length=max_length, padding="max_length")
     ids = np.asarray(encoded["input_ids"], np.int32)
     mask = np.asarray(encoded["attention_mask"], np.int32)
+    lora = planted_lora(model, planted, demo.planted_scale, demo.planted_decay, int(demo.seed) + 1)
     base = pooled_features(model, params, None, ids, mask)
     teacher = pooled_features(model, params, lora, ids, mask)
-    w = readout_direction(base, teacher)
-    margin_teacher, margin_base = teacher @ w, base @ w
-    threshold = float(np.median(margin_teacher[: demo.num_train]))
-    gain = demo.logit_scale / max(float(np.std(margin_teacher)), 1e-12)
-    labels = (margin_teacher > threshold).astype(int)
-    # Head: logit_1 - logit_0 = gain * (w . pooled - threshold).
+    readout = readout_directions(base, teacher, DEMO_CLASSES)
+    margin_teacher, margin_base = teacher @ readout, base @ readout
+    # Logit c = gain_c * (w_c . pooled - centre_c): each readout standardised on the teacher's train rows,
+    # so the argmax labels are roughly balanced.
+    centre = margin_teacher[: demo.num_train].mean(0)
+    gain = demo.logit_scale / np.maximum(margin_teacher[: demo.num_train].std(0), 1e-12)
+    labels = np.argmax((margin_teacher - centre) * gain, axis=-1)
+    backbone_labels = np.argmax((margin_base - centre) * gain, axis=-1)
     flat = traverse_util.flatten_dict(params)
-    kernel = np.zeros(flat[("classifier", "kernel")].shape, np.float32)
-    kernel[:, 1], kernel[:, 0] = 0.5 * gain * w, -0.5 * gain * w
-    flat[("classifier", "kernel")] = kernel
-    flat[("classifier", "bias")] = np.array([0.5 * gain * threshold, -0.5 * gain * threshold], np.float32)
+    flat[("classifier", "kernel")] = (readout * gain).astype(np.float32)
+    flat[("classifier", "bias")] = (-gain * centre).astype(np.float32)
     params = traverse_util.unflatten_dict(flat)
 
     # Labels straight from the teacher's logits with the final head, as a check of the construction.
@@ -260,8 +267,8 @@ def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable
     info = {
         "planted": planted,
         "modules": [t.hf_path for t in model.targets],
-        "label_balance_validation": float(labels[val].mean()),
-        "backbone_only_accuracy": float(np.mean((margin_base[val] > threshold) == labels[val].astype(bool))),
+        "class_frequency_validation": np.bincount(labels[val], minlength=DEMO_CLASSES).tolist(),
+        "backbone_only_accuracy": float(np.mean(backbone_labels[val] == labels[val])),
         "teacher_accuracy": float(np.mean(teacher_logits[val].argmax(-1) == labels[val])),
         "max_length": max_length,
     }
@@ -351,7 +358,8 @@ def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], 
     plot_planted_vs_found(tmp, planted, found)
     os.replace(tmp, out / PICTURE_FILE)
     accuracy = result.metrics.get("accuracy", float("nan"))
-    chance = max(info["label_balance_validation"], 1 - info["label_balance_validation"])
+    frequency = info["class_frequency_validation"]
+    chance = max(frequency) / max(sum(frequency), 1)
     text = "\n".join([
         f"demo: validation accuracy {accuracy:.3f} after {result.step} steps "
         f"(majority class {chance:.3f}, backbone without the planted deltas {info['backbone_only_accuracy']:.3f}, "

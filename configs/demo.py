@@ -1,12 +1,12 @@
-"""Offline demo (the README's main command): AdaPaD recovers where a teacher's planted rank is.
+"""Offline demo (the README's main command): AdaPaD learns a planted-rank teacher task and shows where rank went.
 
 Run:
     python launch/train.py --config configs/demo.py
 
 No network. Builds once (cached in ~/.cache/adapad_jax/demo, or --config.demo.assets_dir) a random
 DeBERTaV3-architecture backbone (hidden 64, 2 layers, 12 adapted modules) with a SentencePiece tokenizer,
-and a binary task whose labels come from a teacher = backbone + planted adapter deltas of rank 4, 3 and 2
-in three modules (rank 0 elsewhere). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
+and a 6-class task whose labels come from a teacher = backbone + planted adapter deltas of rank 4, 3 and 2
+in three FFN modules (rank 0 elsewhere; see adapad_jax/demo.py for why these modules and six classes). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
 for a few hundred steps and prints validation accuracy against chance and against the backbone alone, plus
 a planted-vs-found rank table. Outputs in runs/demo: metrics.jsonl, eval_results.json, predictions.jsonl,
 checkpoints/, adapter/ (PEFT), ranks.json, ranks.png, planted_vs_found.png, config.json.
