@@ -183,7 +183,6 @@ def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable
     """Write tokenizer + backbone checkpoint + teacher-labelled data into ``directory``; returns planted.json."""
     import jax
     import jax.numpy as jnp
-    import transformers
     from flax import traverse_util
     from safetensors.numpy import save_file
 
@@ -195,23 +194,13 @@ def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable
     backbone = directory / BACKBONE_DIR
     sentences = synthetic_sentences(demo.num_train + demo.num_validation, demo.min_words, demo.max_words, rng)
     tokenizer = tiny.train_sentencepiece_tokenizer(backbone, tiny.tiny_corpus() + sentences[:200], demo.vocab_size)
-    hf_config = transformers.DebertaV2Config(
+    hf_config = tiny.tiny_deberta_config(
         vocab_size=max(len(tokenizer), demo.vocab_size),
         hidden_size=demo.hidden_size,
         num_hidden_layers=demo.num_layers,
         num_attention_heads=demo.num_heads,
         intermediate_size=demo.intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=512,
-        relative_attention=True,
         position_buckets=32,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        position_biased_input=False,
-        type_vocab_size=0,
-        layer_norm_eps=1e-7,
         initializer_range=demo.initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=DEMO_CLASSES,
