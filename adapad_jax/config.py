@@ -89,7 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.grow = True
     config.adapter.orth_reg = 0.0
     config.adapter.dropout = 0.0
-    config.adapter.slot_chunk_size = 0
+    # Memory knobs (same numbers either way; see README "Memory"). slot_chunk_size: live slots per pass on each
+    # device, the rest run one chunk after another under lax.scan; 0 = all live slots in one vmapped pass,
+    # which holds activations for L forwards at once (8x LoRA's at L = 8). 1 holds about LoRA's.
+    config.adapter.slot_chunk_size = 1
+    # remat: recompute each transformer layer in the backward pass (activation checkpointing).
     config.adapter.remat = False
 
     config.optim = ml_collections.ConfigDict()

@@ -7,12 +7,24 @@ Suites:
           input; ratios JAX / PyTorch.
   slots   AdaPaD train-step time with L = 1, 2, 4, 8 live slots against the
           fixed-rank `lora` step on the same small model; ratios to `lora`.
+          One column per `adapter.slot_chunk_size` in --slot_chunks (0: all
+          live slots in one vmapped pass; c: c slots at a time under lax.map).
+  step_memory
+          compile only: XLA's temporary-buffer bytes of the real train step of
+          the DeBERTaV3-base / Qwen3-0.6B size models at the paper's batch
+          shapes (GLUE 32 x 128, SQuAD 16 x 384) with L = 8 live slots, per
+          `adapter.slot_chunk_size` and `adapter.remat`, against fixed-rank
+          `lora` (rank 8). On a CPU host it is the CPU compiler's assignment,
+          an estimate of what a GPU needs; XLA:CPU's schedule does not realise
+          rematerialisation savings (even for a plain jax.checkpoint MLP), so
+          the remat rows only mean something on a GPU.
 
 Every measurement runs in its own subprocess, so peak memory (GPU allocator peak
 when a GPU is present, else peak process RSS) belongs to that measurement alone.
 
   python launch/benchmark.py --suite models --batch 4 --seq 128
   python launch/benchmark.py --suite slots
+  python launch/benchmark.py --suite step_memory
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ MODEL_SPECS = {
             pos_att_type=["p2c", "c2p"], position_biased_input=False, max_relative_positions=-1,
             layer_norm_eps=1e-7, num_labels=2,
         ),
+        train_shape=(32, 128),  # GLUE batch x max length
     ),
     # Qwen3-0.6B (Qwen/Qwen3-0.6B config), span QA head as in the paper.
     "qwen3-0.6b": dict(
@@ -53,6 +66,8 @@ MODEL_SPECS = {
             rms_norm_eps=1e-6, max_position_embeddings=40960,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, num_labels=2,
         ),
+        train_shape=(16, 384),  # SQuAD batch x max length
+        dtype="bfloat16",  # the SQuAD configs' compute dtype
     ),
 }
 ADAPTER_RANK = 8
@@ -184,10 +199,48 @@ def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int
     return {"median_s": statistics.median(times), "first_call_s": first, "peak_mib": _peak_memory_mib("torch")}
 
 
-def _slots_worker(method: str, live_slots: int, repeats: int) -> dict:
+def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int) -> dict:
     from adapad_jax.training.benchmarking import time_train_step
 
-    return time_train_step(method=method, live_slots=live_slots, repeats=repeats)
+    return time_train_step(method=method, live_slots=live_slots, repeats=repeats, slot_chunk_size=slot_chunk_size)
+
+
+def _memory_worker(name: str, method: str, live: int, chunk: int, remat: bool, batch: int, seq: int) -> dict:
+    import jax.numpy as jnp
+
+    from adapad_jax.models.registry import model_from_config
+    from adapad_jax.training.benchmarking import step_memory
+
+    spec = MODEL_SPECS[name]
+    dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
+    model = model_from_config(_hf_config(name), task=spec["task"], num_labels=2, dtype=dtype)
+    return step_memory(model, method=method, live_slots=live, batch_size=batch, seq_len=seq,
+                       slot_chunk_size=chunk, remat=remat)
+
+
+MEMORY_VARIANTS = (  # (method, slot_chunk_size, remat)
+    ("lora", 0, False), ("lora", 0, True), ("adapad", 0, False), ("adapad", 2, False), ("adapad", 1, False),
+    ("adapad", 0, True), ("adapad", 1, True),
+)
+
+
+def suite_step_memory(args) -> list[dict]:
+    rows = []
+    for name in args.models.split(","):
+        batch, seq = (args.batch, args.seq) if args.batch and args.seq else MODEL_SPECS[name]["train_shape"]
+        base = None
+        for method, chunk, remat in MEMORY_VARIANTS:
+            res = _run_worker(["memory", name, method, "8", str(chunk), str(int(remat)), str(batch), str(seq)])
+            rows.append({"model": name, "method": method, "batch": batch, "seq": seq, **res})
+            if method == "lora" and not remat:
+                base = res
+            gib = res["temp_bytes"] / 2**30 if "temp_bytes" in res else None
+            ratio = res["temp_bytes"] / base["temp_bytes"] if gib is not None and "temp_bytes" in base else None
+            label = "lora (rank 8)" if method == "lora" else "adapad (L = 8)"
+            print(f"| {name} | {batch} x {seq} | {label} | {chunk or 'all'} | {'yes' if remat else 'no'} | "
+                  f"{'n/a' if gib is None else f'{gib:.1f} GiB'} | {'n/a' if ratio is None else f'{ratio:.2f}'} |"
+                  + (f" error: {res['error']}" if "error" in res else ""), flush=True)
+    return rows
 
 
 def _run_worker(args: list[str]) -> dict:
@@ -223,53 +276,82 @@ def suite_models(args) -> list[dict]:
     return rows
 
 
+def _slot_chunks(text: str) -> list[int]:
+    try:
+        chunks = [int(c) for c in text.split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or any(c < 0 for c in chunks):
+        raise SystemExit(f"--slot_chunks must be comma-separated integers >= 0, got {text!r}")
+    return chunks
+
+
 def suite_slots(args) -> list[dict]:
+    chunks = _slot_chunks(args.slot_chunks)
     rows = []
-    base = _run_worker(["slots", "lora", "1", str(args.repeats)])
-    print(f"| lora (rank 1) | 1 | {_fmt(base.get('median_s'), 's')} | 1.00 |", flush=True)
+    base = _run_worker(["slots", "lora", "1", str(args.repeats), "0"])
     rows.append({"method": "lora", "live_slots": 1, **base})
+    cells = " | ".join(f"{_fmt(base.get('median_s'), 's')} (1.00)" for _ in chunks)
+    print(f"| lora (rank 1) | 1 | {cells} |", flush=True)
     for live in (1, 2, 4, 8):
-        res = _run_worker(["slots", "adapad", str(live), str(args.repeats)])
-        ratio = res["median_s"] / base["median_s"] if "median_s" in res and "median_s" in base else None
-        print(f"| adapad | {live} | {_fmt(res.get('median_s'), 's')} | "
-              f"{'n/a' if ratio is None else f'{ratio:.2f}'} |" + (f" error: {res['error']}" if "error" in res else ""),
-              flush=True)
-        rows.append({"method": "adapad", "live_slots": live, **res})
+        cells = []
+        for chunk in chunks:
+            res = _run_worker(["slots", "adapad", str(live), str(args.repeats), str(chunk)])
+            rows.append({"method": "adapad", "live_slots": live, **res})
+            ratio = res["median_s"] / base["median_s"] if "median_s" in res and "median_s" in base else None
+            cells.append(f"{_fmt(res.get('median_s'), 's')} ({'n/a' if ratio is None else f'{ratio:.2f}'})"
+                         + (f" error: {res['error']}" if "error" in res else ""))
+        print(f"| adapad | {live} | {' | '.join(cells)} |", flush=True)
     return rows
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_worker":
         kind, *rest = sys.argv[2:]
-        if kind == "models":
+        if kind == "memory":
+            name, method, live, chunk, remat, batch, seq = rest
+            result = _memory_worker(name, method, int(live), int(chunk), bool(int(remat)), int(batch), int(seq))
+        elif kind == "models":
             fw, name, mode, batch, seq, repeats = rest
             worker = _jax_model_worker if fw == "jax" else _torch_model_worker
             result = worker(name, mode, int(batch), int(seq), int(repeats))
         else:
-            method, live, repeats = rest
-            result = _slots_worker(method, int(live), int(repeats))
+            method, live, repeats, chunk = rest
+            result = _slots_worker(method, int(live), int(repeats), int(chunk))
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["models", "slots"], default="models")
+    parser.add_argument("--suite", choices=["models", "slots", "step_memory"], default="models")
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
+    parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slot_chunks", default="0,1",
+                        help="slots suite: adapter.slot_chunk_size values, one column each (default 0,1)")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
     if args.suite == "models":
+        args.batch, args.seq = args.batch or 4, args.seq or 128
         print(f"batch {args.batch} x seq {args.seq}, median of {args.repeats} after a warm-up call")
         print("| model | mode | JAX | PyTorch | JAX/PyTorch time | JAX peak | PyTorch peak | JAX/PyTorch mem |")
         print("|---|---|---|---|---|---|---|---|")
         rows = suite_models(args)
+    elif args.suite == "step_memory":
+        print("compiled train-step temporaries (activations kept for backward + scratch); ratio to lora")
+        print("| model | batch x seq | method | slot chunk | remat | temporaries | ratio to lora |")
+        print("|---|---|---|---|---|---|---|")
+        rows = suite_step_memory(args)
+        if rows and rows[0].get("device") == "cpu":
+            print("(CPU compiler: remat rows show no saving here; measure them on a GPU)")
     else:
         print(f"train-step time, median of {args.repeats} after compile")
-        print("| method | live slots L | step | ratio to lora |")
-        print("|---|---|---|---|")
+        chunks = _slot_chunks(args.slot_chunks)
+        print("step (ratio to lora) per adapter.slot_chunk_size")
+        print("| method | live slots L | " + " | ".join(f"chunk {c or 'all'}" for c in chunks) + " |")
+        print("|---|---|" + "---|" * len(chunks))
         rows = suite_slots(args)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

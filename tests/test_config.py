@@ -25,7 +25,7 @@ SCHEMA = {
     "adapter.lora_rank": 2, "adapter.alpha": None, "adapter.init_std": 0.02, "adapter.initial_rank": 1,
     "adapter.top_k": None, "adapter.growth_interval": None, "adapter.sync_every": 0, "adapter.ema_beta1": 0.85,
     "adapter.ema_beta2": 0.85, "adapter.importance": "score", "adapter.advance_learning": True,
-    "adapter.grow": True, "adapter.orth_reg": 0.0, "adapter.dropout": 0.0, "adapter.slot_chunk_size": 0,
+    "adapter.grow": True, "adapter.orth_reg": 0.0, "adapter.dropout": 0.0, "adapter.slot_chunk_size": 1,
     "adapter.remat": False,
     "optim.learning_rate": None, "optim.weight_decay": 0.01, "optim.adapter_weight_decay": 0.0,
     "optim.warmup_steps": None, "optim.schedule": "linear", "optim.grad_clip": 1.0, "optim.b1": 0.9,

@@ -15,7 +15,7 @@ from flax import traverse_util
 from adapad_jax.models import deberta
 from adapad_jax.models.checkpoint_io import CheckpointError
 from adapad_jax.models.deberta_modules import log_bucket_position, parse_pos_att_type
-from adapad_jax.models.registry import load_model, model_from_config
+from adapad_jax.models.registry import load_hf_config, load_model, model_from_config
 from helpers_hf import (
     max_abs_diff,
     padded_batch,
@@ -367,3 +367,36 @@ def test_bf16_compute_close_to_fp32(checkpoint):
         error = np.abs(np.asarray(low[name]) - np.asarray(ref[name]))
         assert 0 < error.max() <= BF16_MAX_REL_TOL * float(jnp.abs(ref[name]).max()), name
         assert error.mean() <= BF16_MEAN_REL_TOL * float(jnp.abs(ref[name]).max()), name
+
+
+@pytest.mark.parametrize("config_name", ["v3", "no_relative"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_adapter_gradients(checkpoint, config_name):
+    """Layer-wise remat (adapter.remat) recomputes each encoder layer: same loss and adapter gradients."""
+    path, _ = checkpoint(config_name, "qa")
+    checkpoint_dir, hf_config = load_hf_config(str(path))
+    plain = deberta.load(checkpoint_dir, hf_config, task="qa", adapter_dropout=0.1)
+    remat = deberta.load(checkpoint_dir, hf_config, task="qa", adapter_dropout=0.1, gradient_checkpointing=True)
+    assert remat.module.remat and not plain.module.remat
+    slots = _random_slots(plain, 2, seed=4)
+    lora = {}
+    for t in plain.targets:
+        lora[t.flax_path + ("a",)], lora[t.flax_path + ("b",)] = slots[t.hf_path]
+        lora[t.flax_path + ("coef",)] = np.ones(2, np.float32)
+    lora = traverse_util.unflatten_dict(lora)
+    batch = _batch(config_name, 12, seed=3)
+
+    def loss_of(loaded):
+        def loss(lora):
+            out = loaded.module.apply({"params": loaded.params, "lora": lora}, **batch, deterministic=False,
+                                      rngs={"dropout": jax.random.PRNGKey(0)})
+            return jnp.sum(out["start_logits"] ** 2) + jnp.sum(jnp.tanh(out["end_logits"]))
+
+        return jax.jit(jax.value_and_grad(loss))
+
+    value_plain, grad_plain = loss_of(plain)(lora)
+    value_remat, grad_remat = loss_of(remat)(lora)
+    np.testing.assert_allclose(float(value_remat), float(value_plain), rtol=1e-5)
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_plain))
+    assert largest > 0
+    for g1, g2 in zip(jax.tree.leaves(grad_plain), jax.tree.leaves(grad_remat)):
+        np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=1e-4, atol=1e-5 * largest)

@@ -109,6 +109,26 @@ def test_mesh_run_matches_single_device(toy):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
 
 
+
+def test_memory_knobs_do_not_change_the_run(toy):
+    """slot_chunk_size (lax.scan over slot chunks) and remat (per-layer recompute) trade speed for memory only."""
+    model, teacher = toy
+    common = {"adapter.r_max": 4, "adapter.rank_budget": 9, "adapter.top_k": 2, "adapter.growth_interval": 2,
+              "adapter.init_std": 0.1, "checkpoint.every_steps": 0}
+    results = []
+    for knobs, mesh in (({}, (1, 1)), ({"adapter.slot_chunk_size": 1, "adapter.remat": True}, (1, 1)),
+                        ({"adapter.slot_chunk_size": 1, "adapter.remat": True}, (1, 2))):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _run(model, teacher, toy_config(**common, **knobs), make_mesh(*mesh), 5, out)
+            results.append((jax.device_get(trainer.state["trainable"]), _losses(out)))
+            trainer.close()
+    (ref, ref_losses), *others = results
+    for trainable, losses in others:
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(trainable)):
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    assert max(abs(a - b) for a, b in zip(ref_losses, ref_losses[1:])) > 1e-5, "the run should train"
+
 def test_mesh_and_config_errors_name_the_problem(toy, tmp_path):
     model, _ = toy
     with pytest.raises(ValueError, match=r"mesh.data=4 x mesh.components=4 = 16 devices, but only 8"):

@@ -267,13 +267,13 @@ class DisentangledSelfAttention(nn.Module):
                     pos_query = _split_heads(self._dense("pos_query_proj")(rel, deterministic), heads)
             if "c2p" in spec.pos_att_type:
                 c2p = jnp.einsum("bhqd,hrd->bhqr", q, pos_key)
-                index = np.clip(relative_pos + span, 0, 2 * span - 1)
-                c2p = jnp.take_along_axis(c2p, jnp.asarray(index)[None, None], axis=-1)
+                index = jnp.clip(relative_pos + span, 0, 2 * span - 1)
+                c2p = jnp.take_along_axis(c2p, index[None, None], axis=-1)
                 scores = scores + c2p / scale
             if "p2c" in spec.pos_att_type:
                 p2c = jnp.einsum("bhkd,hrd->bhkr", k, pos_query)
-                index = np.clip(-relative_pos + span, 0, 2 * span - 1)
-                p2c = jnp.take_along_axis(p2c, jnp.asarray(index)[None, None], axis=-1)
+                index = jnp.clip(-relative_pos + span, 0, 2 * span - 1)
+                p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
                 scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
 
         scores = jnp.where(mask2d, scores, jnp.finfo(scores.dtype).min)
@@ -365,6 +365,7 @@ class Encoder(nn.Module):
     spec: DebertaSpec
     dtype: Any = jnp.float32
     adapter_dropout: float = 0.0
+    remat: bool = False  # recompute each layer in the backward pass (activation memory of one layer, not all)
 
     @nn.compact
     def __call__(self, hidden, mask, deterministic: bool) -> jax.Array:
@@ -383,8 +384,10 @@ class Encoder(nn.Module):
         elif spec.norm_rel_ebd:
             # transformers keeps an (unused) encoder.LayerNorm in this case; call it once so its weights exist.
             _layer_norm(spec, self.dtype, "LayerNorm")(jnp.zeros((1, spec.hidden_size), self.dtype))
+        # static_argnums counts `self`: (hidden, mask2d, relative_pos, rel_embeddings, deterministic) -> 5.
+        layer_cls = nn.remat(Layer, static_argnums=(5,)) if self.remat else Layer
         for i in range(spec.num_layers):
-            hidden = Layer(spec, self.dtype, self.adapter_dropout, name=f"layer_{i}")(
+            hidden = layer_cls(spec, self.dtype, self.adapter_dropout, name=f"layer_{i}")(
                 hidden, mask2d, relative_pos, rel_embeddings, deterministic
             )
         return hidden
@@ -396,13 +399,14 @@ class DebertaModel(nn.Module):
     spec: DebertaSpec
     dtype: Any = jnp.float32
     adapter_dropout: float = 0.0
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids, deterministic: bool) -> jax.Array:
         hidden = DebertaEmbeddings(self.spec, self.dtype, name="embeddings")(
             input_ids, token_type_ids, attention_mask, deterministic
         )
-        return Encoder(self.spec, self.dtype, self.adapter_dropout, name="encoder")(
+        return Encoder(self.spec, self.dtype, self.adapter_dropout, self.remat, name="encoder")(
             hidden, attention_mask, deterministic
         )
 
@@ -415,6 +419,7 @@ class DebertaForTask(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     adapter_dropout: float = 0.0
+    remat: bool = False  # layer-wise rematerialisation (see Encoder)
 
     @nn.compact
     def __call__(
@@ -429,7 +434,7 @@ class DebertaForTask(nn.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-        hidden = DebertaModel(spec, self.dtype, self.adapter_dropout, name="deberta")(
+        hidden = DebertaModel(spec, self.dtype, self.adapter_dropout, self.remat, name="deberta")(
             input_ids, attention_mask, token_type_ids, deterministic
         )
         init = nn.initializers.normal(spec.initializer_range)

@@ -1,4 +1,4 @@
-"""Step-time measurement of the train step on the toy model (used by launch/benchmark.py; not a test)."""
+"""Train-step time (toy model) and compiled train-step memory (any model), for launch/benchmark.py; not tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
+from adapad_jax.models.base import LoadedModel
 from adapad_jax.training.sharding import make_mesh
 from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_batch, toy_config
 from adapad_jax.training.trainer import Trainer
@@ -15,14 +17,19 @@ from adapad_jax.training.trainer import Trainer
 
 def time_train_step(
     method: str = "adapad", live_slots: int = 1, repeats: int = 5, hidden: int = 256, num_layers: int = 2,
-    batch_size: int = 512, seq_len: int = 16, data: int = 1, components: int = 1,
+    batch_size: int = 512, seq_len: int = 16, data: int = 1, components: int = 1, slot_chunk_size: int = 0,
 ) -> dict:
-    """Median wall time of the compiled train step with ``live_slots`` live slots (adapad) or rank 1 (lora)."""
+    """Median wall time of the compiled train step with ``live_slots`` live slots (adapad) or rank 1 (lora).
+
+    ``slot_chunk_size`` is ``adapter.slot_chunk_size``: 0 runs every live slot in one vmapped pass, c > 0 runs
+    c slots at a time under ``lax.map``.
+    """
     model = make_toy_model(hidden=hidden, num_layers=num_layers, vocab_size=512)
     teacher = planted_teacher(model, [1] * len(model.targets))
     overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False, "adapter.lora_rank": 1,
                  "adapter.initial_rank": live_slots, "adapter.rank_budget": 8 * len(model.targets),
-                 "checkpoint.every_steps": 0, "mesh.data": data, "mesh.components": components}
+                 "checkpoint.every_steps": 0, "mesh.data": data, "mesh.components": components,
+                 "adapter.slot_chunk_size": slot_chunk_size}
     batches = [toy_batch(model, teacher, i, batch_size, seq_len) for i in range(repeats + 1)]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, toy_config(**overrides), make_mesh(data, components), out)
@@ -39,4 +46,44 @@ def time_train_step(
         trainer.close()
     return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
             "live_slots": trainer.live_slots, "device": jax.devices()[0].device_kind, "hidden": hidden,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "slot_chunk_size": slot_chunk_size}
+
+
+def step_memory(
+    model: LoadedModel, method: str = "adapad", live_slots: int = 8, batch_size: int = 16, seq_len: int = 384,
+    slot_chunk_size: int = 0, remat: bool = False,
+) -> dict:
+    """XLA's buffer assignment for the compiled train step (compile only, nothing runs): bytes of temporaries
+    (activations kept for the backward pass and scratch), arguments and outputs, for ``live_slots`` live slots
+    (adapad/joint) or rank ``live_slots`` (lora)."""
+    overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False,
+                 "adapter.lora_rank": live_slots, "adapter.initial_rank": live_slots,
+                 "adapter.rank_budget": 8 * len(model.targets), "adapter.slot_chunk_size": slot_chunk_size,
+                 "adapter.remat": remat, "checkpoint.every_steps": 0}
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(5, 1000, size=(batch_size, seq_len)).astype(np.int32),
+        "attention_mask": np.ones((batch_size, seq_len), np.int32),
+        "example_weight": np.ones((batch_size,), np.float32),
+    }
+    if model.task == "qa":
+        batch["start_positions"] = rng.integers(0, seq_len, size=(batch_size,)).astype(np.int32)
+        batch["end_positions"] = batch["start_positions"]
+    elif model.task == "classification":
+        batch["labels"] = rng.integers(0, 2, size=(batch_size,)).astype(np.int32)
+    else:
+        raise ValueError(f"step_memory supports qa and classification models, got task {model.task!r}")
+    if model.uses_token_type_ids:
+        batch["token_type_ids"] = np.zeros((batch_size, seq_len), np.int32)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, toy_config(**overrides), make_mesh(1, 1), out)
+        trainer.restore_or_init({})
+        start = time.perf_counter()
+        compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen, trainer._put_batch(batch)).compile()
+        compile_s = time.perf_counter() - start
+        live = trainer.live_slots
+        trainer.close()
+    analysis = compiled.memory_analysis()
+    return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes),
+            "output_bytes": int(analysis.output_size_in_bytes), "compile_s": compile_s, "live_slots": live,
+            "slot_chunk_size": slot_chunk_size, "remat": remat, "device": jax.devices()[0].device_kind}

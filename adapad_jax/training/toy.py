@@ -55,6 +55,7 @@ class ToyModel(nn.Module):
     num_outputs: int
     adapter_dropout: float = 0.0
     layout: str = "residual"
+    remat: bool = False  # recompute each residual block in the backward pass
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -72,8 +73,9 @@ class ToyModel(nn.Module):
             scale = self.param("scale", nn.initializers.ones, (y.shape[-1],))
             bias = self.param("bias", nn.initializers.zeros, (y.shape[-1],))
             return {"logits": y * scale + bias}
+        block_cls = nn.remat(ToyBlock, static_argnums=(2,)) if self.remat else ToyBlock
         for i in range(self.num_layers):
-            x = ToyBlock(self.hidden, self.adapter_dropout, name=f"layers_{i}")(x, deterministic)
+            x = block_cls(self.hidden, self.adapter_dropout, name=f"layers_{i}")(x, deterministic)
         return {"logits": nn.Dense(self.num_outputs, name="head")(x)}
 
 
