@@ -110,6 +110,27 @@ def test_mesh_run_matches_single_device(toy):
 
 
 
+
+@pytest.mark.parametrize("method", ["adapad", "lora"])
+def test_dropout_masks_do_not_depend_on_the_data_split(method):
+    """Dropout keys come from each example's global row: a (data=2, components=2) run equals one device's."""
+    model = make_toy_model(hidden=16, num_layers=2, num_outputs=4, adapter_dropout=0.5)
+    teacher = planted_teacher(model, [2, 1, 0, 0])
+    common = {"adapter.method": method, "adapter.r_max": 4, "adapter.rank_budget": 9, "adapter.growth_interval": 2,
+              "adapter.init_std": 0.1, "adapter.lora_rank": 2, "checkpoint.every_steps": 0}
+    runs = {}
+    for name, dropout, mesh in (("single", 0.5, (1, 1)), ("mesh", 0.5, (2, 2)), ("no_dropout", 0.0, (1, 1))):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _run(model, teacher, toy_config(**common, **{"adapter.dropout": dropout}), make_mesh(*mesh), 4,
+                           out)
+            assert trainer.use_dropout == (dropout > 0)
+            runs[name] = (jax.device_get(trainer.state["trainable"]), _losses(out))
+            trainer.close()
+    np.testing.assert_allclose(runs["mesh"][1], runs["single"][1], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(runs["single"][0]), jax.tree.leaves(runs["mesh"][0])):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    assert max(abs(a - b) for a, b in zip(runs["single"][1], runs["no_dropout"][1])) > 1e-4, "dropout should act"
+
 def test_memory_knobs_do_not_change_the_run(toy):
     """slot_chunk_size (lax.scan over slot chunks) and remat (per-layer recompute) trade speed for memory only."""
     model, teacher = toy

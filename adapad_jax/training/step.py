@@ -82,11 +82,24 @@ def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.A
 
 
 def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator):
-    params = merge_head(frozen, head)
+    """This data shard's share of the loss; ``rng`` is the step's (and slot's) dropout key."""
+    variables = {"params": merge_head(frozen, head), "lora": lora}
     inputs = {k: batch[k] for k in spec.input_keys}
-    outputs = module.apply(
-        {"params": params, "lora": lora}, **inputs, deterministic=not spec.use_dropout, rngs={"dropout": rng}
-    )
+    if not spec.use_dropout:
+        outputs = module.apply(variables, **inputs, deterministic=True)
+    else:
+        # One dropout key per example from its row in the global batch, so the masks (and the run) do not depend
+        # on how the batch is split over `data` devices or processes.
+        rows = next(iter(inputs.values())).shape[0]
+        first = jax.lax.axis_index(DATA_AXIS) * rows
+        keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(first + jnp.arange(rows))
+
+        def one_example(example, key):
+            out = module.apply(variables, **{k: v[None] for k, v in example.items()}, deterministic=False,
+                               rngs={"dropout": key})
+            return jax.tree.map(lambda x: x[0], out)
+
+        outputs = jax.vmap(one_example)(inputs, keys)
     numerator, _ = loss_terms(spec.task, outputs, batch)
     return numerator / denominator
 
@@ -105,12 +118,11 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
 
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
-        rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
 
         def slot_loss(trainable, slot):
             lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
             loss = _model_loss(
-                module, spec, frozen, trainable["head"], lora, batch, jax.random.fold_in(rng, slot), denominator
+                module, spec, frozen, trainable["head"], lora, batch, jax.random.fold_in(step_rng, slot), denominator
             )
             return jnp.where(slot < spec.live_slots, loss, 0.0)
 
@@ -156,11 +168,10 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
 
     def body(trainable, live, frozen, batch, step_rng):
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
-        rng = jax.random.fold_in(step_rng, jax.lax.axis_index(DATA_AXIS))
 
         def objective(trainable):
             lora = masked_lora(targets, trainable["slots"], live, spec.scaling, spec.live_slots)
-            return _model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator)
+            return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
         return jax.lax.psum(grads, DATA_AXIS), jax.lax.psum(loss, DATA_AXIS)
