@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.doc_stride = 128
     config.data.max_train_examples = 0
     config.data.max_eval_examples = 0
+    # Tokenised features are cached (keyed by data, tokenizer and settings) in cache_dir, "" = $ADAPAD_FEATURE_CACHE
+    # or ~/.cache/adapad_jax/features.
+    config.data.cache_features = True
+    config.data.cache_dir = ""
 
     config.adapter = ml_collections.ConfigDict()
     config.adapter.method = "adapad"
@@ -191,6 +195,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.doc_stride={stride} must be smaller than data.max_length={max_length}")
     _require_range(config, "data.max_train_examples", integer, 0)
     _require_range(config, "data.max_eval_examples", integer, 0)
+    _require_type(config, "data.cache_features", (bool,))
+    _require_type(config, "data.cache_dir", (str,))
 
     method = _require_choice(config, "adapter.method", METHODS)
     targets = _get(config, "adapter.target_modules")

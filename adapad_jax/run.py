@@ -218,6 +218,7 @@ def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> An
 def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model: Any, include_train: bool) -> Any:
     """Tokenised train features and eval sets with the checkpoint's own tokenizer."""
     from adapad_jax.data import build_task_data, load_tokenizer
+    from adapad_jax.data.pipeline import feature_cache_dir
 
     tokenizer = load_tokenizer(str(checked.checkpoint_dir))
     return build_task_data(
@@ -232,6 +233,7 @@ def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model:
         max_eval_examples=int(config.data.max_eval_examples),
         with_token_type_ids=bool(model.uses_token_type_ids),
         include_train=include_train,
+        cache_dir=feature_cache_dir(config),
     )
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import numpy as np
 
+from adapad_jax.data import feature_cache
 from adapad_jax.data.glue import tokenize_glue
 from adapad_jax.data.loading import load_raw_splits
 from adapad_jax.data.squad import QAEvalFeatures, prepare_qa_eval_features, prepare_qa_train_features
@@ -53,11 +55,13 @@ def build_task_data(
     max_eval_examples: int = 0,
     with_token_type_ids: bool = True,
     include_train: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> TaskData:
     """Load the task's splits (hub / tfds / local files) and tokenise them with the checkpoint's tokenizer.
 
     ``max_length`` 0 means the task default (GLUE 128, SQuAD 384). The tokenizer should have been through
-    ``prepare_tokenizer`` (right padding, a pad token).
+    ``prepare_tokenizer`` (right padding, a pad token). ``cache_dir``: keep tokenised features there and reuse
+    them when the data, tokenizer and settings are the same (see ``feature_cache``); None tokenises every time.
     """
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     max_length = max_length or DEFAULT_MAX_LENGTH[spec.kind]
@@ -70,25 +74,54 @@ def build_task_data(
         max_eval_examples=max_eval_examples,
         include_train=include_train,
     )
+    tokenizer_hash = feature_cache.tokenizer_fingerprint(tokenizer) if cache_dir is not None else ""
+
+    def tokenised(split: str, role: str, compute):
+        settings = {"task": spec.name, "split": split, "role": role, "max_length": max_length,
+                    "doc_stride": doc_stride if spec.kind == "qa" else None, "token_types": with_token_type_ids}
+        return feature_cache.cached(cache_dir, raw[split], tokenizer_hash, settings, compute)
+
     train = None
     if "train" in raw:
         if spec.kind == "qa":
-            train = prepare_qa_train_features(raw["train"], tokenizer, max_length, doc_stride, with_token_type_ids)
+            train = tokenised("train", "qa_train", lambda: prepare_qa_train_features(
+                raw["train"], tokenizer, max_length, doc_stride, with_token_type_ids))
         else:
-            train = tokenize_glue(raw["train"], spec, tokenizer, max_length, with_token_type_ids)
+            train = tokenised("train", "glue", lambda: tokenize_glue(
+                raw["train"], spec, tokenizer, max_length, with_token_type_ids))
     evals = {}
     for split in spec.validation_splits:
         if split not in raw:
             continue
         if spec.kind == "qa":
-            qa = prepare_qa_eval_features(raw[split], tokenizer, max_length, doc_stride, with_token_type_ids)
+            qa = _qa_eval_from_arrays(tokenised(split, "qa_eval", lambda: _qa_eval_arrays(prepare_qa_eval_features(
+                raw[split], tokenizer, max_length, doc_stride, with_token_type_ids))))
             evals[split] = EvalSet(split, raw[split], qa.arrays, qa)
         else:
-            features = tokenize_glue(raw[split], spec, tokenizer, max_length, with_token_type_ids)
+            features = tokenised(split, "glue", lambda: tokenize_glue(
+                raw[split], spec, tokenizer, max_length, with_token_type_ids))
             evals[split] = EvalSet(split, raw[split], features)
     if include_train and train is None and not evals:
         raise DataError(f"no data was loaded for task {spec.name}")
     return TaskData(spec=spec, train=train, evals=evals, max_length=max_length)
+
+
+def _qa_eval_arrays(qa: QAEvalFeatures) -> dict[str, np.ndarray]:
+    """QA eval features as flat arrays (the cache stores arrays only)."""
+    arrays = {f"model__{k}": v for k, v in qa.arrays.items()}
+    arrays["example_index"] = qa.example_index
+    arrays["example_id"] = np.asarray(qa.example_id, dtype=np.str_)
+    arrays["offset_mapping"] = qa.offset_mapping
+    return arrays
+
+
+def _qa_eval_from_arrays(arrays: dict[str, np.ndarray]) -> QAEvalFeatures:
+    return QAEvalFeatures(
+        arrays={k[len("model__"):]: v for k, v in arrays.items() if k.startswith("model__")},
+        example_index=arrays["example_index"],
+        example_id=[str(x) for x in arrays["example_id"]],
+        offset_mapping=arrays["offset_mapping"],
+    )
 
 
 def build_task_data_from_config(
@@ -108,4 +141,14 @@ def build_task_data_from_config(
         max_eval_examples=data.get("max_eval_examples", 0),
         with_token_type_ids=with_token_type_ids,
         include_train=include_train,
+        cache_dir=feature_cache_dir(config),
     )
+
+
+def feature_cache_dir(config: Any) -> str | None:
+    """Where a run keeps tokenised features: ``data.cache_dir`` or the default; None with
+    ``data.cache_features=False``."""
+    data = config.data
+    if not data.get("cache_features", True):
+        return None
+    return str(data.get("cache_dir", "") or feature_cache.default_cache_dir())
