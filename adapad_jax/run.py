@@ -217,23 +217,14 @@ def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> An
 
 def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model: Any, include_train: bool) -> Any:
     """Tokenised train features and eval sets with the checkpoint's own tokenizer."""
-    from adapad_jax.data import build_task_data, load_tokenizer
-    from adapad_jax.data.pipeline import feature_cache_dir
+    from adapad_jax.data import build_task_data_from_config, load_tokenizer
 
-    tokenizer = load_tokenizer(str(checked.checkpoint_dir))
-    return build_task_data(
-        checked.task_spec,
-        tokenizer,
-        source=config.data.source,
-        train_file=config.data.train_file,
-        validation_file=config.data.validation_file,
-        max_length=int(config.data.max_length),
-        doc_stride=int(config.data.doc_stride),
-        max_train_examples=int(config.data.max_train_examples),
-        max_eval_examples=int(config.data.max_eval_examples),
-        with_token_type_ids=bool(model.uses_token_type_ids),
+    return build_task_data_from_config(
+        config,
+        load_tokenizer(str(checked.checkpoint_dir)),
+        task=checked.task_spec,
         include_train=include_train,
-        cache_dir=feature_cache_dir(config),
+        with_token_type_ids=bool(model.uses_token_type_ids),
     )
 
 

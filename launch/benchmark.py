@@ -286,8 +286,7 @@ def _slot_chunks(text: str) -> list[int]:
     return chunks
 
 
-def suite_slots(args) -> list[dict]:
-    chunks = _slot_chunks(args.slot_chunks)
+def suite_slots(args, chunks: list[int]) -> list[dict]:
     rows = []
     base = _run_worker(["slots", "lora", "1", str(args.repeats), "0"])
     rows.append({"method": "lora", "live_slots": 1, **base})
@@ -352,7 +351,7 @@ def main() -> None:
         print("step (ratio to lora) per adapter.slot_chunk_size")
         print("| method | live slots L | " + " | ".join(f"chunk {c or 'all'}" for c in chunks) + " |")
         print("|---|---|" + "---|" * len(chunks))
-        rows = suite_slots(args)
+        rows = suite_slots(args, chunks)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

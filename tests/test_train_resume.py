@@ -60,12 +60,29 @@ def _straight_run(out):
     return trainer
 
 
-def _assert_same_state(a, b):
+def _assert_same_state(a, b, rtol: float = 0.0, atol: float = 0.0):
+    """Same tree; leaves bit-equal, or within (rtol, atol) when given."""
     flat_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))[0]
     flat_b = jax.tree_util.tree_flatten_with_path(jax.device_get(b))[0]
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+        if rtol or atol:
+            np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64), rtol=rtol, atol=atol,
+                                       err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def _run_that_died_after_step_n(model, teacher, out):
+    """A run with the straight run's schedule (2N steps) whose step-2N checkpoint never made it to disk."""
+    import shutil
+
+    first = Trainer(model, toy_config(**OVERRIDES), make_mesh(1, 1), out)
+    first.restore_or_init({"position": 0})
+    data = ToyBatches(model, teacher, 8)
+    first.train(data, 2 * N, data.state, progress=False)
+    first.close()
+    shutil.rmtree(out / "checkpoints" / str(2 * N))
 
 
 @pytest.mark.slow
@@ -113,15 +130,8 @@ def test_in_process_resume_and_leftover_tmp_dir(tmp_path):
     straight = _straight_run(tmp_path / "straight")
     model, teacher = straight.model, planted_teacher(straight.model, [2, 1, 0, 0])
     out = tmp_path / "resumed"
-    first = Trainer(model, toy_config(**OVERRIDES), make_mesh(1, 1), out)
-    first.restore_or_init({"position": 0})
-    data = ToyBatches(model, teacher, 8)
-    first.train(data, 2 * N, data.state, progress=False)
-    first.close()
-    # pretend the run died while writing a later checkpoint, and that step 2N was never written
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / str(2 * N))
+    _run_that_died_after_step_n(model, teacher, out)
+    # and that it died while writing a later checkpoint
     tmp = out / "checkpoints" / f"{3 * N}.orbax-checkpoint-tmp-1234567"
     (tmp / "state").mkdir(parents=True)
     (tmp / "state" / "garbage").write_bytes(b"\x00partial")
@@ -157,14 +167,7 @@ def test_resume_on_a_different_mesh(tmp_path):
     straight = _straight_run(tmp_path / "straight")
     model, teacher = straight.model, planted_teacher(straight.model, [2, 1, 0, 0])
     out = tmp_path / "moved"
-    first = Trainer(model, toy_config(**OVERRIDES), make_mesh(1, 1), out)
-    first.restore_or_init({"position": 0})
-    data = ToyBatches(model, teacher, 8)
-    first.train(data, 2 * N, data.state, progress=False)  # the same schedule as the straight run
-    first.close()
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / str(2 * N))  # as if it had died after the step-N checkpoint
+    _run_that_died_after_step_n(model, teacher, out)
     second = Trainer(model, toy_config(**OVERRIDES), make_mesh(2, 2), out)
     data_state = second.restore_or_init({"position": 0})
     assert data_state == {"position": N} and second.step == N
@@ -172,11 +175,6 @@ def test_resume_on_a_different_mesh(tmp_path):
     assert slot_a.sharding.spec == jax.sharding.PartitionSpec("components")
     data = ToyBatches(model, teacher, 8, start=data_state["position"])
     second.train(data, 2 * N, data.state, progress=False)
-    flat_a = jax.tree_util.tree_flatten_with_path(jax.device_get(straight.state))[0]
-    flat_b = jax.tree_util.tree_flatten_with_path(jax.device_get(second.state))[0]
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b):
-        np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64), rtol=1e-5, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+    _assert_same_state(straight.state, second.state, rtol=1e-5, atol=1e-6)
     straight.close()
     second.close()

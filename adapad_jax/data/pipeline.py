@@ -125,12 +125,14 @@ def _qa_eval_from_arrays(arrays: dict[str, np.ndarray]) -> QAEvalFeatures:
 
 
 def build_task_data_from_config(
-    config: Any, tokenizer: Any, *, include_train: bool = True, with_token_type_ids: bool = True
+    config: Any, tokenizer: Any, *, include_train: bool = True, with_token_type_ids: bool = True,
+    task: str | TaskSpec | None = None,
 ) -> TaskData:
-    """``build_task_data`` with the run config's ``task`` and ``data.*`` fields (see adapad_jax/config.py)."""
+    """``build_task_data`` with the run config's ``task`` (or ``task``, e.g. the demo's spec) and ``data.*``
+    fields (see adapad_jax/config.py)."""
     data = config.data
     return build_task_data(
-        config.task,
+        task or config.task,
         tokenizer,
         source=data.get("source", "auto"),
         train_file=data.get("train_file", ""),

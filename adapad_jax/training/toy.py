@@ -171,33 +171,25 @@ class ToyBatches:
         return {"position": self.position}
 
 
+# Where the toy runs differ from base_config(): a small model, short growth intervals, a large learning rate.
+TOY_DEFAULTS = {
+    "task": "demo", "model.name_or_path": "toy",
+    "adapter.r_max": 4, "adapter.rank_budget": 8, "adapter.alpha": 8.0, "adapter.top_k": 2,
+    "adapter.growth_interval": 5, "adapter.slot_chunk_size": 0,
+    "optim.learning_rate": 1e-2, "optim.warmup_steps": 2,
+    "train.batch_size": 16, "train.log_every_steps": 1,
+}
+
+
 def toy_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """A config with the trainer's fields (the CLI's base_config schema), for tests and benchmarks.
+    """``base_config()`` with ``TOY_DEFAULTS`` and ``overrides`` applied, for tests and benchmarks.
 
     Keys in ``overrides`` are dotted paths, e.g. ``toy_config(**{"adapter.r_max": 4})``.
     """
-    config = ml_collections.ConfigDict()
-    config.task = "demo"
-    config.seed = 0
-    config.output_dir = ""
-    config.model = ml_collections.ConfigDict({"name_or_path": "toy", "dtype": "float32", "classifier_dropout": 0.0})
-    config.adapter = ml_collections.ConfigDict({
-        "method": "adapad", "target_modules": (), "r_max": 4, "rank_budget": 8, "lora_rank": 2, "alpha": 8.0,
-        "init_std": 0.02, "initial_rank": 1, "top_k": 2, "growth_interval": 5, "sync_every": 0,
-        "ema_beta1": 0.85, "ema_beta2": 0.85, "importance": "score", "advance_learning": True, "grow": True,
-        "orth_reg": 0.0, "dropout": 0.0, "slot_chunk_size": 0, "remat": False,
-    })
-    config.optim = ml_collections.ConfigDict({
-        "learning_rate": 1e-2, "weight_decay": 0.01, "adapter_weight_decay": 0.0, "warmup_steps": 2,
-        "schedule": "linear", "grad_clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
-    })
-    config.train = ml_collections.ConfigDict({
-        "num_epochs": 1, "num_steps": -1, "batch_size": 16, "eval_batch_size": 64, "eval_every_steps": 0,
-        "log_every_steps": 1,
-    })
-    config.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
-    config.mesh = ml_collections.ConfigDict({"data": 1, "components": 1})
-    for dotted, value in overrides.items():
+    from adapad_jax.config import base_config
+
+    config = base_config()
+    for dotted, value in {**TOY_DEFAULTS, **overrides}.items():
         node = config
         *parents, leaf = dotted.split(".")
         for name in parents:
