@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name_or_path = "microsoft/deberta-v3-base"
+    # Hub branch, tag or commit of model.name_or_path (a hub id is downloaded on first use); "" = default branch.
+    config.model.revision = ""
     config.model.dtype = "float32"
     config.model.classifier_dropout = 0.0
 
@@ -184,6 +186,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if not _require_type(config, "model.name_or_path", (str,)).strip():
         raise ConfigError("model.name_or_path is empty: give a hub id or a local checkpoint directory")
     _require_choice(config, "model.dtype", DTYPES)
+    _require_type(config, "model.revision", (str,))
     _require_range(config, "model.classifier_dropout", real, 0.0, 1.0, high_open=True)
 
     _require_choice(config, "data.source", DATA_SOURCES)
@@ -290,7 +293,7 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
     from adapad_jax.models.registry import load_hf_config
 
     try:
-        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path)
+        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     num_modules = count_adapter_targets(hf_config, task_kind, config.adapter.target_modules)

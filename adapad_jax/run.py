@@ -426,7 +426,7 @@ def export_checkpoint(
     elif step not in steps:
         raise ConfigError(f"run directory '{run_dir}' has no checkpoint for step {step} (it has {steps})")
     try:
-        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path)
+        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.get("revision") or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     spec = task_spec_for(config)
