@@ -156,10 +156,13 @@ def predict(
     if out_dir is not None and Path(out_dir).resolve() == run_dir.resolve():
         raise ConfigError(f"--out '{out_dir}' is the run directory: predictions go into a directory of their own")
 
+    import datasets
+
     from adapad_jax.data import build_task_data, load_tokenizer
     from adapad_jax.metrics.evaluate import evaluate_split, predictions_from_outputs
     from adapad_jax.run import is_main_process, predict_split, restored_run
 
+    datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as scratch, restored_run(run_dir, step) as restored:
         step = restored.step
         out = Path(out_dir) if out_dir else run_dir / f"predict-step{step}"

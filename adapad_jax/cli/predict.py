@@ -17,11 +17,13 @@ from adapad_jax.cli.common import quiet_start, run_app
 
 quiet_start()
 
+import sys  # noqa: E402
+
 import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from adapad_jax.run import fail, parse_flags_or_fail, start_command, user_errors  # noqa: E402
+from adapad_jax.run import _unknown_field_message, fail, start_command, user_errors  # noqa: E402
 
 
 def predict_fields() -> ml_collections.ConfigDict:
@@ -37,7 +39,12 @@ def predict_fields() -> ml_collections.ConfigDict:
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of an adapad-train run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to predict with (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/predict-step<N>).")
-_CONFIG = config_flags.DEFINE_config_dict("config", predict_fields(), "Fields: data.test_file, train.eval_batch_size.")
+try:  # config_flags applies --config.<field> overrides of a config dict as soon as the flag is defined
+    _CONFIG = config_flags.DEFINE_config_dict("config", predict_fields(), "Fields: data.test_file, train.eval_batch_size.")
+except (AttributeError, KeyError) as err:
+    fail(_unknown_field_message(sys.argv, err).replace("adapad_jax/config.py:base_config", "adapad-predict --help"))
+except (TypeError, ValueError) as err:
+    fail(f"bad --config override: {err}")
 
 
 def _main(argv: list[str]) -> None:
