@@ -67,12 +67,21 @@ def _unlabelled(value: Any) -> bool:
     return value is None or value == "" or str(value).strip() in ("-1", "-1.0")
 
 
+def _has_answer(answers: Any) -> bool:
+    if isinstance(answers, str):
+        try:
+            answers = json.loads(answers)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(answers, dict) and bool(answers.get("text"))
+
+
 def normalise_test_rows(spec: TaskSpec, path: Path, rows: list[dict[str, Any]]) -> tuple[list[dict], bool]:
     """Rows in the run's data schema (dummy labels where there are none) and whether the file has labels.
 
     GLUE: the task's text columns, an optional ``idx`` (or ``index``, as in GLUE's test TSVs) and an optional
     label (missing, empty or -1 = unlabelled, as in the hub's test splits). SQuAD: ``id``, ``context``,
-    ``question`` and optional ``answers``.
+    ``question`` and optional ``answers`` (labelled when some question has an answer).
     """
     from adapad_jax.data.loading import _check_answers, _label_value
 
@@ -90,7 +99,9 @@ def normalise_test_rows(spec: TaskSpec, path: Path, rows: list[dict[str, Any]]) 
             )
     out: list[dict[str, Any]] = []
     if spec.kind == "qa":
-        labelled = all("answers" in row for row in rows)
+        # Official SQuAD files without answers flatten to empty answer lists: count a file as labelled only when
+        # some question has an answer.
+        labelled = all("answers" in row for row in rows) and any(_has_answer(row["answers"]) for row in rows)
         for number, row in enumerate(rows, start=1):
             answers = row.get("answers") if labelled else {"text": [], "answer_start": []}
             problem = _check_answers(answers) if labelled else None
