@@ -29,7 +29,7 @@ TASK_NAMES = (
 )
 METHODS = ("adapad", "joint", "lora")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("auto", "hub", "tfds", "local")
+DATA_SOURCES = ("auto", "hub", "local")
 SCHEDULES = ("linear", "cosine")
 IMPORTANCES = ("score", "uniform")
 # Fields that must not change when a run is resumed from the checkpoints in its output directory.
@@ -189,6 +189,10 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_type(config, "model.revision", (str,))
     _require_range(config, "model.classifier_dropout", real, 0.0, 1.0, high_open=True)
 
+    if config.data.get("source") == "tfds":
+        from adapad_jax.data.loading import TFDS_REMOVED
+
+        raise ConfigError(TFDS_REMOVED)
     _require_choice(config, "data.source", DATA_SOURCES)
     _require_type(config, "data.train_file", (str,))
     _require_type(config, "data.validation_file", (str,))
@@ -338,7 +342,7 @@ def validate_config(
         check_mesh(config, num_devices, platform)
     task_spec = task_spec_for(config)
     checkpoint_dir, hf_config, num_modules = check_model(config, task_spec.kind)
-    if config.data.source in ("hub", "tfds") and (config.data.train_file or config.data.validation_file):
+    if config.data.source == "hub" and (config.data.train_file or config.data.validation_file):
         raise ConfigError(
             f"data.source={config.data.source} cannot be combined with data.train_file / data.validation_file"
         )

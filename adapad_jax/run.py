@@ -301,10 +301,10 @@ def run(
     data = load_data_for(config, checked, model, include_train=want_train)
     if want_train and data.train is None:
         raise ConfigError(
-            "training needs data: give data.train_file (or use a hub/tfds source), or set train.num_steps=0"
+            "training needs data: give data.train_file (or use the hub source), or set train.num_steps=0"
         )
     if not data.evals:
-        raise ConfigError("no validation data: give data.validation_file (or use a hub/tfds source)")
+        raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.components),
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
 
