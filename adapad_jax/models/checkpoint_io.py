@@ -102,10 +102,9 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> str:
         except Exception as err:  # noqa: BLE001 - no network / hub down: fall back to the local cache below
             online_error = err
     try:
-        # Only the config and tokenizer patterns: the weight files in the cache are checked by weight_files().
-        return snapshot_download(
-            repo_id=repo_id, revision=revision, allow_patterns=list(HUB_CONFIG_PATTERNS), local_files_only=True
-        )
+        # Only config.json is required here (a cache filled by `hf download <repo> <files>` or by transformers is
+        # fine too); the tokenizer and weight files are checked by their readers.
+        return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any cache miss means "not available offline"
         reason = (
             "HF_HUB_OFFLINE is set" if online_error is None
