@@ -37,6 +37,7 @@ RESUME_INVARIANT_FIELDS = (
     "task",
     "seed",
     "model.name_or_path",
+    "model.revision",
     "adapter.method",
     "adapter.target_modules",
     "adapter.r_max",

@@ -48,6 +48,17 @@ def _train(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comple
                           text=True, timeout=300, env=env, cwd=str(cwd))
 
 
+def test_a_resume_keeps_the_model_revision():
+    from adapad_jax.config import ConfigError, base_config, check_resume
+
+    config = base_config()
+    config.output_dir = "runs/x"
+    previous = config.to_json()
+    config.model.revision = "v2"
+    with pytest.raises(ConfigError, match="model.revision=''"):
+        check_resume(config, previous)
+
+
 def test_download_patterns_prefer_safetensors_and_fall_back_to_bin():
     both = hub_download_patterns(["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5"])
     assert "model.safetensors" in both and not any("pytorch_model" in p for p in both)
