@@ -158,6 +158,8 @@ def predict(
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)  # raises ConfigError for a directory that is not a run
     spec = task_spec_for(config)
+    if not (spec.is_glue or spec.kind == "qa"):
+        raise ConfigError(f"'{run_dir}' is a {spec.name} run: predictions are for GLUE and SQuAD runs")
     if not str(test_file).strip():
         raise ConfigError("no test file given: pass --config.data.test_file=<file> (jsonl, json, csv, tsv, parquet)")
     files = split_validation_files(spec, test_file)
