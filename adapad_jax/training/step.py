@@ -69,16 +69,29 @@ def merge_head(frozen: Mapping[str, Any], head: Mapping[str, Any]) -> dict[str, 
     return set_subtrees(frozen, {tuple(name.split("/")): value for name, value in head.items()})
 
 
+def _frobenius_norm(x: jax.Array) -> jax.Array:
+    """||x||_F with a zero (not NaN) gradient at x = 0."""
+    square = jnp.sum(jnp.square(x))
+    positive = square > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1.0)), 0.0)
+
+
 def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
-    """Sum over modules of ||A A^T - I||^2 + ||B^T B - I||^2 over the committed slots."""
+    """AdaLoRA's regulariser: mean over the 2M factors of ||A A^T - I||_F and ||B^T B - I||_F (committed rows).
+
+    The norms are unsquared and averaged over every ``lora_A`` and ``lora_B`` matrix, as PEFT's ``AdaLoraModel``
+    and IncreLoRA's ``compute_orth_regu`` do, so ``adapter.orth_reg`` means what it means in their configs.
+    Rows outside ``committed`` are zeroed on both sides and contribute nothing.
+    """
     total = jnp.zeros((), jnp.float32)
-    for m in range(len(slots["a"])):
+    num_modules = len(slots["a"])
+    for m in range(num_modules):
         mask = committed[m].astype(jnp.float32)
         a = slots["a"][m] * mask[:, None]
         b = slots["b"][m] * mask[:, None]
         eye = jnp.diag(mask)
-        total = total + jnp.sum(jnp.square(a @ a.T - eye)) + jnp.sum(jnp.square(b @ b.T - eye))
-    return total
+        total = total + _frobenius_norm(a @ a.T - eye) + _frobenius_norm(b @ b.T - eye)
+    return total / max(2 * num_modules, 1)
 
 
 def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator):
