@@ -160,19 +160,40 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             losses = losses.reshape(-1)
         grads = jax.lax.psum(grads, (DATA_AXIS, COMPONENTS_AXIS))
         losses = jax.lax.psum(losses, DATA_AXIS)
-        return grads, losses
+        model_loss = jax.lax.psum(committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
+                                                       step_rng, denominator), DATA_AXIS)
+        return grads, losses, model_loss
 
     sharded = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
-        out_specs=(P(), P(COMPONENTS_AXIS)),
+        out_specs=(P(), P(COMPONENTS_AXIS), P()),
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
-    grads, slot_losses = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
-    loss = slot_losses[: spec.live_slots].mean()
-    return grads, loss, slot_losses
+    grads, slot_losses, loss = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
+    return mean_head_gradient(grads, spec.live_slots), loss, slot_losses
+
+
+def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, Any]:
+    """The slots keep their own deflated gradient; the head gets the mean over the L live slot losses.
+
+    The head sits in all L slot forwards, so the summed gradient would be L times a single model's (and would
+    dominate the global-norm clip as L grows); the mean keeps its step size that of the lora / joint baselines.
+    Every slot k < L is live in some module (slots are contiguous per module), so the mean is over L.
+    """
+    return {"slots": grads["slots"], "head": jax.tree.map(lambda g: g / live_slots, grads["head"])}
+
+
+def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, frozen, batch, rng, denominator):
+    """This data shard's loss of the committed-slot forward (what is evaluated); the logged ``loss`` of adapad.
+
+    It is the quantity the lora / joint baselines log (their one train forward), so training losses compare
+    across methods; the deflated per-slot losses are logged as ``slot_losses``. Forward only, no gradient.
+    """
+    lora = masked_lora(targets, trainable["slots"], committed, spec.scaling, spec.padded_slots)
+    return jax.lax.stop_gradient(_model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator))
 
 
 def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, frozen, batch, step_rng):
