@@ -256,7 +256,7 @@ def build_train_step(
             penalty = jnp.zeros((), jnp.float32)
 
         live = alloc_lib.live_mask(alloc, spec.advance_learning)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable, live=live)
         updates["slots"] = {
             part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(updates["slots"][part])]
             for part in ("a", "b")
