@@ -26,6 +26,9 @@ import ml_collections
 import numpy as np
 
 from adapad_jax.config import CheckedRun, ConfigError, check_resume, validate_config
+from adapad_jax.failures import RunFailure
+from adapad_jax.output_set import apply_umask, dumps_strict, publish_set
+from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -112,6 +115,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,12 +124,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented) through ``write_text_atomic``."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, dumps_strict(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line through ``write_text_atomic``."""
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(path, "".join(dumps_strict(row) + "\n" for row in rows))
 
 
 def replace_path(new: Path, target: Path) -> None:
@@ -146,19 +150,29 @@ def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None)
 
     Every process must call it (the export gathers the adapters); only process 0 writes.
     """
+    export_output_set(trainer, output_dir, extra_dir=extra_dir)
+
+
+def export_output_set(trainer: Any, output_dir: Path, results: dict | None = None, rows: list | None = None,
+                      extra_dir: str | None = None) -> None:
+    """``trainer.export`` plus eval_results.json and predictions.jsonl (when given), staged and swapped in as one set.
+
+    Every process must call it (the export gathers the adapters); only process 0 writes.
+    """
     if not is_main_process():
         trainer.export(None)
         return
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".export-"))
-    try:
+
+    def write(staging: Path) -> None:
         trainer.export(staging)
-        target_dir = output_dir if extra_dir is None else Path(extra_dir)
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for name in EXPORTED_OUTPUTS:
-            if (staging / name).exists():
-                replace_path(staging / name, target_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if results is not None:
+            write_json_atomic(staging / EVAL_RESULTS_FILE, results)
+        if rows is not None:
+            write_jsonl_atomic(staging / PREDICTIONS_FILE, rows)
+
+    names = EXPORTED_OUTPUTS + ((EVAL_RESULTS_FILE,) if results is not None else ()) + (
+        (PREDICTIONS_FILE,) if rows is not None else ())
+    publish_set(output_dir, names, write, None if extra_dir is None else Path(extra_dir))
 
 
 # ---------------------------------------------------------------------------------------------- run pieces
@@ -265,7 +279,8 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
     if has_checkpoints(output_dir) and (output_dir / CONFIG_FILE).is_file():
-        check_resume(config, (output_dir / CONFIG_FILE).read_text())
+        same_backbone = check_backbone(output_dir, checked.checkpoint_dir, config.model.name_or_path)
+        check_resume(config, (output_dir / CONFIG_FILE).read_text(), same_backbone)
     return checked
 
 
@@ -309,11 +324,15 @@ def run(
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
-
-    trainer = Trainer(model, config, mesh, output_dir)
+    lock = take_output_dir(output_dir, checked, log)
+    try:
+        if main_process:
+            write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
+            write_backbone_fingerprint(output_dir, checked.checkpoint_dir)
+        trainer = Trainer(model, config, mesh, output_dir)
+    except BaseException:
+        _release(lock)
+        raise
     try:
         batches = None
         if want_train:
@@ -342,10 +361,7 @@ def run(
         metrics, rows = evaluate(trainer, data, eval_batch)
         step = trainer.step
         trainer.metrics.write({"step": step, "eval": metrics, "final": True})
-        if main_process:
-            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics})
-            write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
-        export_outputs(trainer, output_dir)
+        export_output_set(trainer, output_dir, {"task": config.task, "step": step, "metrics": metrics}, rows)
         ranks = trainer.ranks()
         log(
             f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -358,6 +374,24 @@ def run(
     finally:
         if not keep_trainer:
             trainer.close()
+        _release(lock)
+
+
+def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:
+    """Create ``output_dir`` and take its run lock (process 0); OS errors become one line."""
+    from adapad_jax.failures import OutputWriteError, describe_os_error
+    from adapad_jax.run_lock import acquire_for_all_processes
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return acquire_for_all_processes(output_dir)
+    except OSError as err:
+        raise OutputWriteError(describe_os_error(err, output_dir)) from None
+
+
+def _release(lock: Any) -> None:
+    if lock is not None:
+        lock.release()
 
 
 def _ignore(_: str) -> None:
@@ -412,6 +446,8 @@ def export_checkpoint(
     from adapad_jax.training.checkpointing import Checkpointer
 
     run_dir = Path(run_dir)
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     config = load_run_config(run_dir)
     checkpoints = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
@@ -453,9 +489,14 @@ def export_checkpoint(
                 if merged:
                     trainer.trained_params(), trainer.committed_factors()
                 return out
-            out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
             try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                from adapad_jax.failures import OutputWriteError, describe_os_error
+
+                raise OutputWriteError(describe_os_error(err, out)) from None
+
+            def write(staging: Path) -> None:
                 trainer.export(staging)
                 if merged:
                     from adapad_jax.models.export import write_merged_checkpoint
@@ -464,11 +505,8 @@ def export_checkpoint(
                         staging / "merged", model, trainer.trained_params(), trainer.committed_factors(),
                         trainer.scaling,
                     )
-                for name in EXPORTED_OUTPUTS + ("merged",):
-                    if (staging / name).exists():
-                        replace_path(staging / name, out / name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+
+            publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
         finally:
             trainer.close()
     log(f"exported step {step} of {run_dir} to {out}")
@@ -566,9 +604,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn bad-input exceptions raised inside the block into ``fail`` (one line, exit code 2)."""
+    """Turn bad-input exceptions raised inside the block into ``fail`` (one line, exit code 2), and run-time
+    failures (divergence, preemption, unwritable outputs) into one line with their own exit code."""
     known = user_error_types()
     try:
         yield
     except known as err:
         fail(str(err))
+    except RunFailure as err:
+        fail(str(err), err.exit_code)

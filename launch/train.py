@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from adapad_jax.run import (  # noqa: E402
@@ -45,8 +45,14 @@ def main(argv: list[str]) -> None:
     """Validate the config, then train, evaluate and export (or resume)."""
     start_command(argv, "; fields are set with --config.<field>=<value>")
     config = _CONFIG.value
+    if config is None and flags.FLAGS["config"].present:
+        fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must return an "
+             "ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
     if config is None:
         fail("no config given: pass --config configs/<task>.py (e.g. --config configs/demo.py)")
+    from adapad_jax.training.preemption import install_exit_on_signal
+
+    install_exit_on_signal()
     loaded_config_or_fail(config)
     with user_errors():
         from adapad_jax.run import run

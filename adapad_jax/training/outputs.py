@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from adapad_jax.output_set import dumps_strict
+
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.(.+)$")
 
 
@@ -93,7 +95,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
-            handle.write(json.dumps(_jsonable(dict(record))) + "\n")
+            handle.write(dumps_strict(_jsonable(dict(record))) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint).

@@ -1,0 +1,360 @@
+"""Runs that survive what goes wrong while they train: divergence, damaged checkpoints, a second run on the same
+output_dir, unwritable outputs, a resume on another backbone or budget. (Signals: test_preemption.py.)"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adapad_jax import run as run_lib
+from adapad_jax.config import ConfigError, base_config, check_fields, check_resume
+from adapad_jax.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
+from adapad_jax.output_set import dumps_strict, publish_set
+from adapad_jax.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint
+from adapad_jax.run_lock import OutputDirInUse, RunLock
+from adapad_jax.training import Trainer, make_mesh
+from adapad_jax.training.recovery import ResumeMismatch
+from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+
+enable_compilation_cache()
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = {"adapter.r_max": 4, "adapter.rank_budget": 10, "adapter.top_k": 1, "adapter.growth_interval": 2,
+             "adapter.init_std": 0.1, "checkpoint.every_steps": 2, "checkpoint.keep": 2}
+
+
+class PoisonedBatches(ToyBatches):
+    """Toy batches whose labels are NaN from position ``poison_at`` on."""
+
+    def __init__(self, *args, poison_at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poison_at = poison_at
+
+    def __next__(self):
+        poisoned = self.position >= self.poison_at
+        batch = super().__next__()
+        if poisoned:
+            batch["labels"] = np.full_like(batch["labels"], np.nan)
+        return batch
+
+
+def _trainer(out, model=None, **overrides):
+    model = model or make_toy_model(hidden=16)
+    trainer = Trainer(model, toy_config(**{**OVERRIDES, **overrides}), make_mesh(1, 1), out)
+    return trainer
+
+
+def _train(trainer, steps, batches_cls=ToyBatches, **kwargs):
+    teacher = planted_teacher(trainer.model, [2, 1, 0, 0])
+    data_state = trainer.restore_or_init({"position": 0})
+    data = batches_cls(trainer.model, teacher, 8, start=data_state["position"], **kwargs)
+    trainer.train(data, steps, data.state, progress=False)
+    return trainer
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(jax.device_get(tree))
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def test_divergence_stops_with_the_step_and_saves_nothing_non_finite(tmp_path):
+    # NaN labels from batch 5 on: the loss of step 6 is NaN; log every 3 steps, so it is seen at step 6, when
+    # a checkpoint is also due; checkpoints keep 2, so without the guard NaN steps 6, 8 would rotate out 2 and 4.
+    trainer = _trainer(tmp_path, **{"train.log_every_steps": 3})
+    with pytest.raises(Diverged, match=r"the loss is not finite \(NaN or inf\) at step 6;.*checkpoint \(step 4\)"):
+        _train(trainer, 10, PoisonedBatches, poison_at=5)
+    assert trainer.checkpointer.all_steps() == [2, 4]
+    trainer.close()
+    again = _trainer(tmp_path)
+    again.restore_or_init({"position": 0})
+    assert again.step == 4 and _all_finite(again.state)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in metrics
+    again.close()
+
+
+def test_a_non_finite_state_is_never_saved_or_exported(tmp_path):
+    trainer = _trainer(tmp_path)
+    _train(trainer, 2)
+    head = trainer.state["trainable"]["head"]
+    trainer.state["trainable"]["head"] = jax.tree.map(lambda x: x * jnp.nan, head)
+    with pytest.raises(Diverged, match="step 2 holds NaN or inf"):
+        trainer.save({"position": 2})
+    with pytest.raises(Diverged, match="export was not written"):
+        trainer.export(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    trainer.close()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.learning_rate", float("nan"), "optim.learning_rate=nan is not a finite number"),
+    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf is not a finite number"),
+    ("optim.learning_rate", 0.0, "must be > 0"),
+    ("optim.learning_rate", 1e4, "absurdly large"),
+    ("optim.eps", float("nan"), "optim.eps=nan is not a finite number"),
+    ("adapter.alpha", float("inf"), "adapter.alpha=inf is not a finite number"),
+])
+def test_non_finite_or_absurd_hyperparameters_are_refused(field, value, message):
+    config = base_config()
+    config.output_dir = "/tmp/unused"
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        check_fields(config)
+
+
+def test_strict_json_writes_null_for_non_finite_values(tmp_path):
+    text = dumps_strict({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32("-inf"), "d": 2})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": 2}
+    assert "NaN" not in text and "Infinity" not in text
+    from adapad_jax.training.outputs import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "m.jsonl")
+    writer.write({"step": 1, "loss": np.float32("nan")})
+    assert json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=pytest.fail) == {"step": 1, "loss": None}
+    run_lib.write_json_atomic(tmp_path / "r.json", {"x": float("nan")})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == {"x": None}
+
+
+# ------------------------------------------------------------------------------------------------ damaged checkpoints
+
+
+def _damage(step_dir: Path, kind: str) -> None:
+    if kind == "truncated data file":
+        data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+        for path in data:
+            os.truncate(path, path.stat().st_size // 3)
+    elif kind == "deleted state/_METADATA":
+        (step_dir / "state" / "_METADATA").unlink()
+    else:
+        (step_dir / "meta" / "metadata").unlink()
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """A run to step 6 with checkpoints 4 and 6, and its final state."""
+    out = tmp_path_factory.mktemp("six")
+    trainer = _train(_trainer(out), 6)
+    state = jax.device_get(trainer.state)
+    trainer.close()
+    return out, state
+
+
+@pytest.mark.parametrize("kind", ["truncated data file", "deleted state/_METADATA", "deleted meta/metadata"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path, six_steps, kind, capfd):
+    source, final_state = six_steps
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    _damage(out / "checkpoints" / "6", kind)
+    trainer = _trainer(out)
+    data_state = trainer.restore_or_init({"position": 0})
+    assert data_state == {"position": 4} and trainer.step == 4
+    assert (out / "checkpoints.damaged" / "6" / "meta").is_dir(), "moved aside, not deleted"
+    assert not (out / "checkpoints" / "6").exists()
+    warning = [line for line in capfd.readouterr().err.splitlines() if "cannot be read" in line]
+    assert len(warning) == 1 and "checkpoint step 6" in warning[0] and "checkpoints.damaged/6" in warning[0]
+    if kind == "truncated data file":  # continue: the same state as the undamaged run
+        teacher = planted_teacher(trainer.model, [2, 1, 0, 0])
+        data = ToyBatches(trainer.model, teacher, 8, start=4)
+        trainer.train(data, 6, data.state, progress=False)
+        for x, y in zip(jax.tree.leaves(final_state), jax.tree.leaves(jax.device_get(trainer.state))):
+            np.testing.assert_array_equal(x, y)
+    trainer.close()
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_not_moved_aside(tmp_path, six_steps):
+    source, _ = six_steps
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    wider = _trainer(out, make_toy_model(hidden=24))
+    with pytest.raises(ResumeMismatch, match="other shapes"):
+        wider.restore_or_init({"position": 0})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]
+    deeper = _trainer(out, make_toy_model(hidden=16, num_layers=3))
+    with pytest.raises(ConfigError, match="written by a different run"):
+        deeper.restore_or_init({"position": 0})
+
+
+# ------------------------------------------------------------------------------------------------ budget on resume
+
+
+def test_a_budget_below_the_total_rank_is_refused_and_a_larger_one_applies(tmp_path, six_steps):
+    source, final_state = six_steps
+    total = int(np.asarray(final_state["alloc"]["rank"]).sum())
+    assert total > 4, "the run should have grown"
+    shutil.copytree(source, tmp_path / "run")
+    smaller = _trainer(tmp_path / "run", **{"adapter.rank_budget": total - 1})
+    with pytest.raises(ResumeMismatch, match=f"rank_budget={total - 1} is below the total rank {total}"):
+        smaller.restore_or_init({"position": 0})
+    larger = _trainer(tmp_path / "run", **{"adapter.rank_budget": 14})
+    larger.restore_or_init({"position": 0})
+    assert int(larger.state["alloc"]["budget_left"]) == 14 - total
+    same = _trainer(tmp_path / "run")
+    same.restore_or_init({"position": 0})
+    assert int(same.state["alloc"]["budget_left"]) == int(final_state["alloc"]["budget_left"])
+    for t in (smaller, larger, same):
+        t.close()
+
+
+# ------------------------------------------------------------------------------------------------ backbone identity
+
+
+def test_backbone_identity_is_by_content_not_path(tmp_path):
+    from adapad_jax.testing import tiny
+
+    ckpt = tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
+    other = tiny.build_tiny_deberta(tmp_path / "other", task="classification", seed=2)  # same shapes
+    deeper = tiny.build_tiny_deberta(tmp_path / "deeper", task="classification", seed=1, num_hidden_layers=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_backbone_fingerprint(out, ckpt)
+    assert check_backbone(out, copy, str(copy))
+    with pytest.raises(ConfigError, match="different weight files"):
+        check_backbone(out, other, str(other))
+    with pytest.raises(ConfigError, match="different config.json"):
+        check_backbone(out, deeper, str(deeper))
+    assert backbone_fingerprint(ckpt) == backbone_fingerprint(copy)
+
+    previous, config = base_config(), base_config()
+    previous.model.name_or_path, config.model.name_or_path = str(ckpt), str(ckpt) + "/"
+    check_resume(config, previous.to_json())  # a trailing slash is not a change
+    config.model.name_or_path = str(copy)
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        check_resume(config, previous.to_json())
+    check_resume(config, previous.to_json(), same_backbone=True)
+
+
+# ------------------------------------------------------------------------------------------------ one run per dir
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from adapad_jax.run_lock import RunLock
+    lock = RunLock(sys.argv[1])
+    lock.acquire()
+    print("LOCKED", flush=True)
+    if sys.argv[2] == "hold":
+        time.sleep(60)
+    else:
+        import os
+        os._exit(0)  # dies without releasing: the record stays behind
+    """
+)
+
+
+def _holder(tmp_path, mode):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_output_dir(tmp_path):
+    holder = _holder(tmp_path, "hold")
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(OutputDirInUse, match=f"in use by another run \\(pid {holder.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):  # the lock died with its holder
+        pass
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
+    holder = _holder(tmp_path, "die")
+    holder.communicate(timeout=60)
+    messages = []
+    lock = RunLock(tmp_path, log=messages.append)
+    lock.acquire()
+    assert len(messages) == 1 and f"pid {holder.pid}" in messages[0] and "not running" in messages[0]
+    lock.release()
+    record = json.loads((tmp_path / ".adapad.lock").read_text() or "{}")
+    assert record == {}, "a clean exit clears the record"
+
+
+def test_a_lock_record_from_another_host_is_refused(tmp_path):
+    (tmp_path / ".adapad.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    with pytest.raises(OutputDirInUse, match="on another host.*remove"):
+        RunLock(tmp_path).acquire()
+
+
+# ------------------------------------------------------------------------------------------------ outputs as a set
+
+
+def _previous_outputs(out: Path) -> dict[str, str]:
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text('{"step": 2}')
+    (out / "ranks.json").write_text('{"step": 2}')
+    (out / "eval_results.json").write_text('{"step": 2}')
+    return {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on the device"),
+                                         (errno.EROFS, "Read-only file system")])
+def test_a_failed_write_leaves_the_previous_set_intact_and_says_where(tmp_path, code, words):
+    before = _previous_outputs(tmp_path)
+
+    def write(staging: Path) -> None:
+        (staging / "eval_results.json").write_text('{"step": 4}')
+        (staging / "ranks.json").write_text('{"step": 4}')
+        raise OSError(code, os.strerror(code), str(staging / "adapter" / "adapter_model.safetensors"))
+
+    with pytest.raises(OutputWriteError) as caught:
+        publish_set(tmp_path, ("adapter", "ranks.json", "eval_results.json"), write)
+    message = str(caught.value)
+    assert words in message and "adapter_model.safetensors" in message and "\n" not in message
+    after = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_set_is_swapped_in_whole_with_the_users_umask(tmp_path):
+    _previous_outputs(tmp_path)
+    old = os.umask(0o027)
+    try:
+        def write(staging: Path) -> None:
+            (staging / "adapter").mkdir()
+            (staging / "adapter" / "adapter_config.json").write_text('{"step": 4}')
+            (staging / "ranks.json").write_text('{"step": 4}')
+            run_lib.write_json_atomic(staging / "eval_results.json", {"step": 4})
+
+        publish_set(tmp_path, ("adapter", "ranks.json", "eval_results.json"), write)
+        run_lib.write_text_atomic(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("adapter/adapter_config.json", "ranks.json", "eval_results.json"):
+        assert json.loads((tmp_path / name).read_text()) == {"step": 4}, name
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "config.json", "eval_results.json", "ranks.json"]
+
+
+def test_export_to_an_existing_file_is_one_line(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "export.py"), "--run_dir", str(tmp_path), "--out", str(target)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --out '{target}' exists and is a file: give a directory (new or existing) to export into"]
+    assert "Traceback" not in result.stderr
