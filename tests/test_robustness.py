@@ -258,10 +258,9 @@ HOLDER = textwrap.dedent(
 )
 
 
-def _holder(tmp_path, mode):
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER)
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], stdout=subprocess.PIPE, text=True,
+def _holder(lock_dir, mode):
+    """Another process that takes the lock of ``lock_dir`` and holds it ("hold") or dies at once ("die")."""
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_dir), mode], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -358,3 +357,57 @@ def test_export_to_an_existing_file_is_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --out '{target}' exists and is a file: give a directory (new or existing) to export into"]
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+
+
+def _tiny_run(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_e2e_runs import tiny_run_config
+
+    config = tiny_run_config(tmp_path, "glue_rte", "deberta")
+    config.train.num_steps = 2
+    return config
+
+
+def test_run_refuses_an_output_dir_held_by_another_process(tmp_path):
+    config = _tiny_run(tmp_path)
+    out = Path(config.output_dir)
+    out.mkdir()
+    holder = _holder(out, "hold")
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(OutputDirInUse, match=f"pid {holder.pid}"):
+            run_lib.run(config, progress=False, log=lambda _: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [".adapad.lock"], "nothing written by the refused run"
+
+
+@pytest.mark.slow
+def test_disk_full_during_the_final_export_keeps_the_previous_outputs_whole(tmp_path, monkeypatch):
+    config = _tiny_run(tmp_path)
+    out = Path(config.output_dir)
+    run_lib.run(config, progress=False, log=lambda _: None)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
+              if p.is_file() and p.name in ("eval_results.json", "predictions.jsonl", "ranks.json")
+              or p.parent.name == "adapter"}
+    assert json.loads((out / "eval_results.json").read_text())["step"] == 2
+
+    import adapad_jax.models.export as export_lib
+
+    def full_disk(directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(export_lib, "write_peft_adapter", full_disk)
+    config.train.num_steps = 4
+    with pytest.raises(OutputWriteError, match="no space left on the device writing .*adapter_model.safetensors"):
+        run_lib.run(config, progress=False, log=lambda _: None)
+    after = {name: (out / name).read_bytes() for name in before}
+    assert after == before, "eval_results, predictions, ranks and adapter still describe step 2"
+    assert not [p for p in out.iterdir() if p.name.startswith(".outputs-")], "no staging left behind"
+    monkeypatch.undo()
+    run_lib.run(config, progress=False, log=lambda _: None)  # the step-4 checkpoint was kept: evaluates it
+    assert json.loads((out / "eval_results.json").read_text())["step"] == 4
