@@ -411,3 +411,39 @@ def test_disk_full_during_the_final_export_keeps_the_previous_outputs_whole(tmp_
     monkeypatch.undo()
     run_lib.run(config, progress=False, log=lambda _: None)  # the step-4 checkpoint was kept: evaluates it
     assert json.loads((out / "eval_results.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("error, code", [(Diverged("diverged at step 3"), 3), (OutputWriteError("disk full"), 74),
+                                         (ConfigError("bad field"), 2)])
+def test_run_failures_end_in_one_line_with_their_exit_code(error, code, capsys):
+    from adapad_jax.failures import Preempted
+
+    with pytest.raises(SystemExit) as caught:
+        with run_lib.user_errors():
+            raise error
+    assert caught.value.code == code
+    assert capsys.readouterr().err == f"error: {error}\n"
+    with pytest.raises(SystemExit) as caught:
+        with run_lib.user_errors():
+            raise Preempted("stopped")
+    assert caught.value.code == 75
+
+
+@pytest.mark.slow
+def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_tracebacks(tmp_path):
+    config = _tiny_run(tmp_path)
+    config.train.num_steps = 4
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "config.json").write_text(config.to_json())
+    (tmp_path / "cfg.py").write_text(
+        f"from adapad_jax.run import load_run_config\n\ndef get_config():\n    return load_run_config({str(tmp_path / 'saved')!r})\n")
+    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    _damage(Path(config.output_dir) / "checkpoints" / "4", "truncated data file")
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr and "Event loop" not in second.stderr
+    assert "warning: checkpoint step 4" in second.stderr and "resuming" in second.stdout + second.stderr
+    assert json.loads((Path(config.output_dir) / "eval_results.json").read_text())["step"] == 4

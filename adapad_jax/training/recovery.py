@@ -40,8 +40,25 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _quiet_closed_loop_errors() -> None:
+    """After a failed orbax read, tensorstore reads still in flight complete into orbax's closed event loop and
+    report "Event loop is closed" through ``sys.unraisablehook`` (a bare traceback each); drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def read_or_damaged(step: int, read: Callable[[], Any]) -> Any:
     """``read()``, with any failure to read the files turned into ``CheckpointDamaged``."""
+    _quiet_closed_loop_errors()
     try:
         return read()
     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
