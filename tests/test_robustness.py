@@ -447,3 +447,42 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
     assert "Traceback" not in second.stderr and "Event loop" not in second.stderr
     assert "warning: checkpoint step 4" in second.stderr and "resuming" in second.stdout + second.stderr
     assert json.loads((Path(config.output_dir) / "eval_results.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_path):
+    """Process 0 tries the lock and tells process 1, so both stop with one line (exit 2) instead of hanging."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_multiprocess import CONFIG_FILE, _free_port, _run_fields
+
+    from adapad_jax.testing import tiny
+
+    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
+    files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
+    out = tmp_path / "multi"
+    out.mkdir()
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(_run_fields(tmp_path, files, out))))
+    holder = _holder(out, "hold")
+    port = _free_port()
+    procs = []
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        for process_id in range(2):
+            env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(process_id), PYTHONPATH=str(ROOT))
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                                           str(config_path)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        results = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        holder.kill()
+        holder.wait()
+    assert [p.returncode for p in procs] == [EXIT_BAD_INPUT, EXIT_BAD_INPUT], [r[1][-2000:] for r in results]
+    errors = [[line for line in err.splitlines() if line.startswith("error:")] for _, err in results]
+    assert len(errors[0]) == 1 and f"in use by another run (pid {holder.pid}" in errors[0][0]
+    assert len(errors[1]) == 1 and "process 0 could not take its lock" in errors[1][0]
+    assert not (out / "config.json").exists()
