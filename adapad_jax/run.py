@@ -263,10 +263,18 @@ def evaluate(trainer: Any, data: Any, batch_size: int) -> tuple[dict[str, float]
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def check_output_dir_path(output_dir: Path) -> None:
+    """``output_dir`` must be creatable: no part of its path may be a regular file."""
+    blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"output_dir '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
+
+
 def check(config: ml_collections.ConfigDict) -> CheckedRun:
     """All up-front checks against this process's devices and the output directory's previous run."""
     import jax
 
+    check_output_dir_path(Path(config.output_dir))
     devices = jax.devices()
     checked = validate_config(config, num_devices=len(devices), platform=devices[0].platform)
     mesh_size = int(config.mesh.data) * int(config.mesh.components)
@@ -330,6 +338,11 @@ def run(
             write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
             write_backbone_fingerprint(output_dir, checked.checkpoint_dir)
         trainer = Trainer(model, config, mesh, output_dir)
+    except OSError as err:
+        _release(lock)
+        from adapad_jax.failures import OutputWriteError, describe_os_error
+
+        raise OutputWriteError(describe_os_error(err, output_dir)) from None
     except BaseException:
         _release(lock)
         raise

@@ -486,3 +486,31 @@ def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_pat
     assert len(errors[0]) == 1 and f"in use by another run (pid {holder.pid}" in errors[0][0]
     assert len(errors[1]) == 1 and "process 0 could not take its lock" in errors[1][0]
     assert not (out / "config.json").exists()
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    _train(trainer, 2)
+    original = trainer.checkpointer.save
+
+    def full_disk(step, state, meta):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints" / str(step)))
+        except OSError as err:
+            raise RuntimeError("orbax wraps it") from err
+
+    monkeypatch.setattr(trainer.checkpointer, "save", full_disk)
+    with pytest.raises(OutputWriteError, match="checkpoint for step 4 not saved: no space left on the device") as e:
+        _train(trainer, 4)
+    assert "\n" not in str(e.value) and "MiB free there" in str(e.value)
+    monkeypatch.setattr(trainer.checkpointer, "save", original)
+    assert trainer.checkpointer.all_steps() == [2]
+    trainer.close()
+
+
+def test_an_output_dir_below_a_regular_file_is_refused_up_front(tmp_path):
+    (tmp_path / "file").write_text("x")
+    config = base_config()
+    config.output_dir = str(tmp_path / "file" / "run")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        run_lib.check(config)
