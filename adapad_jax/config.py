@@ -245,8 +245,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if config.optim.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} must be > 0")
     if config.optim.learning_rate > MAX_LEARNING_RATE:
-        raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} is absurdly large (> {MAX_LEARNING_RATE}); "
-                          "AdamW learning rates for adapters are around 1e-4 to 1e-2")
+        raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} is absurdly large "
+                          f"(> {MAX_LEARNING_RATE}); AdamW learning rates for adapters are around 1e-4 to 1e-2")
     _require_range(config, "optim.weight_decay", real, 0.0)
     _require_range(config, "optim.adapter_weight_decay", real, 0.0)
     _require_range(config, "optim.warmup_steps", integer, 0)

@@ -32,6 +32,9 @@ _MERGED = flags.DEFINE_bool("merged", False, "Also write a merged transformers c
 def main(argv: list[str]) -> None:
     """Restore one checkpoint of a run and export it."""
     start_command(argv)
+    from adapad_jax.training.preemption import install_exit_on_signal
+
+    install_exit_on_signal()
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     with user_errors():

@@ -46,8 +46,8 @@ def main(argv: list[str]) -> None:
     start_command(argv, "; fields are set with --config.<field>=<value>")
     config = _CONFIG.value
     if config is None and flags.FLAGS["config"].present:
-        fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must return an "
-             "ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
+        fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must "
+             "return an ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
     if config is None:
         fail("no config given: pass --config configs/<task>.py (e.g. --config configs/demo.py)")
     from adapad_jax.training.preemption import install_exit_on_signal

@@ -355,7 +355,8 @@ def test_export_to_an_existing_file_is_one_line(tmp_path):
     )
     assert result.returncode == EXIT_BAD_INPUT
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: --out '{target}' exists and is a file: give a directory (new or existing) to export into"]
+    assert errors == [f"error: --out '{target}' exists and is a file: give a directory (new or existing) to "
+                      "export into"]
     assert "Traceback" not in result.stderr
 
 
@@ -436,7 +437,8 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "config.json").write_text(config.to_json())
     (tmp_path / "cfg.py").write_text(
-        f"from adapad_jax.run import load_run_config\n\ndef get_config():\n    return load_run_config({str(tmp_path / 'saved')!r})\n")
+        "from adapad_jax.run import load_run_config\n\ndef get_config():\n"
+        f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -514,3 +516,12 @@ def test_an_output_dir_below_a_regular_file_is_refused_up_front(tmp_path):
     config.output_dir = str(tmp_path / "file" / "run")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         run_lib.check(config)
+
+
+def test_a_config_whose_get_config_returns_none_is_named(tmp_path):
+    (tmp_path / "cfg.py").write_text("def get_config():\n    pass\n")
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == EXIT_BAD_INPUT
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "returned None from get_config()" in errors[0] and "cfg.py" in errors[0]
