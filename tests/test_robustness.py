@@ -440,9 +440,9 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
         "from adapad_jax.run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    run_lib.run(config, progress=False, log=lambda _: None)
     _damage(Path(config.output_dir) / "checkpoints" / "4", "truncated data file")
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -525,3 +525,16 @@ def test_a_config_whose_get_config_returns_none_is_named(tmp_path):
     assert result.returncode == EXIT_BAD_INPUT
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "returned None from get_config()" in errors[0] and "cfg.py" in errors[0]
+
+
+def test_a_metrics_write_error_is_one_line(tmp_path, monkeypatch):
+    from adapad_jax.training.outputs import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(OutputWriteError, match="metrics not logged: no space left on the device writing .*metrics"):
+        writer.write({"step": 1})

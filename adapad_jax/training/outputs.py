@@ -94,8 +94,13 @@ class MetricsWriter:
         """Append one record (numpy/jax values converted)."""
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(dumps_strict(_jsonable(dict(record))) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(dumps_strict(_jsonable(dict(record))) + "\n")
+        except OSError as err:
+            from adapad_jax.failures import OutputWriteError, describe_os_error
+
+            raise OutputWriteError(f"metrics not logged: {describe_os_error(err, self.path)}") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint).
