@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -130,19 +129,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line through ``write_text_atomic``."""
     write_text_atomic(path, "".join(dumps_strict(row) + "\n" for row in rows))
-
-
-def replace_path(new: Path, target: Path) -> None:
-    """Move ``new`` (file or directory) onto ``target``; an existing directory is swapped out, then removed."""
-    if new.is_dir() and target.exists():
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(new, target)
 
 
 def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None) -> None:
