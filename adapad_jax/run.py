@@ -272,6 +272,9 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
+    from adapad_jax.run_lock import refuse_if_held
+
+    refuse_if_held(output_dir)  # before loading anything; the lock itself is taken before the first write
     if has_checkpoints(output_dir) and (output_dir / CONFIG_FILE).is_file():
         same_backbone = check_backbone(output_dir, checked.checkpoint_dir, config.model.name_or_path)
         check_resume(config, (output_dir / CONFIG_FILE).read_text(), same_backbone)

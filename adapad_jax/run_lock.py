@@ -116,6 +116,29 @@ class RunLock:
         self.release()
 
 
+def refuse_if_held(output_dir: str | os.PathLike) -> None:
+    """Early check (creates nothing): raise ``OutputDirInUse`` when a live run holds ``output_dir``'s lock."""
+    path = Path(output_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return
+            holder = RunLock(output_dir)._read_holder(fd)
+            raise OutputDirInUse(
+                f"output_dir '{path.parent}' is in use by another run ({_describe(holder)}); wait for it to finish "
+                "or choose another output_dir"
+            ) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def acquire_for_all_processes(output_dir: Path, log=None) -> RunLock | None:
     """Process 0 takes the lock; every process raises the same ``OutputDirInUse`` if it could not."""
     import jax

@@ -379,8 +379,10 @@ def test_run_refuses_an_output_dir_held_by_another_process(tmp_path):
     holder = _holder(out, "hold")
     try:
         assert holder.stdout.readline().strip() == "LOCKED"
-        with pytest.raises(OutputDirInUse, match=f"pid {holder.pid}"):
+        with pytest.raises(OutputDirInUse, match=f"pid {holder.pid}"):  # up front, before loading the model
             run_lib.run(config, progress=False, log=lambda _: None)
+        with pytest.raises(OutputDirInUse, match=f"pid {holder.pid}"):  # and when it is taken, before writing
+            run_lib.take_output_dir(out, None, lambda _: None)
     finally:
         holder.kill()
         holder.wait()
