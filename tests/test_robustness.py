@@ -455,7 +455,7 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
 
 @pytest.mark.slow
 def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_path):
-    """Process 0 tries the lock and tells process 1, so both stop with one line (exit 2) instead of hanging."""
+    """Both processes stop with one line (exit 2) instead of one of them hanging in a collective."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_multiprocess import CONFIG_FILE, _free_port, _run_fields
 
@@ -487,8 +487,8 @@ def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_pat
         holder.wait()
     assert [p.returncode for p in procs] == [EXIT_BAD_INPUT, EXIT_BAD_INPUT], [r[1][-2000:] for r in results]
     errors = [[line for line in err.splitlines() if line.startswith("error:")] for _, err in results]
-    assert len(errors[0]) == 1 and f"in use by another run (pid {holder.pid}" in errors[0][0]
-    assert len(errors[1]) == 1 and "process 0 could not take its lock" in errors[1][0]
+    for lines in errors:  # each process checks up front; a race past that is settled by process 0's lock
+        assert len(lines) == 1 and f"in use by another run (pid {holder.pid}" in lines[0]
     assert not (out / "config.json").exists()
 
 
