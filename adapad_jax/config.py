@@ -177,9 +177,25 @@ def _require_range(config, dotted: str, kinds: tuple[type, ...], low=None, high=
     return value
 
 
+# Largest accepted optim.learning_rate: AdamW steps of this size already destroy any trained weights.
+MAX_LEARNING_RATE = 1.0
+
+
+def check_finite_numbers(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every float field must be finite (NaN and inf pass ordinary range checks)."""
+    import math
+
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            check_finite_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key}={value} is not a finite number")
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
     """Check every field's type and range (no file or device access)."""
     integer, real = (int,), (int, float)
+    check_finite_numbers(config)
     _require_choice(config, "task", TASK_NAMES)
     _require_type(config, "seed", integer)
     if not _require_type(config, "output_dir", (str,)).strip():
@@ -236,6 +252,9 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_range(config, "optim.learning_rate", real, 0.0)
     if config.optim.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} must be > 0")
+    if config.optim.learning_rate > MAX_LEARNING_RATE:
+        raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} is absurdly large "
+                          f"(> {MAX_LEARNING_RATE}); AdamW learning rates for adapters are around 1e-4 to 1e-2")
     _require_range(config, "optim.weight_decay", real, 0.0)
     _require_range(config, "optim.adapter_weight_decay", real, 0.0)
     _require_range(config, "optim.warmup_steps", integer, 0)
@@ -312,8 +331,11 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
     return checkpoint_dir, hf_config, num_modules
 
 
-def check_resume(config: ml_collections.ConfigDict, previous_config_json: str) -> None:
-    """A rerun on an output_dir with checkpoints must keep the fields that shape the checkpointed state."""
+def check_resume(config: ml_collections.ConfigDict, previous_config_json: str, same_backbone: bool = False) -> None:
+    """A rerun on an output_dir with checkpoints must keep the fields that shape the checkpointed state.
+
+    ``same_backbone``: the backbone was already compared by content (resume_identity), so its path may differ.
+    """
     try:
         previous = json.loads(previous_config_json)
     except json.JSONDecodeError:
@@ -324,6 +346,11 @@ def check_resume(config: ml_collections.ConfigDict, previous_config_json: str) -
         for part in dotted.split("."):
             old = old.get(part) if isinstance(old, dict) else None
             new = new.get(part) if isinstance(new, dict) else None
+        if dotted == "model.name_or_path" and old is not None:
+            from adapad_jax.resume_identity import normalise_model_path
+
+            if same_backbone or normalise_model_path(str(old)) == normalise_model_path(str(new)):
+                continue
         if old is not None and old != new:
             raise ConfigError(
                 f"output_dir '{config.output_dir}' holds a run with {dotted}={old!r}, this config has {new!r}; "

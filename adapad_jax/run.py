@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,9 @@ import ml_collections
 import numpy as np
 
 from adapad_jax.config import CheckedRun, ConfigError, check_resume, validate_config
+from adapad_jax.failures import RunFailure
+from adapad_jax.output_set import apply_umask, dumps_strict, publish_set
+from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -112,6 +114,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,25 +123,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented) through ``write_text_atomic``."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, dumps_strict(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line through ``write_text_atomic``."""
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def replace_path(new: Path, target: Path) -> None:
-    """Move ``new`` (file or directory) onto ``target``; an existing directory is swapped out, then removed."""
-    if new.is_dir() and target.exists():
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(new, target)
+    write_text_atomic(path, "".join(dumps_strict(row) + "\n" for row in rows))
 
 
 def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None) -> None:
@@ -146,19 +136,31 @@ def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None)
 
     Every process must call it (the export gathers the adapters); only process 0 writes.
     """
+    export_output_set(trainer, output_dir, extra_dir=extra_dir)
+
+
+def export_output_set(trainer: Any, output_dir: Path, results: dict | None = None, rows: list | None = None,
+                      extra_dir: str | None = None, after_export: Callable[[Path], None] | None = None) -> None:
+    """``trainer.export`` plus eval_results.json and predictions.jsonl (when given), staged and swapped in as one set.
+
+    Every process must call it (the export gathers the adapters); only process 0 writes.
+    """
     if not is_main_process():
         trainer.export(None)
         return
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".export-"))
-    try:
+
+    def write(staging: Path) -> None:
         trainer.export(staging)
-        target_dir = output_dir if extra_dir is None else Path(extra_dir)
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for name in EXPORTED_OUTPUTS:
-            if (staging / name).exists():
-                replace_path(staging / name, target_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if after_export is not None:
+            after_export(staging)
+        if results is not None:
+            write_json_atomic(staging / EVAL_RESULTS_FILE, results)
+        if rows is not None:
+            write_jsonl_atomic(staging / PREDICTIONS_FILE, rows)
+
+    names = EXPORTED_OUTPUTS + ((EVAL_RESULTS_FILE,) if results is not None else ()) + (
+        (PREDICTIONS_FILE,) if rows is not None else ())
+    publish_set(output_dir, names, write, None if extra_dir is None else Path(extra_dir))
 
 
 # ---------------------------------------------------------------------------------------------- run pieces
@@ -249,10 +251,18 @@ def evaluate(trainer: Any, data: Any, batch_size: int) -> tuple[dict[str, float]
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def check_output_dir_path(output_dir: Path) -> None:
+    """``output_dir`` must be creatable: no part of its path may be a regular file."""
+    blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"output_dir '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
+
+
 def check(config: ml_collections.ConfigDict) -> CheckedRun:
     """All up-front checks against this process's devices and the output directory's previous run."""
     import jax
 
+    check_output_dir_path(Path(config.output_dir))
     devices = jax.devices()
     checked = validate_config(config, num_devices=len(devices), platform=devices[0].platform)
     mesh_size = int(config.mesh.data) * int(config.mesh.components)
@@ -264,8 +274,12 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
+    from adapad_jax.run_lock import refuse_if_held
+
+    refuse_if_held(output_dir)  # before loading anything; the lock itself is taken before the first write
     if has_checkpoints(output_dir) and (output_dir / CONFIG_FILE).is_file():
-        check_resume(config, (output_dir / CONFIG_FILE).read_text())
+        same_backbone = check_backbone(output_dir, checked.checkpoint_dir, config.model.name_or_path)
+        check_resume(config, (output_dir / CONFIG_FILE).read_text(), same_backbone)
     return checked
 
 
@@ -309,11 +323,20 @@ def run(
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
+    lock = take_output_dir(output_dir, checked, log)
+    try:
+        if main_process:
+            write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
+            write_backbone_fingerprint(output_dir, checked.checkpoint_dir)
+        trainer = Trainer(model, config, mesh, output_dir)
+    except OSError as err:
+        _release(lock)
+        from adapad_jax.failures import OutputWriteError, describe_os_error
 
-    trainer = Trainer(model, config, mesh, output_dir)
+        raise OutputWriteError(describe_os_error(err, output_dir)) from None
+    except BaseException:
+        _release(lock)
+        raise
     try:
         batches = None
         if want_train:
@@ -343,15 +366,15 @@ def run(
         metrics, rows = evaluate(trainer, data, eval_batch)
         step = trainer.step
         trainer.metrics.write({"step": step, "eval": metrics, "final": True})
-        if main_process:
-            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics,
-                                                               "rank": trainer.rank_schedule(num_steps)})
-            write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
-        export_outputs(trainer, output_dir)
-        if main_process and (output_dir / "adapter").is_dir():
+        results = {"task": config.task, "step": step, "metrics": metrics, "rank": trainer.rank_schedule(num_steps)}
+
+        def write_card(staging: Path) -> None:
             from adapad_jax.models.model_card import write_model_card
 
-            write_model_card(output_dir / "adapter", config, metrics, step, model.hf_config.model_type)
+            if (staging / "adapter").is_dir():
+                write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type)
+
+        export_output_set(trainer, output_dir, results, rows, after_export=write_card)
         ranks = trainer.ranks()
         log(
             f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -364,6 +387,24 @@ def run(
     finally:
         if not keep_trainer:
             trainer.close()
+        _release(lock)
+
+
+def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:
+    """Create ``output_dir`` and take its run lock (process 0); OS errors become one line."""
+    from adapad_jax.failures import OutputWriteError, describe_os_error
+    from adapad_jax.run_lock import acquire_for_all_processes
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return acquire_for_all_processes(output_dir)
+    except OSError as err:
+        raise OutputWriteError(describe_os_error(err, output_dir)) from None
+
+
+def _release(lock: Any) -> None:
+    if lock is not None:
+        lock.release()
 
 
 def rank_schedule_line(schedule: Mapping[str, Any], config: ml_collections.ConfigDict) -> str:
@@ -492,6 +533,8 @@ def export_checkpoint(
 
     if merged_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     with restored_run(run_dir, step) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
@@ -500,9 +543,14 @@ def export_checkpoint(
             if merged:
                 trainer.trained_params(), trainer.committed_factors()
             return out
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
         try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from adapad_jax.failures import OutputWriteError, describe_os_error
+
+            raise OutputWriteError(describe_os_error(err, out)) from None
+
+        def write(staging: Path) -> None:
             trainer.export(staging)
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", restored.config, metrics_at_step(run_dir, step), step,
@@ -516,11 +564,8 @@ def export_checkpoint(
                     trainer.scaling, dtype=merged_dtype,
                 )
                 load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))
-            for name in EXPORTED_OUTPUTS + ("merged",):
-                if (staging / name).exists():
-                    replace_path(staging / name, out / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
     log(f"exported step {step} of {run_dir} to {out}")
     return out
 
@@ -616,9 +661,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn bad-input exceptions raised inside the block into ``fail`` (one line, exit code 2)."""
+    """Turn bad-input exceptions raised inside the block into ``fail`` (one line, exit code 2), and run-time
+    failures (divergence, preemption, unwritable outputs) into one line with their own exit code."""
     known = user_error_types()
     try:
         yield
     except known as err:
         fail(str(err))
+    except RunFailure as err:
+        fail(str(err), err.exit_code)

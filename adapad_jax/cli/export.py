@@ -33,6 +33,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype o
 def _main(argv: list[str]) -> None:
     """Restore one checkpoint of a run and export it."""
     start_command(argv)
+    from adapad_jax.training.preemption import install_exit_on_signal
+
+    install_exit_on_signal()
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     with user_errors():

@@ -50,6 +50,9 @@ except (TypeError, ValueError) as err:
 def _main(argv: list[str]) -> None:
     """Restore one checkpoint of a run and write its predictions on the test file."""
     start_command(argv)
+    from adapad_jax.training.preemption import install_exit_on_signal
+
+    install_exit_on_signal()
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     config = _CONFIG.value

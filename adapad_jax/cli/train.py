@@ -50,8 +50,14 @@ def _main(argv: list[str]) -> None:
     """Validate the config, then train, evaluate and export (or resume)."""
     start_command(argv, "; fields are set with --config.<field>=<value>")
     config = _CONFIG.value
+    if config is None and flags.FLAGS["config"].present:
+        fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must "
+             "return an ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
     if config is None:
         fail("no config given: pass --preset <name> (e.g. --preset demo) or --config <file.py>")
+    from adapad_jax.training.preemption import install_exit_on_signal
+
+    install_exit_on_signal()
     loaded_config_or_fail(config)
     with user_errors():
         from adapad_jax.run import run

@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from adapad_jax.output_set import dumps_strict
+
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.(.+)$")
 
 
@@ -92,8 +94,13 @@ class MetricsWriter:
         """Append one record (numpy/jax values converted)."""
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(_jsonable(dict(record))) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(dumps_strict(_jsonable(dict(record))) + "\n")
+        except OSError as err:
+            from adapad_jax.failures import OutputWriteError, describe_os_error
+
+            raise OutputWriteError(f"metrics not logged: {describe_os_error(err, self.path)}") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,8 +14,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
+from adapad_jax.output_set import dumps_strict
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.checkpointing import Checkpointer
+from adapad_jax.training import recovery
+from adapad_jax.training.guard import FiniteGuard
+from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import MetricsWriter, plot_ranks, write_ranks_json
 from adapad_jax.training.sharding import (
@@ -164,7 +167,7 @@ class Trainer:
         if step is None and self.checkpointer.latest_step() is None:
             self.state = self.init_state()
             return data_state
-        saved_data_state = self.restore(step)
+        saved_data_state = self.restore(step) if step is not None else recovery.restore_newest_intact(self)
         self.metrics.truncate_after(self.step)
         return saved_data_state
 
@@ -182,16 +185,18 @@ class Trainer:
             )
         step = available[-1] if step is None else step
         fresh = self.init_state()
-        meta = self.checkpointer.restore_meta(step)
+        meta = recovery.read_or_damaged(step, lambda: self.checkpointer.restore_meta(step))
         saved = {"method": meta.get("method"), "modules": sorted(meta.get("ranks", {}))}
         current = {"method": self.method, "modules": sorted(self.ranks_of(fresh))}
         if saved != current:
-            raise ValueError(
+            raise recovery.ResumeMismatch(
                 f"the checkpoint at step {step} in {self.checkpointer.directory} was written by a different run "
                 f"(method {saved['method']!r}, {len(saved['modules'])} adapted modules) than this one (method "
                 f"{current['method']!r}, {len(current['modules'])} modules); use a new output_dir or the same config"
             )
-        self.state, meta = self.checkpointer.restore(step, fresh)
+        recovery.check_same_shapes(step, meta, fresh, self.checkpointer.directory)
+        self.state, meta = recovery.read_or_damaged(step, lambda: self.checkpointer.restore(step, fresh))
+        self.state = recovery.apply_budget_change(self, meta, step)
         return meta["data_state"]
 
     @property
@@ -292,13 +297,24 @@ class Trainer:
             bar = tqdm(total=num_steps, initial=self.step, desc=self.method, dynamic_ncols=True)
         live = self.live_slots
         last_time = time.perf_counter()
+        guard = FiniteGuard(self.step)
+        with stop_requests() as stop:
+            self._train_loop(batches, num_steps, data_state_fn, eval_fn, eval_every, bar, live, last_time, guard,
+                             stop, log_every, every)
+        if bar is not None:
+            bar.close()
+
+    def _train_loop(self, batches, num_steps, data_state_fn, eval_fn, eval_every, bar, live, last_time, guard,
+                    stop, log_every, every) -> None:
         while self.step < num_steps:
             batch = next(batches)
             self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self._put_batch(batch))
+            guard.update(metrics)
             step = self.step
             if alloc_lib.is_growth_step(step, self.alloc_config):
                 live = self.live_slots
             if step % log_every == 0 or step == num_steps:
+                guard.check(self.checkpointer.latest_step())
                 host = jax.device_get(metrics)
                 now = time.perf_counter()
                 record = {
@@ -315,16 +331,24 @@ class Trainer:
                 bar.update(1)
             if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step < num_steps:
                 self.metrics.write({"step": step, "eval": eval_fn(self)})
-            if (every > 0 and step % every == 0) or step == num_steps:
+            saving = (every > 0 and step % every == 0) or step == num_steps
+            if saving:
+                guard.check(self.checkpointer.latest_step())
                 self.save(data_state_fn())
-        if bar is not None:
-            bar.close()
+            if recovery.stop_agreed(stop.requested, step % log_every == 0 or step == num_steps):
+                guard.check(self.checkpointer.latest_step())
+                if not saving:
+                    self.save(data_state_fn())
+                recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
+        guard.check(self.checkpointer.latest_step())
 
     def save(self, data_state: dict) -> None:
         """Checkpoint the current state with the data position and L."""
         meta = {"data_state": data_state, "live_slots": self.live_slots, "step": self.step, "method": self.method,
                 "ranks": self.ranks()}
-        self.checkpointer.save(self.step, self.state, meta)
+        meta.update(recovery.identity_meta(self))
+        recovery.require_finite(self.state, self.step, "checkpoint")
+        recovery.save_or_fail(self.checkpointer, self.step, self.state, meta)
 
     # ------------------------------------------------------------ evaluation
     def predict(self, batch: dict) -> dict[str, np.ndarray]:
@@ -369,6 +393,7 @@ class Trainer:
         Every process must call it (the adapters are gathered); only process 0 writes.
         """
         out = Path(out_dir) if out_dir is not None else self.output_dir
+        recovery.require_finite(self.state, self.step, "export")
         params, factors = self.trained_params(), self.committed_factors()
         if not self.writes_files:
             return out
@@ -383,7 +408,7 @@ class Trainer:
                 out / "adapter", self.model, params, factors, self.scaling,
                 self.config.model.name_or_path,
             )
-        (out / "allocator.json").write_text(json.dumps({
+        (out / "allocator.json").write_text(dumps_strict({
             "scaling": self.scaling, "method": self.method, "step": self.step,
             "importance_ema": np.asarray(self.state["alloc"]["imp_ema"]).tolist(),
             "uncertainty_ema": np.asarray(self.state["alloc"]["unc_ema"]).tolist(),

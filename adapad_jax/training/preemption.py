@@ -1,0 +1,77 @@
+"""SIGTERM / SIGINT during training: finish the step, checkpoint it, exit 75; a second signal exits at once.
+
+``stop_requests()`` installs the handlers for the training loop (main thread only) and restores the previous
+ones afterwards. Outside the loop, ``launch/train.py`` installs ``exit_on_signal`` so that a signal during
+model loading, evaluation or export ends the run with one line instead of a KeyboardInterrupt traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Iterator
+
+from adapad_jax.failures import EXIT_PREEMPTED, Preempted
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Set by the first SIGTERM/SIGINT; the training loop polls ``requested`` after each step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        """True once a signal has arrived."""
+        return self.signal_name is not None
+
+    def handle(self, signum: int, _frame) -> None:
+        """First signal: remember it. Second: exit at once (a checkpoint being written is left unfinished)."""
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            _exit_now(f"{name} again: stopping at once without saving")
+        self.signal_name = name
+        print(f"{name} received: finishing the current step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+def _exit_now(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_PREEMPTED)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Within the block the first SIGTERM/SIGINT only sets ``StopRequest.requested``."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, request.handle)
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_on_signal(signum: int, _frame) -> None:
+    """Handler outside the training loop: raise ``Preempted`` once (no traceback), exit at once the next time."""
+    name = signal.Signals(signum).name
+    for sig in SIGNALS:
+        signal.signal(sig, lambda s, f: _exit_now(f"{signal.Signals(s).name} again: stopping at once"))
+    raise Preempted(f"{name} received outside training: stopped; nothing new was saved, rerun to resume")
+
+
+def install_exit_on_signal() -> None:
+    """Make SIGTERM/SIGINT outside the training loop end the run with one line (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, exit_on_signal)
