@@ -48,6 +48,7 @@ PLACEHOLDER_MODEL = "demo-backbone"
 BACKBONE_DIR = "backbone"
 PLANTED_FILE = "planted.json"
 PICTURE_FILE = "planted_vs_found.png"
+AGREEMENT_FILE = "planted_vs_found.json"
 _ASSET_VERSION = 2  # bump when the asset recipe changes, so stale caches are rebuilt
 
 
@@ -336,8 +337,38 @@ def plot_planted_vs_found(path: str | os.PathLike, planted: Mapping[str, int], f
     plt.close(fig)
 
 
+def agreement(planted: Mapping[str, int], found: Mapping[str, int], budget: int, r_max: int) -> dict[str, Any]:
+    """Planted-vs-found agreement over the modules of ``found``: the rank-recovery measures of the planted
+    benchmark (share of the rank on planted modules, share of the rank grown above the minimum, Spearman),
+    the most the budget allows on planted modules, and the per-module table."""
+    from adapad_jax.training.planted_study import best_planted_fraction, rank_recovery
+
+    modules = list(found)
+    planted_list = [int(planted.get(m, 0)) for m in modules]
+    found_list = [int(found[m]) for m in modules]
+    return {
+        **rank_recovery(planted_list, found_list),
+        "best_planted_fraction": best_planted_fraction(planted_list, budget, r_max),
+        "total_planted": sum(planted_list), "total_found": sum(found_list),
+        "modules": [{"module": m, "planted": p, "found": f} for m, p, f in zip(modules, planted_list, found_list)],
+    }
+
+
+def agreement_line(measures: Mapping[str, Any]) -> str:
+    """One line with the agreement measures (``—`` where a measure is undefined)."""
+
+    def show(value: float) -> str:
+        return "—" if value is None or value != value else f"{value:.2f}"
+
+    return (f"planted vs found: {show(measures['planted_fraction'])} of the rank on planted modules "
+            f"(at most {show(measures['best_planted_fraction'])} with this budget), "
+            f"{show(measures['extra_on_planted'])} of the rank grown above the minimum, "
+            f"Spearman {show(measures['spearman'])}")
+
+
 def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], None] = print) -> str:
-    """Print accuracy against chance and the backbone alone, and the planted-vs-found table; draw the picture."""
+    """Print accuracy against chance and the backbone alone, the planted-vs-found table and agreement measures
+    (also written to ``planted_vs_found.json``); draw the picture."""
     root = assets_root(config.demo)
     info = json.loads((root / PLANTED_FILE).read_text())
     planted = {k: int(v) for k, v in info["planted"].items()}
@@ -346,6 +377,11 @@ def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], 
     tmp = out / f".{PICTURE_FILE}.tmp.png"
     plot_planted_vs_found(tmp, planted, found)
     os.replace(tmp, out / PICTURE_FILE)
+    measures = agreement(planted, found, int(config.adapter.rank_budget), int(config.adapter.r_max))
+    tmp = out / f".{AGREEMENT_FILE}.tmp"
+    tmp.write_text(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in measures.items()},
+                              indent=2) + "\n")
+    os.replace(tmp, out / AGREEMENT_FILE)
     accuracy = result.metrics.get("accuracy", float("nan"))
     frequency = info["class_frequency_validation"]
     chance = max(frequency) / max(sum(frequency), 1)
@@ -354,6 +390,7 @@ def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], 
         f"(majority class {chance:.3f}, backbone without the planted deltas {info['backbone_only_accuracy']:.3f}, "
         f"teacher {info['teacher_accuracy']:.3f})",
         rank_table(planted, found),
+        agreement_line(measures),
         f"pictures: {out / 'ranks.png'}, {out / PICTURE_FILE}",
     ])
     log(text)

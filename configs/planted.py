@@ -14,7 +14,7 @@ rank-3 deltas), r_max 4, one promotion every 20 steps (the budget is spent by st
 Each run trains until the held-out error stops moving (stop.*: after the budget is spent, the best of the last
 `patience` evaluations is within `tolerance` of the best before, or below `floor`), at most stop.max_steps.
 Writes output_dir/results.json, summary.md, and runs/<task>/<variant>/seed<k>/{ranks.json,planted.json}.
-`quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 120 steps) for the test.
+`quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 60 steps) for the test.
 """
 
 import ml_collections

@@ -52,7 +52,7 @@ def apply_quick(config) -> None:
         settings.eval_rows = 256
     config.adapter.rank_budget, config.adapter.growth_interval = 8, 5
     config.optim.warmup_steps = 5
-    config.stop.eval_every, config.stop.patience, config.stop.min_steps, config.stop.max_steps = 10, 3, 30, 120
+    config.stop.eval_every, config.stop.patience, config.stop.min_steps, config.stop.max_steps = 10, 2, 30, 60
 
 
 def parse_tasks(config) -> list:
