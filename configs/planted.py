@@ -14,12 +14,20 @@ rank-3 deltas), r_max 4, one promotion every 20 steps (the budget is spent by st
 Each run trains until the held-out error stops moving (stop.*: after the budget is spent, the best of the last
 `patience` evaluations is within `tolerance` of the best before, or below `floor`), at most stop.max_steps.
 Writes output_dir/results.json, summary.md, and runs/<task>/<variant>/seed<k>/{ranks.json,planted.json}.
+Diagnostics (a second table): the head frozen (it is the teacher's already, so it need not move), the branches
+task without its gelu (linear_branches: the model is linear in each delta), and the right allocation given
+instead of found (oracle_ranks: every module at its planted rank, clipped to [1, r_max]; no growth).
 `quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 60 steps) for the test.
 """
 
 import ml_collections
 
 VARIANTS = "adapad,joint,lora,adapad_uniform,adapad_no_advance,adapad_fixed_rank"
+DIAGNOSTICS = ",".join([
+    "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
+    "linear_branches:adapad_frozen_head", "linear_branches:joint_frozen_head",
+    "residual:adapad_oracle_ranks", "residual:joint_oracle_ranks",
+])
 
 
 def _task(**fields) -> ml_collections.ConfigDict:
@@ -36,9 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.seeds = 3
     config.tasks = "branches,residual"
     config.variants = VARIANTS
+    # task:variant pairs run after the main table, to explain it (planted_study.DIAGNOSTICS); same seeds.
+    config.diagnostics = DIAGNOSTICS
     config.task_settings = ml_collections.ConfigDict({
         "branches": _task(layout="branches", planted="0,4,0,0,3,0,2,0", hidden=16, num_layers=4, scale=1.0,
                           batch_size=64, seq_len=8, eval_rows=512),
+        "linear_branches": _task(layout="linear_branches", planted="0,4,0,0,3,0,2,0", hidden=16, num_layers=4,
+                                 scale=1.0, batch_size=64, seq_len=8, eval_rows=512),
         "residual": _task(layout="residual", planted="0,4,0,0,3,0,2,0", hidden=16, num_layers=4, scale=1.0,
                           batch_size=64, seq_len=8, eval_rows=512),
     })

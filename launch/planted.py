@@ -47,6 +47,7 @@ def apply_quick(config) -> None:
     """Shrink the study for a fast check: one task of 4 modules, 2 seeds, short growth interval and run."""
     config.seeds = 2
     config.tasks = config.tasks.split(",")[0]
+    config.diagnostics = ""
     for settings in config.task_settings.values():
         settings.hidden, settings.num_layers, settings.planted = 8, 2, "3,0,0,2"
         settings.eval_rows = 256
@@ -55,12 +56,12 @@ def apply_quick(config) -> None:
     config.stop.eval_every, config.stop.patience, config.stop.min_steps, config.stop.max_steps = 10, 2, 30, 60
 
 
-def parse_tasks(config) -> list:
-    """The config's task names -> PlantedTask objects; one clear error per bad entry."""
+def parse_tasks(config, names: list[str] | None = None) -> list:
+    """The config's task names (or ``names``) -> PlantedTask objects; one clear error per bad entry."""
     from adapad_jax.training.planted_study import PlantedTask
 
     tasks = []
-    for name in filter(None, (n.strip() for n in config.tasks.split(","))):
+    for name in names or list(filter(None, (n.strip() for n in config.tasks.split(",")))):
         if name not in config.task_settings:
             raise ValueError(f"tasks: unknown task {name!r}; defined: {sorted(config.task_settings)}")
         s = config.task_settings[name]
@@ -73,6 +74,19 @@ def parse_tasks(config) -> list:
     if not tasks:
         raise ValueError("tasks is empty")
     return tasks
+
+
+def parse_diagnostics(config) -> list[tuple]:
+    """``config.diagnostics`` ("task:variant,...") -> [(PlantedTask, variant)]; tasks from ``task_settings``."""
+    from adapad_jax.training.planted_study import ALL_VARIANTS
+
+    pairs = []
+    for item in filter(None, (n.strip() for n in config.diagnostics.split(","))):
+        name, _, variant = item.partition(":")
+        if variant not in ALL_VARIANTS:
+            raise ValueError(f"diagnostics: {item!r} must be task:variant with a variant among {list(ALL_VARIANTS)}")
+        pairs.append((parse_tasks(config, [name])[0], variant))
+    return pairs
 
 
 def write_results_doc(path: Path, summary: str) -> None:
@@ -108,9 +122,10 @@ def main(argv: list[str]) -> None:
         unknown = sorted(set(variants) - set(study.VARIANTS))
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; expected some of {list(study.VARIANTS)}")
+        diagnostics = parse_diagnostics(config)
         if int(config.seeds) < 1:
             raise ValueError(f"seeds={config.seeds} must be >= 1")
-        for task in tasks:
+        for task in tasks + [t for t, _ in diagnostics]:
             if config.adapter.rank_budget % len(task.planted):
                 raise ValueError(f"adapter.rank_budget={config.adapter.rank_budget} is not a multiple of task "
                                  f"{task.name}'s {len(task.planted)} modules, so no fixed-rank LoRA matches it")
@@ -123,32 +138,39 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(config.seed) + i for i in range(int(config.seeds))]
     started = time.perf_counter()
-    records = []
-    for task in tasks:
-        for variant in variants:
-            for seed in seeds:
-                record = study.run_one(task, variant, seed, adapter, optim, stop, log=print)
-                run_dir = out / "runs" / task.name / variant / f"seed{seed}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_ranks_json(run_dir / "ranks.json", record["ranks"])
-                write_ranks_json(run_dir / "planted.json", record["planted"])
-                records.append(record)
-    rows = study.summarise(records)
+    records, diagnostic_records = [], []
+    jobs = [(task, variant, records) for task in tasks for variant in variants]
+    jobs += [(task, variant, diagnostic_records) for task, variant in diagnostics]
+    for task, variant, sink in jobs:
+        for seed in seeds:
+            record = study.run_one(task, variant, seed, adapter, optim, stop, log=print)
+            run_dir = out / "runs" / task.name / variant / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_ranks_json(run_dir / "ranks.json", record["ranks"])
+            write_ranks_json(run_dir / "planted.json", record["planted"])
+            sink.append(record)
+    rows, diagnostic_rows = study.summarise(records), study.summarise(diagnostic_records)
+    all_tasks = {t.name: t for t in tasks + [t for t, _ in diagnostics]}
     task_info = {
         t.name: {"planted": list(t.planted), "layout": t.layout, "budget": int(adapter["rank_budget"]),
                  "lora_rank": int(adapter["rank_budget"]) // len(t.planted), "r_max": int(adapter["r_max"]),
                  "best_planted_fraction": study.best_planted_fraction(t.planted, int(adapter["rank_budget"]),
                                                                       int(adapter["r_max"]))}
-        for t in tasks
+        for t in all_tasks.values()
     }
     elapsed = time.perf_counter() - started
     command = "python launch/planted.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = "\n".join([
         f"Command: `{command}` ({date}, {len(records)} runs in {elapsed / 60:.1f} min, "
-        f"seeds {seeds}).", "", study.summary_markdown(rows, task_info),
-    ])
-    results = {"records": records, "rows": rows, "tasks": task_info, "config": config.to_dict(), "seeds": seeds,
+        f"seeds {seeds}).", "", study.summary_markdown(rows, {t.name: task_info[t.name] for t in tasks}),
+    ] + ([
+        "### Diagnostics", "",
+        study.summary_markdown(diagnostic_rows, {name: task_info[name] for name in
+                                                 dict.fromkeys(r["task"] for r in diagnostic_rows)}, "####"),
+    ] if diagnostic_rows else []))
+    results = {"records": records, "rows": rows, "diagnostic_records": diagnostic_records,
+               "diagnostic_rows": diagnostic_rows, "tasks": task_info, "config": config.to_dict(), "seeds": seeds,
                "variants": variants, "command": command, "date": date, "elapsed_seconds": elapsed}
     (out / "results.json").write_text(json.dumps(_json_safe(results), allow_nan=False, indent=1))
     (out / "summary.md").write_text(summary + "\n")

@@ -36,6 +36,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adapad_no_advance": {"adapter.method": "adapad", "adapter.advance_learning": False},
     "adapad_fixed_rank": {"adapter.method": "adapad", "adapter.grow": False},
 }
+# Diagnostics (why a variant wins or loses). "frozen_head": the head does not train (it is the teacher's already);
+# "oracle_ranks": no growth, every module starts at its planted rank clipped to [1, r_max] (the right allocation,
+# given instead of found; the rest of the budget unused).
+DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    "adapad_frozen_head": {"adapter.method": "adapad", "frozen_head": True},
+    "joint_frozen_head": {"adapter.method": "joint", "frozen_head": True},
+    "adapad_oracle_ranks": {"adapter.method": "adapad", "adapter.grow": False, "oracle_ranks": True},
+    "joint_oracle_ranks": {"adapter.method": "joint", "adapter.grow": False, "oracle_ranks": True},
+}
+ALL_VARIANTS = {**VARIANTS, **DIAGNOSTICS}
+_RUN_OPTIONS = ("frozen_head", "oracle_ranks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +130,9 @@ def study_config(adapter: Mapping[str, Any], optim: Mapping[str, Any], variant: 
     """The toy config for one run: the study's adapter / optim settings, the variant's overrides, the seed."""
     overrides = {f"adapter.{k}": v for k, v in adapter.items()}
     overrides.update({f"optim.{k}": v for k, v in optim.items()})
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    overrides.update(VARIANTS[variant])
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {list(ALL_VARIANTS)}")
+    overrides.update({k: v for k, v in ALL_VARIANTS[variant].items() if k not in _RUN_OPTIONS})
     budget = int(overrides["adapter.rank_budget"])
     if variant == "lora":
         if budget % num_modules:
@@ -162,6 +173,18 @@ class TeacherBatches:
         return self.batch(self.position - 1)
 
 
+def set_ranks(trainer: Trainer, ranks: Sequence[int]) -> None:
+    """Put a fresh trainer's allocator at the given ranks with no budget left (so no reserve, no growth)."""
+    from adapad_jax.training import allocator as alloc_lib
+
+    alloc = dict(trainer.state["alloc"])
+    rank = np.asarray(ranks, np.int32)
+    committed, reserve = alloc_lib.masks_from_rank(rank, trainer.num_slots, np.int32(0))
+    alloc.update(rank=rank, committed=committed, reserve=reserve, budget_left=np.int32(0))
+    state = dict(trainer.state, alloc=alloc)
+    trainer.state = jax.device_put(state, trainer.state_shardings(state))
+
+
 def held_out_error(trainer: Trainer, batches: Sequence[dict], baseline: float) -> float:
     """Held-out MSE against the teacher, divided by the MSE of the backbone without adapters."""
     mse = np.mean([np.divide(*map(float, loss_terms("regression", trainer.predict(b), b))) for b in batches])
@@ -183,6 +206,9 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
     model = make_toy_model(hidden=task.hidden, num_layers=task.num_layers, vocab_size=task.vocab_size,
                            num_outputs=task.hidden, layout=task.layout, seed=seed)
     teacher = planted_teacher(model, task.planted, scale=task.scale, seed=1000 + seed)
+    options = ALL_VARIANTS.get(variant, {})
+    if options.get("frozen_head"):
+        model = dataclasses.replace(model, head_prefixes=[])
     config = study_config(adapter, optim, variant, seed, stop.max_steps, len(model.targets))
     data = TeacherBatches(model, teacher, task.batch_size, task.seq_len, seed=seed)
     # Held-out rows come from indices training never reaches (one batch per training step).
@@ -195,6 +221,8 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, config, make_mesh(1, 1), out)
         trainer.restore_or_init({})
+        if options.get("oracle_ranks"):
+            set_ranks(trainer, np.clip(task.planted, 1, int(config.adapter.r_max)))
         while trainer.step < stop.max_steps:
             batch = next(data)
             start = time.perf_counter()
@@ -207,7 +235,8 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
             if step % stop.eval_every == 0:
                 error = held_out_error(trainer, held_out, baseline)
                 history.append(error)
-                curve.append({"step": step, "error": error, "total_rank": total})
+                ranks_now = [trainer.ranks()[t.hf_path] for t in model.targets]
+                curve.append({"step": step, "error": error, "total_rank": total, "ranks": ranks_now})
                 if step >= stop.min_steps and spent_at is not None and converged(history, stop.patience,
                                                                                   stop.tolerance, stop.floor):
                     break
@@ -259,7 +288,8 @@ def _fmt(value: float, std: float, digits: int) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}"
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]]) -> str:
+def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
+                     heading: str = "###") -> str:
     """Markdown: per task, its planted ranks and budget, then the table of ``summarise`` rows.
 
     ``tasks[name]`` holds ``planted``, ``layout``, ``budget``, ``lora_rank``, ``r_max``, ``best_planted_fraction``.
@@ -267,7 +297,7 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapp
     lines = []
     for name, info in tasks.items():
         lines += [
-            f"### {name}",
+            f"{heading} {name}",
             "",
             f"Layout `{info['layout']}`, planted ranks per module {list(info['planted'])}; rank budget "
             f"{info['budget']} (fixed-rank LoRA r = {info['lora_rank']}), r_max {info['r_max']}. The share of the "
