@@ -12,11 +12,13 @@ modules and nothing elsewhere; regression on the teacher's outputs for fresh ran
 Budget 16 = 8 modules x 2 (fixed-rank LoRA r = 2 at the same total rank, which cannot represent the rank-4 and
 rank-3 deltas), r_max 4, one promotion every 20 steps (the budget is spent by step 180).
 Each run trains until the held-out error stops moving (stop.*: after the budget is spent, the best of the last
-`patience` evaluations is within `tolerance` of the best before, or below `floor`), at most stop.max_steps.
+`patience` = 8 evaluations, 200 steps, is within `tolerance` = 1% of the best before, or below `floor`), at most
+stop.max_steps = 2000.
 Writes output_dir/results.json, summary.md, and runs/<task>/<variant>/seed<k>/{ranks.json,planted.json}.
 Diagnostics (a second table): the head frozen (it is the teacher's already, so it need not move), the branches
 task without its gelu (linear_branches: the model is linear in each delta), and the right allocation given
-instead of found (oracle_ranks: every module at its planted rank, clipped to [1, r_max]; no growth).
+instead of found (oracle_ranks: every module at its planted rank, clipped to [1, r_max]; no growth), and
+AdaPaD at learning rates 3e-3 and 3e-2 (the table's runs use 1e-2).
 `quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 60 steps) for the test.
 """
 
@@ -24,7 +26,7 @@ import ml_collections
 
 VARIANTS = "adapad,joint,lora,adapad_uniform,adapad_no_advance,adapad_fixed_rank"
 DIAGNOSTICS = ",".join([
-    "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
+    "branches:adapad_lr_3e-3", "branches:adapad_lr_3e-2", "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
     "linear_branches:adapad_frozen_head", "linear_branches:joint_frozen_head",
     "residual:adapad_oracle_ranks", "residual:joint_oracle_ranks",
 ])
@@ -59,6 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     config.optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20, weight_decay=0.0))
     config.stop = ml_collections.ConfigDict(dict(
-        eval_every=25, patience=4, tolerance=0.01, floor=1e-4, min_steps=100, max_steps=2000,
+        eval_every=25, patience=8, tolerance=0.01, floor=1e-4, min_steps=100, max_steps=2000,
     ))
     return config

@@ -38,8 +38,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 # Diagnostics (why a variant wins or loses). "frozen_head": the head does not train (it is the teacher's already);
 # "oracle_ranks": no growth, every module starts at its planted rank clipped to [1, r_max] (the right allocation,
-# given instead of found; the rest of the budget unused).
+# given instead of found; the rest of the budget unused). "lr_*": another peak learning rate.
 DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    "adapad_lr_3e-3": {"adapter.method": "adapad", "optim.learning_rate": 3e-3},
+    "adapad_lr_3e-2": {"adapter.method": "adapad", "optim.learning_rate": 3e-2},
     "adapad_frozen_head": {"adapter.method": "adapad", "frozen_head": True},
     "joint_frozen_head": {"adapter.method": "joint", "frozen_head": True},
     "adapad_oracle_ranks": {"adapter.method": "adapad", "adapter.grow": False, "oracle_ranks": True},
