@@ -331,6 +331,7 @@ def run(
         eval_batch = int(config.train.eval_batch_size)
         if num_steps > 0 and trainer.step < num_steps:
             log(f"training {config.adapter.method} for {num_steps} steps ({len(model.targets)} adapted modules)")
+            log(rank_schedule_line(trainer.rank_schedule(num_steps), config))
             trainer.train(
                 batches,
                 num_steps,
@@ -343,7 +344,8 @@ def run(
         step = trainer.step
         trainer.metrics.write({"step": step, "eval": metrics, "final": True})
         if main_process:
-            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics})
+            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {"task": config.task, "step": step, "metrics": metrics,
+                                                               "rank": trainer.rank_schedule(num_steps)})
             write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
         export_outputs(trainer, output_dir)
         ranks = trainer.ranks()
@@ -358,6 +360,17 @@ def run(
     finally:
         if not keep_trainer:
             trainer.close()
+
+
+def rank_schedule_line(schedule: Mapping[str, Any], config: ml_collections.ConfigDict) -> str:
+    """The start-of-run line on the total rank the growth schedule can reach against the budget."""
+    adapter = config.adapter
+    line = (f"rank schedule: growth can reach total rank {schedule['reachable_total_rank']} of the budget "
+            f"{schedule['rank_budget']}")
+    if adapter.method != "lora" and schedule["reachable_total_rank"] < schedule["rank_budget"]:
+        line += (f" (initial ranks + (floor(steps / T) - 1) x top_k with T={adapter.growth_interval}, "
+                 f"top_k={adapter.top_k}; more steps, a smaller T or a larger top_k would spend the rest)")
+    return line
 
 
 def _ignore(_: str) -> None:

@@ -196,15 +196,31 @@ def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, 
     return jax.lax.stop_gradient(_model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator))
 
 
+# IncreLoRA's advance learning: a reserve sits in the forward with a tiny singular value E until it is promoted.
+JOINT_RESERVE_SCALE = 1e-5
+
+
+def single_forward_weights(alloc: Mapping[str, jax.Array], advance_learning: bool) -> jax.Array:
+    """Per-slot [M, R] forward weight of the joint / lora train forward: committed 1, reserve ``E`` (joint).
+
+    With the reserve at ``JOINT_RESERVE_SCALE`` (IncreLoRA's E = 1e-5) rather than full scale, the model that
+    trains is the committed model that is evaluated and exported, up to ``E`` times the reserve's delta.
+    """
+    weights = alloc["committed"].astype(jnp.float32)
+    if advance_learning:
+        weights = weights + JOINT_RESERVE_SCALE * alloc["reserve"].astype(jnp.float32)
+    return weights
+
+
 def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, frozen, batch, step_rng):
     """One forward with every live slot (joint, lora); batch over ``data``, replicated over ``components``."""
-    live = alloc_lib.live_mask(alloc, spec.advance_learning)
+    weights = single_forward_weights(alloc, spec.advance_learning)
 
-    def body(trainable, live, frozen, batch, step_rng):
+    def body(trainable, weights, frozen, batch, step_rng):
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def objective(trainable):
-            lora = masked_lora(targets, trainable["slots"], live, spec.scaling, spec.live_slots)
+            lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
             return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
@@ -213,7 +229,7 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
     )
-    grads, loss = sharded(trainable, live, frozen, batch, step_rng)
+    grads, loss = sharded(trainable, weights, frozen, batch, step_rng)
     return grads, loss, loss[None]
 
 
