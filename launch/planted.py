@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
     command = "python launch/planted.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = "\n".join([
-        f"Command: `{command}` ({date}, {len(records)} runs in {elapsed / 60:.1f} min, "
+        f"Command: `{command}` ({date}, {len(records) + len(diagnostic_records)} runs in {elapsed / 60:.1f} min, "
         f"seeds {seeds}).", "", study.summary_markdown(rows, {t.name: task_info[t.name] for t in tasks}),
     ] + ([
         "### Diagnostics", "",

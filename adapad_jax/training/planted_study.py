@@ -183,6 +183,8 @@ def set_ranks(trainer: Trainer, ranks: Sequence[int]) -> None:
     rank = np.asarray(ranks, np.int32)
     committed, reserve = alloc_lib.masks_from_rank(rank, trainer.num_slots, np.int32(0))
     alloc.update(rank=rank, committed=committed, reserve=reserve, budget_left=np.int32(0))
+    if "budget_spent_step" in alloc:
+        alloc["budget_spent_step"] = np.int32(0)
     state = dict(trainer.state, alloc=alloc)
     trainer.state = jax.device_put(state, trainer.state_shardings(state))
 
