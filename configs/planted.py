@@ -24,6 +24,8 @@ AdaPaD at learning rates 3e-3 and 3e-2 (the table's runs use 1e-2).
 
 import ml_collections
 
+from adapad_jax.training.planted_study import STUDY_ADAPTER, STUDY_OPTIM
+
 VARIANTS = "adapad,joint,lora,adapad_uniform,adapad_no_advance,adapad_fixed_rank"
 DIAGNOSTICS = ",".join([
     "branches:adapad_lr_3e-3", "branches:adapad_lr_3e-2", "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
@@ -56,10 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
         "residual": _task(layout="residual", planted="0,4,0,0,3,0,2,0", hidden=16, num_layers=4, scale=1.0,
                           batch_size=64, seq_len=8, eval_rows=512),
     })
-    config.adapter = ml_collections.ConfigDict(dict(
-        r_max=4, rank_budget=16, alpha=4.0, init_std=0.1, top_k=1, growth_interval=20, slot_chunk_size=0,
-    ))
-    config.optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20, weight_decay=0.0))
+    config.adapter = ml_collections.ConfigDict(dict(STUDY_ADAPTER))
+    config.optim = ml_collections.ConfigDict(dict(STUDY_OPTIM))
     config.stop = ml_collections.ConfigDict(dict(
         eval_every=25, patience=8, tolerance=0.01, floor=1e-4, min_steps=100, max_steps=2000,
     ))

@@ -136,6 +136,7 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
         f"--config.output_dir={out}", f"--config.demo.assets_dir={tmp_path / 'assets'}",
         "--config.demo.num_train=768", "--config.demo.num_validation=256",
         "--config.train.num_steps=80", "--config.adapter.growth_interval=10", "--config.train.eval_every_steps=0",
+        "--config.demo.branches_max_steps=60",
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -154,6 +155,13 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
     on_planted = sum(rank for module, rank in ranks.items() if module in info["planted"])
     assert measures["planted_fraction"] == pytest.approx(on_planted / sum(ranks.values()))
     assert demo.agreement_line(measures) in result.stdout
+    # The branches check: its own table and agreement, printed and written.
+    branches = json.loads((out / "planted_vs_found_branches.json").read_text())
+    assert [row["planted"] for row in branches["modules"]] == [0, 4, 0, 0, 3, 0, 2, 0]
+    found = np.array([row["found"] for row in branches["modules"]])
+    assert branches["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
+    assert branches["steps"] <= 60 and 0 < branches["error"] < 2
+    assert demo.agreement_line(branches) in result.stdout
     accuracy = json.loads((out / "eval_results.json").read_text())["metrics"]["accuracy"]
     # The backbone alone is near chance by construction; the trained adapters must beat it clearly.
     assert info["backbone_only_accuracy"] < 0.65
