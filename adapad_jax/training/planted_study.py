@@ -44,7 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 # Diagnostics (why a variant wins or loses). "frozen_head": the head does not train (it is the teacher's already);
 # "oracle_ranks": no growth, every module starts at its planted rank clipped to [1, r_max] (the right allocation,
-# given instead of found; the rest of the budget unused). "lr_*": another peak learning rate.
+# given instead of found; the rest of the budget unused). "lr_*": another peak learning rate. "joint_fixed_rank":
+# joint training at LoRA's ranks (deflation vs not, same init and scaling); "adapad_fixed_rank_alpha8": LoRA's
+# scaling alpha / r = 2 at rank 2 (AdaPaD's alpha / r_max is 1 with alpha 4).
 DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "adapad_lr_3e-3": {"adapter.method": "adapad", "optim.learning_rate": 3e-3},
     "adapad_lr_3e-2": {"adapter.method": "adapad", "optim.learning_rate": 3e-2},
@@ -52,6 +54,8 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "joint_frozen_head": {"adapter.method": "joint", "frozen_head": True},
     "adapad_oracle_ranks": {"adapter.method": "adapad", "adapter.grow": False, "oracle_ranks": True},
     "joint_oracle_ranks": {"adapter.method": "joint", "adapter.grow": False, "oracle_ranks": True},
+    "joint_fixed_rank": {"adapter.method": "joint", "adapter.grow": False},
+    "adapad_fixed_rank_alpha8": {"adapter.method": "adapad", "adapter.grow": False, "adapter.alpha": 8.0},
 }
 ALL_VARIANTS = {**VARIANTS, **DIAGNOSTICS}
 _RUN_OPTIONS = ("frozen_head", "oracle_ranks")
@@ -147,7 +151,7 @@ def study_config(adapter: Mapping[str, Any], optim: Mapping[str, Any], variant: 
             raise ValueError(f"adapter.rank_budget={budget} is not a multiple of the {num_modules} modules, "
                              "so no fixed-rank LoRA matches it")
         overrides["adapter.lora_rank"] = budget // num_modules
-    if variant == "adapad_fixed_rank":
+    if overrides.get("adapter.grow") is False and not ALL_VARIANTS[variant].get("oracle_ranks"):
         # Same total rank as the budget, spread evenly (the allocator's "fixed rank": no growth).
         overrides["adapter.initial_rank"] = budget // num_modules
     overrides.update({"seed": seed, "train.num_steps": max_steps, "checkpoint.every_steps": 0,
