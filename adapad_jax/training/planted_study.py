@@ -46,7 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # "oracle_ranks": no growth, every module starts at its planted rank clipped to [1, r_max] (the right allocation,
 # given instead of found; the rest of the budget unused). "lr_*": another peak learning rate. "joint_fixed_rank":
 # joint training at LoRA's ranks (deflation vs not, same init and scaling); "adapad_fixed_rank_alpha8": LoRA's
-# scaling alpha / r = 2 at rank 2 (AdaPaD's alpha / r_max is 1 with alpha 4).
+# scaling alpha / r = 2 at rank 2 (AdaPaD's alpha / r_max is 1 with alpha 4). "*_T100": growth every 100 steps
+# instead of 20 (the importance is measured later in training; the budget is spent by step 900, not 180).
 DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "adapad_lr_3e-3": {"adapter.method": "adapad", "optim.learning_rate": 3e-3},
     "adapad_lr_3e-2": {"adapter.method": "adapad", "optim.learning_rate": 3e-2},
@@ -56,6 +57,8 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "joint_oracle_ranks": {"adapter.method": "joint", "adapter.grow": False, "oracle_ranks": True},
     "joint_fixed_rank": {"adapter.method": "joint", "adapter.grow": False},
     "adapad_fixed_rank_alpha8": {"adapter.method": "adapad", "adapter.grow": False, "adapter.alpha": 8.0},
+    "adapad_T100": {"adapter.method": "adapad", "adapter.growth_interval": 100},
+    "joint_T100": {"adapter.method": "joint", "adapter.growth_interval": 100},
 }
 ALL_VARIANTS = {**VARIANTS, **DIAGNOSTICS}
 _RUN_OPTIONS = ("frozen_head", "oracle_ranks")
