@@ -163,8 +163,8 @@ def main(argv: list[str]) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = "\n".join([
         f"Command: `{command}` ({date}, {len(records) + len(diagnostic_records)} runs in {elapsed / 60:.1f} min, "
-        f"seeds {seeds}).", "", study.summary_markdown(rows, {t.name: task_info[t.name] for t in tasks}),
-    ] + ([
+        f"seeds {seeds}).", "",
+    ] + ([study.summary_markdown(rows, {t.name: task_info[t.name] for t in tasks})] if rows else []) + ([
         "### Diagnostics", "",
         study.summary_markdown(diagnostic_rows, {name: task_info[name] for name in
                                                  dict.fromkeys(r["task"] for r in diagnostic_rows)}, "####"),
