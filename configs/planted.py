@@ -18,7 +18,9 @@ Writes output_dir/results.json, summary.md, and runs/<task>/<variant>/seed<k>/{r
 Diagnostics (a second table): the head frozen (it is the teacher's already, so it need not move), the branches
 task without its gelu (linear_branches: the model is linear in each delta), and the right allocation given
 instead of found (oracle_ranks: every module at its planted rank, clipped to [1, r_max]; no growth), and
-AdaPaD at learning rates 3e-3 and 3e-2 (the table's runs use 1e-2).
+AdaPaD at learning rates 3e-3 and 3e-2 (the table's runs use 1e-2). More diagnostics (joint_fixed_rank,
+adapad_fixed_rank_alpha8, adapad_T100, joint_T100) run with --config.variants= --config.diagnostics=task:variant,...
+(the commands are in docs/RESULTS.md).
 `quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 60 steps) for the test.
 """
 
@@ -28,7 +30,8 @@ from adapad_jax.training.planted_study import STUDY_ADAPTER, STUDY_OPTIM
 
 VARIANTS = "adapad,joint,lora,adapad_uniform,adapad_no_advance,adapad_fixed_rank"
 DIAGNOSTICS = ",".join([
-    "branches:adapad_lr_3e-3", "branches:adapad_lr_3e-2", "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
+    "branches:adapad_lr_3e-3", "branches:adapad_lr_3e-2",
+    "branches:adapad_frozen_head", "branches:joint_frozen_head", "branches:adapad_oracle_ranks",
     "linear_branches:adapad_frozen_head", "linear_branches:joint_frozen_head",
     "residual:adapad_oracle_ranks", "residual:joint_oracle_ranks",
 ])
