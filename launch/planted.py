@@ -123,6 +123,7 @@ def main(argv: list[str]) -> None:
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; expected some of {list(study.VARIANTS)}")
         diagnostics = parse_diagnostics(config)
+        stop = study.StopRule(**config.stop.to_dict())
         if int(config.seeds) < 1:
             raise ValueError(f"seeds={config.seeds} must be >= 1")
         for task in tasks + [t for t, _ in diagnostics]:
@@ -132,7 +133,6 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     enable_compilation_cache()
-    stop = study.StopRule(**config.stop.to_dict())
     adapter, optim = config.adapter.to_dict(), config.optim.to_dict()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

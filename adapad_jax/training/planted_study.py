@@ -100,6 +100,13 @@ class StopRule:
     min_steps: int = 100
     max_steps: int = 2000
 
+    def __post_init__(self):
+        for name in ("eval_every", "patience", "max_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"stop.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"stop.tolerance={self.tolerance} must be in [0, 1)")
+
 
 def converged(history: Sequence[float], patience: int, tolerance: float, floor: float = 0.0) -> bool:
     """True when ``min(history[-patience:])`` is not ``tolerance`` (relative) below ``min(history[:-patience])``,
