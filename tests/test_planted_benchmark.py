@@ -118,3 +118,19 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
     assert "python launch/planted.py" in summary
     text = doc.read_text()
     assert text.startswith("# Results\n\nkept text") and summary.strip() in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.variants=adapad,nope", "error: variants: unknown ['nope']"),
+    ("--config.tasks=nope", "error: tasks: unknown task 'nope'"),
+    ("--config.stop.eval_every=0", "error: stop.eval_every=0 must be >= 1"),
+])
+def test_bad_input_stops_before_any_run(tmp_path, override, message):
+    out = tmp_path / "never"
+    args = [sys.executable, str(REPO / "launch" / "planted.py"), "--config", str(REPO / "configs" / "planted.py"),
+            override, f"--config.output_dir={out}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-500:]
+    assert not out.exists()
