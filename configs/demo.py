@@ -8,8 +8,12 @@ DeBERTaV3-architecture backbone (hidden 64, 2 layers, 12 adapted modules) with a
 and a 6-class task whose labels come from a teacher = backbone + planted adapter deltas of rank 4, 3 and 2
 in three FFN modules (rank 0 elsewhere; see adapad_jax/demo.py for why these modules and six classes). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
 for a few hundred steps and prints validation accuracy against chance and against the backbone alone, plus
-a planted-vs-found rank table. Outputs in runs/demo: metrics.jsonl, eval_results.json, predictions.jsonl,
-checkpoints/, adapter/ (PEFT), ranks.json, ranks.png, planted_vs_found.png, config.json.
+a planted-vs-found rank table with its agreement (share of rank on planted modules, Spearman). Then, because
+in a transformer other modules can stand in for a planted one, it trains AdaPaD on the planted benchmark's
+`branches` toy task (launch/planted.py; each planted delta learnable only by its own module, about a minute;
+--config.demo.branches_check=False skips it) and prints that table and agreement too.
+Outputs in runs/demo: metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT),
+ranks.json, ranks.png, planted_vs_found.png, planted_vs_found.json, planted_vs_found_branches.json, config.json.
 """
 
 from adapad_jax.config import base_config

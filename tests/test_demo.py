@@ -111,6 +111,21 @@ def test_rank_table_lists_planted_and_found():
     assert lines[4].split() == ["total", "3", "3"]
 
 
+def test_agreement_measures_are_the_rank_recovery_of_the_table():
+    planted = {"m.layer.0.a": 4, "m.layer.1.a": 2}
+    found = {"m.layer.0.a": 3, "m.layer.0.b": 1, "m.layer.1.a": 2, "m.layer.1.b": 2}
+    measures = demo.agreement(planted, found, budget=8, r_max=4)
+    assert measures["planted_fraction"] == pytest.approx(5 / 8)  # ranks 3 + 2 of 8 on planted modules
+    assert measures["extra_on_planted"] == pytest.approx(3 / 4)  # above the minimum 1: 2 + 1 of 2 + 1 + 1
+    # Tie-averaged ranks: planted (4, 1.5, 3, 1.5), found (4, 1, 2.5, 2.5): Pearson of those.
+    x, y = np.array([4, 1.5, 3, 1.5]) - 2.5, np.array([4, 1, 2.5, 2.5]) - 2.5
+    assert measures["spearman"] == pytest.approx(x @ y / np.sqrt((x @ x) * (y @ y)))
+    assert measures["best_planted_fraction"] == pytest.approx(6 / 8)  # two unplanted modules keep rank 1
+    assert [row["planted"] for row in measures["modules"]] == [4, 0, 2, 0]
+    line = demo.agreement_line(measures)
+    assert "0.62 of the rank on planted modules (at most 0.75" in line and "Spearman 0.83" in line  # 3.75 / 4.5
+
+
 @pytest.mark.slow
 def test_demo_command_runs_offline_and_learns(tmp_path):
     """The README's main command, shrunk (fewer rows and steps): outputs, table, picture, accuracy."""
@@ -121,6 +136,7 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
         f"--config.output_dir={out}", f"--config.demo.assets_dir={tmp_path / 'assets'}",
         "--config.demo.num_train=768", "--config.demo.num_validation=256",
         "--config.train.num_steps=80", "--config.adapter.growth_interval=10", "--config.train.eval_every_steps=0",
+        "--config.demo.branches_max_steps=60",
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -132,6 +148,20 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
         assert any(line.split()[:1] == [module] and line.split()[-1] == str(rank) for line in result.stdout.splitlines())
     assets = next((tmp_path / "assets").iterdir())
     info = json.loads((assets / "planted.json").read_text())
+    # The agreement written to the output is that of ranks.json against the planted ranks, and is printed.
+    measures = json.loads((out / "planted_vs_found.json").read_text())
+    assert [(row["module"], row["found"]) for row in measures["modules"]] == list(ranks.items())
+    assert [row["planted"] for row in measures["modules"]] == [info["planted"].get(m, 0) for m in ranks]
+    on_planted = sum(rank for module, rank in ranks.items() if module in info["planted"])
+    assert measures["planted_fraction"] == pytest.approx(on_planted / sum(ranks.values()))
+    assert demo.agreement_line(measures) in result.stdout
+    # The branches check: its own table and agreement, printed and written.
+    branches = json.loads((out / "planted_vs_found_branches.json").read_text())
+    assert [row["planted"] for row in branches["modules"]] == [0, 4, 0, 0, 3, 0, 2, 0]
+    found = np.array([row["found"] for row in branches["modules"]])
+    assert branches["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
+    assert branches["steps"] <= 60 and 0 < branches["error"] < 2
+    assert demo.agreement_line(branches) in result.stdout
     accuracy = json.loads((out / "eval_results.json").read_text())["metrics"]["accuracy"]
     # The backbone alone is near chance by construction; the trained adapters must beat it clearly.
     assert info["backbone_only_accuracy"] < 0.65

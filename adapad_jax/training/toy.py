@@ -47,6 +47,7 @@ class ToyModel(nn.Module):
     dense head. ``layout="branches"``: every adapted layer (h->h, named like the residual ones) reads the pooled
     input on its own branch; the outputs are concatenated through gelu and a per-output affine head, so an
     error planted in one module can only be fixed by that module (used by the planted-rank test).
+    ``layout="linear_branches"``: the same without the gelu, so the model is linear in every adapter delta.
     """
 
     vocab_size: int
@@ -62,13 +63,14 @@ class ToyModel(nn.Module):
         emb = nn.Embed(self.vocab_size, self.hidden, name="embed", embedding_init=nn.initializers.normal(1.0))(input_ids)
         mask = attention_mask.astype(jnp.float32)[..., None]
         x = (emb * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
-        if self.layout == "branches":
+        if self.layout in ("branches", "linear_branches"):
+            activation = nn.gelu if self.layout == "branches" else (lambda v: v)
             outs = []
             for i in range(self.num_layers):
                 for name in MODULE_TYPES:
                     layer = AdaptedDense(self.hidden, name=f"{name}_{i}", adapter_dropout=self.adapter_dropout,
                                          kernel_init=nn.initializers.normal(1.0 / np.sqrt(self.hidden)))
-                    outs.append(nn.gelu(layer(x, deterministic)))
+                    outs.append(activation(layer(x, deterministic)))
             y = jnp.concatenate(outs, axis=-1)
             scale = self.param("scale", nn.initializers.ones, (y.shape[-1],))
             bias = self.param("bias", nn.initializers.zeros, (y.shape[-1],))
@@ -84,15 +86,15 @@ def make_toy_model(
     adapter_dropout: float = 0.0, seed: int = 0, layout: str = "residual",
 ) -> LoadedModel:
     """A randomly initialised toy ``LoadedModel`` (task ``regression`` or ``classification``)."""
-    if layout not in ("residual", "branches"):
-        raise ValueError(f"layout must be 'residual' or 'branches', got {layout!r}")
+    if layout not in ("residual", "branches", "linear_branches"):
+        raise ValueError(f"layout must be 'residual', 'branches' or 'linear_branches', got {layout!r}")
     module = ToyModel(vocab_size, hidden, num_layers, num_outputs, adapter_dropout, layout)
     ids = jnp.zeros((1, 4), jnp.int32)
     params = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids))["params"]
     targets = []
     for i in range(num_layers):
         for name, (fan_in, fan_out) in zip(MODULE_TYPES, ((hidden, 2 * hidden), (2 * hidden, hidden))):
-            if layout == "branches":
+            if layout != "residual":
                 targets.append(AdapterTarget(f"toy.layers.{i}.{name}", (f"{name}_{i}",), hidden, hidden))
             else:
                 targets.append(AdapterTarget(f"toy.layers.{i}.{name}", (f"layers_{i}", name), fan_in, fan_out))
@@ -103,7 +105,7 @@ def make_toy_model(
         params=jax.tree.map(np.asarray, params),
         hf_config=None,
         targets=targets,
-        head_prefixes=[("scale",), ("bias",)] if layout == "branches" else [("head",)],
+        head_prefixes=[("head",)] if layout == "residual" else [("scale",), ("bias",)],
         modules_to_save=["head"],
         to_hf_state_dict=lambda p: {},
         hf_architecture="ToyModel",
