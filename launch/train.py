@@ -19,7 +19,6 @@ are written by orbax from every process, so output_dir must be on a filesystem t
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def main(argv: list[str]) -> None:
     with user_errors():
         from adapad_jax.run import run
 
-        result = run(config, progress=sys.stderr.isatty() or bool(os.environ.get("ADAPAD_PROGRESS")))
+        result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
         if config.task == "demo":
             from adapad_jax import demo
 
