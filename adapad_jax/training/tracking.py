@@ -11,6 +11,7 @@ restores and exports writes nothing.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,7 +46,10 @@ class TensorBoardSink:
         """``purge_step``: a resumed run's first step; TensorBoard drops older files' events from there on."""
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+        # The file name has the time in seconds; the suffix keeps a resume within the same second from
+        # overwriting the previous file (and keeps the files in write order).
+        self.writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns()}")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Write ``values`` at ``step``."""
