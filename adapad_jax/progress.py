@@ -29,8 +29,11 @@ ENV_VAR = "ADAPAD_PROGRESS"
 LINE_INTERVAL_S = 30.0
 
 
-def choose_mode(enabled: bool, stream: TextIO | None = None, environ: Mapping[str, str] | None = None) -> str:
-    """``off`` when not ``enabled``; else ``$ADAPAD_PROGRESS`` if set, else ``bar`` on a terminal and ``lines`` otherwise."""
+def choose_mode(
+    enabled: bool, streams: tuple[TextIO, ...] | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """``off`` when not ``enabled``; else ``$ADAPAD_PROGRESS`` if set; else ``bar`` when stdout and stderr are both
+    a terminal, ``lines`` when either goes to a file or pipe (``> log.txt`` gets the lines, not a bar's remains)."""
     if not enabled:
         return "off"
     forced = (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
@@ -38,8 +41,8 @@ def choose_mode(enabled: bool, stream: TextIO | None = None, environ: Mapping[st
         return forced
     if forced in ("1", "true", "yes"):
         return "bar"
-    stream = sys.stderr if stream is None else stream
-    return "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
+    streams = (sys.stdout, sys.stderr) if streams is None else streams
+    return "bar" if all(getattr(s, "isatty", lambda: False)() for s in streams) else "lines"
 
 
 def _print_flushed(text: str) -> None:
@@ -114,7 +117,8 @@ def format_train_line(record: Mapping[str, Any], total_steps: int, steps_per_sec
 def format_eval_line(step: int, metrics: Mapping[str, Any], label: str = "eval") -> str:
     """``eval step 20 | accuracy 0.5000 | f1 0.6667`` (numeric metrics only)."""
     parts = [f"{label} step {int(step)}"]
-    parts += [f"{k} {float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    parts += [f"{k} {float(v):.4f}" for k, v in metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return " | ".join(parts)
 
 

@@ -288,8 +288,9 @@ def select_best_checkpoint(
         log(f"best {key} {best_metrics.get(key, float('nan')):.4f} at step {best_step} "
             f"(last step {last['step']}: {last['metrics'].get(key, float('nan')):.4f}); exporting step {best_step}")
     return {
-        "task": last["task"], "step": best_step, "metrics": best_metrics, "main_metric": key, "main_metric_mode": mode,
-        "best_step": best_step, "best_metrics": best_metrics, "last_step": last["step"], "last_metrics": last["metrics"],
+        "task": last["task"], "step": best_step, "metrics": best_metrics,
+        "main_metric": key, "main_metric_mode": mode, "best_step": best_step, "best_metrics": best_metrics,
+        "last_step": last["step"], "last_metrics": last["metrics"],
     }
 
 

@@ -316,7 +316,7 @@ class Trainer:
         bar.close()
 
     def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
-        """Evaluate after ``step``: every ``eval_every`` steps before the end, and at the end when selecting the best."""
+        """Evaluate after ``step``? Every ``eval_every`` steps before the end; at the end when selecting the best."""
         if step == num_steps:
             return self.select_best
         return eval_every > 0 and step % eval_every == 0
