@@ -106,11 +106,11 @@ class Checkpointer:
 
 
 def _metric_getter(key: str, mode: str) -> Callable[[dict[str, Any]], float]:
-    """``metrics -> metrics[key]``, with NaN (an undefined metric) ranked worst."""
+    """``metrics -> metrics[key]``, with NaN (an undefined metric) or a missing key ranked worst."""
     worst = -math.inf if mode == "max" else math.inf
 
     def get(metrics: dict[str, Any]) -> float:
-        value = float(metrics[key])
+        value = float(metrics.get(key, math.nan))
         return value if math.isfinite(value) else worst
 
     return get

@@ -325,6 +325,8 @@ class Trainer:
         """Checkpoint the current state with the data position and L (and its evaluation, to rank checkpoints)."""
         meta = {"data_state": data_state, "live_slots": self.live_slots, "step": self.step, "method": self.method,
                 "ranks": self.ranks()}
+        if eval_metrics is not None:  # JSON numbers only
+            eval_metrics = {k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float, np.number))}
         self.checkpointer.save(self.step, self.state, meta, metrics=eval_metrics)
 
     def best_step(self) -> int | None:
