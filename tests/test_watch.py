@@ -152,7 +152,7 @@ def test_wandb_sink_logs_the_same_scalars(tmp_path, monkeypatch):
     calls: list = []
 
     class FakeRun:
-        def log(self, values, step):
+        def log(self, values, step=None):
             calls.append(("log", step, values))
 
         def finish(self):
@@ -168,15 +168,22 @@ def test_wandb_sink_logs_the_same_scalars(tmp_path, monkeypatch):
 
     config = base_config()
     config.logging.tensorboard, config.logging.wandb_project = False, "proj"
+    from adapad_jax.training.outputs import plot_ranks
+
+    png = tmp_path / "ranks.png"
+    plot_ranks(png, {"layer.0.q": 2, "layer.1.q": 1})
     for _ in range(2):
         log = open_run_log(tmp_path, config)
         log.write({"step": 3, "loss": 0.5, "lr": 0.1, "total_rank": 4, "live_slots": 1})
+        log.write_image("ranks", png, 2)
         log.close()
     inits = [c[1] for c in calls if c[0] == "init"]
     assert [i["id"] for i in inits] == ["abc123", "abc123"] and inits[0]["project"] == "proj"
     assert inits[0]["config"]["logging"]["wandb_project"] == "proj"
     logged = [c for c in calls if c[0] == "log"]
     assert logged[0][1] == 3 and logged[0][2]["train/loss"] == 0.5 and logged[0][2]["train/total_rank"] == 4.0
+    assert logged[1] == ("log", None, {"ranks": ("image", str(png)), "exported_step": 2})
+    assert [c[0] for c in calls].count("finish") == 2
     assert not list(tmp_path.glob("events.out.tfevents*"))
 
 
@@ -295,11 +302,15 @@ def test_piped_run_prints_progress_writes_events_and_exports_the_best_step(tmp_p
     rank_tags = [t for t in scalars if t.startswith("ranks/")]
     assert sorted(t[len("ranks/"):] for t in rank_tags) == sorted(final_ranks)
     images = event_images(run_dir)
-    assert list(images) == ["ranks"] and images["ranks"][0].width > 0
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(str(run_dir / "ranks.png")).shape[:2]
+    assert list(images) == ["ranks"] and (images["ranks"][0].height, images["ranks"][0].width) == (height, width)
 
     # Best checkpoint: argmax of the evaluations, kept out of the keep=1 rotation, exported, recorded.
     best = max(evals, key=lambda s: evals[s]["pearson"])
     assert best != 8, "the tiny run should peak before its last step for this test to mean something"
+    assert images["ranks"][0].step == best  # the heatmap of the exported step
     results = json.loads((run_dir / "eval_results.json").read_text())
     assert (results["best_step"], results["last_step"], results["step"]) == (best, 8, best)
     assert results["best_metrics"] == pytest.approx(evals[best]) and results["last_metrics"] == pytest.approx(evals[8])

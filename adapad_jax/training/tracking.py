@@ -91,8 +91,9 @@ class WandbSink:
         self.run.log(dict(values), step=step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
-        """Log the image file ``path`` at ``step``."""
-        self.run.log({tag: self.wandb.Image(str(path))}, step=step)
+        """Log the image file ``path`` (at W&B's current step: W&B drops steps lower than the last one logged,
+        and the exported step can be an earlier, best one)."""
+        self.run.log({tag: self.wandb.Image(str(path)), "exported_step": step})
 
     def flush(self) -> None:
         """Nothing to do (W&B sends in the background)."""
