@@ -237,8 +237,8 @@ def predict_split(trainer: Any, eval_set: Any, batch_size: int) -> dict[str, np.
     process_index, process_count = trainer.batch_slice
     batches = eval_batches(eval_set.features, batch_size, process_index=process_index, process_count=process_count)
     total = num_eval_batches(eval_set.num_features, batch_size)
-    outputs = [trainer.predict(batch) for batch in progress_lib.iterate(batches, total, f"evaluate {eval_set.split}",
-                                                                      unit="batches")]
+    desc = f"evaluate {getattr(eval_set, 'split', 'split')}"
+    outputs = [trainer.predict(batch) for batch in progress_lib.iterate(batches, total, desc, unit="batches")]
     return concat_eval_outputs(outputs, eval_set.num_features)
 
 
