@@ -84,6 +84,43 @@ def test_iterate_reports_in_lines_mode_and_is_silent_off():
     assert list(progress.iterate(range(3), 3, "quiet")) == [0, 1, 2] and len(lines) == 1  # no reporter: off
 
 
+def test_bar_mode_draws_bars_and_prints_evaluations(capsys):
+    reporter = progress.Reporter("bar")
+    with progress.reporting(reporter):
+        assert list(progress.iterate(range(3), 3, "tokenise x")) == [0, 1, 2]
+        bar = progress.train_progress(True, total=4, initial=1, desc="adapad")
+        bar.logged({"step": 2, "loss": 0.5, "lr": 1e-3, "total_rank": 5, "live_slots": 2})
+        bar.advance(1)
+        bar.evaluated(2, {"accuracy": 0.75})
+        bar.close()
+    captured = capsys.readouterr()
+    assert "eval step 2 | accuracy 0.7500" in captured.out
+    assert "adapad" in captured.err and "rank=5" in captured.err and "2/4" in captured.err
+    assert "step 2/4 |" not in captured.out  # no lines in bar mode
+    off = progress.train_progress(False, total=4, initial=0, desc="adapad")
+    off.logged({"step": 2, "loss": 0.5, "lr": 1e-3, "total_rank": 5, "live_slots": 2})
+    off.evaluated(2, {"accuracy": 0.75})
+    assert capsys.readouterr().out == ""
+
+
+def test_tokenisation_reports_each_split_and_cache_hits(tmp_path):
+    from adapad_jax.data import build_task_data, load_tokenizer
+    from adapad_jax.testing.tiny import train_bpe_tokenizer, write_tiny_squad
+
+    train_bpe_tokenizer(tmp_path / "bpe")
+    tokenizer = load_tokenizer(str(tmp_path / "bpe"))
+    files = write_tiny_squad(tmp_path / "data", version=1, n_train=10, n_val=6, max_facts=8)
+    kwargs = {"train_file": files.train_file, "validation_file": files.validation_file, "max_length": 64,
+              "doc_stride": 24, "cache_dir": tmp_path / "cache"}
+    lines: list[str] = []
+    with progress.reporting(progress.Reporter("lines", lines.append)):
+        build_task_data("squad", tokenizer, **kwargs)
+        assert [line.split(":")[0] for line in lines] == ["tokenise squad (10 rows)", "tokenise squad (6 rows)"]
+        build_task_data("squad", tokenizer, **kwargs)
+    assert lines[2:] == ["tokenise squad train: 10 rows from the feature cache",
+                         "tokenise squad validation: 6 rows from the feature cache"]
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
