@@ -279,7 +279,11 @@ class Trainer:
         eval_every: int = 0,
         progress: bool = True,
     ) -> None:
-        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing."""
+        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing.
+
+        ``eval_fn`` runs every ``eval_every`` steps (and at the last step with ``train.select_best``, whose
+        checkpoints then carry the metrics); ``progress``: see ``adapad_jax.progress``.
+        """
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
