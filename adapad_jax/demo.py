@@ -38,7 +38,6 @@ DEMO_TASK = TaskSpec(
     name="demo",
     kind="classification",
     hub_names=(),
-    tfds_name="",
     text_columns=("sentence",),
     num_labels=DEMO_CLASSES,
     metric_names=("accuracy",),

@@ -366,10 +366,10 @@ def _run(
     data = load_data_for(config, checked, model, include_train=want_train)
     if want_train and data.train is None:
         raise ConfigError(
-            "training needs data: give data.train_file (or use a hub/tfds source), or set train.num_steps=0"
+            "training needs data: give data.train_file (or use the hub source), or set train.num_steps=0"
         )
     if not data.evals:
-        raise ConfigError("no validation data: give data.validation_file (or use a hub/tfds source)")
+        raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.components),
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
 
@@ -397,6 +397,7 @@ def _run(
         evals = EvalMemo(data, eval_batch)
         if num_steps > 0 and trainer.step < num_steps:
             log(f"training {config.adapter.method} for {num_steps} steps ({len(model.targets)} adapted modules)")
+            log(rank_schedule_line(trainer.rank_schedule(num_steps), config))
             trainer.train(
                 batches,
                 num_steps,
@@ -414,9 +415,13 @@ def _run(
             step = trainer.step
             metrics, rows = evals.at(trainer)
         if main_process:
-            write_json_atomic(output_dir / EVAL_RESULTS_FILE, results)
+            write_json_atomic(output_dir / EVAL_RESULTS_FILE, {**results, "rank": trainer.rank_schedule(num_steps)})
             write_jsonl_atomic(output_dir / PREDICTIONS_FILE, rows)
         export_outputs(trainer, output_dir)
+        if main_process and (output_dir / "adapter").is_dir():
+            from adapad_jax.models.model_card import write_model_card
+
+            write_model_card(output_dir / "adapter", config, metrics, step, model.hf_config.model_type)
         trainer.metrics.write_image("ranks", output_dir / "ranks.png", step)
         ranks = trainer.ranks()
         log(
@@ -430,6 +435,17 @@ def _run(
     finally:
         if not keep_trainer:
             trainer.close()
+
+
+def rank_schedule_line(schedule: Mapping[str, Any], config: ml_collections.ConfigDict) -> str:
+    """The start-of-run line on the total rank the growth schedule can reach against the budget."""
+    adapter = config.adapter
+    line = (f"rank schedule: growth can reach total rank {schedule['reachable_total_rank']} of the budget "
+            f"{schedule['rank_budget']}")
+    if adapter.method != "lora" and schedule["reachable_total_rank"] < schedule["rank_budget"]:
+        line += (f" (initial ranks + (floor(steps / T) - 1) x top_k with T={adapter.growth_interval}, "
+                 f"top_k={adapter.top_k}; more steps, a smaller T or a larger top_k would spend the rest)")
+    return line
 
 
 def _ignore(_: str) -> None:
@@ -467,13 +483,24 @@ def _merge(config: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: 
             config[key] = value
 
 
-def export_checkpoint(
-    run_dir: str | os.PathLike, *, step: int | None = None, out_dir: str | None = None, merged: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Rebuild a run's model, restore one of its checkpoints and write the PEFT adapter (+ merged checkpoint).
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's model with one of its checkpoints restored (see ``restored_run``)."""
 
-    Reads the run directory only. With several processes every process restores and only process 0 writes.
+    run_dir: Path
+    config: ml_collections.ConfigDict
+    checked: CheckedRun
+    model: Any
+    trainer: Any
+    step: int
+
+
+@contextlib.contextmanager
+def restored_run(run_dir: str | os.PathLike, step: int | None = None):
+    """Rebuild a run's model from its config.json and restore checkpoint ``step`` (None = newest); yields RestoredRun.
+
+    Reads the run directory only (the trainer writes into a scratch directory). With several processes every
+    process must enter it (the mesh spans every device, adapters replicated).
     """
     import jax
 
@@ -487,7 +514,7 @@ def export_checkpoint(
     config = load_run_config(run_dir)
     checkpoints = run_dir / "checkpoints"
     if not has_checkpoints(run_dir):
-        raise ConfigError(f"run directory '{run_dir}' has no checkpoints to export")
+        raise ConfigError(f"run directory '{run_dir}' has no checkpoints")
     reader = Checkpointer(checkpoints, keep=0, read_only=True)
     try:
         steps = reader.all_steps()
@@ -498,20 +525,18 @@ def export_checkpoint(
     elif step not in steps:
         raise ConfigError(f"run directory '{run_dir}' has no checkpoint for step {step} (it has {steps})")
     try:
-        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path)
+        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.get("revision") or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     spec = task_spec_for(config)
     checked = CheckedRun(spec, checkpoint_dir, hf_config, num_modules=0)
     model = load_model_for(config, checked)
-    # One device is enough to restore and export (the checkpoint restores onto any mesh); several processes
-    # must all hold part of the mesh, so then it spans every device with the adapters replicated.
+    # One device is enough to restore (the checkpoint restores onto any mesh); several processes must all hold
+    # part of the mesh, so then it spans every device with the adapters replicated.
     if jax.process_count() > 1:
         mesh = make_mesh(jax.device_count(), 1)
     else:
         mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-    out = Path(out_dir) if out_dir else run_dir / f"export-step{step}"
-    main_process = is_main_process()
     with tempfile.TemporaryDirectory() as scratch:
         # The trainer's own output_dir is a scratch dir so that nothing in the run directory is appended to.
         trainer = Trainer(model, config, mesh, scratch, checkpoint_dir=checkpoints)
@@ -520,29 +545,53 @@ def export_checkpoint(
                 trainer.restore(step)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-            if not main_process:
-                trainer.export(None)
-                if merged:
-                    trainer.trained_params(), trainer.committed_factors()
-                return out
-            out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
-            try:
-                trainer.export(staging)
-                if merged:
-                    from adapad_jax.models.export import write_merged_checkpoint
-
-                    write_merged_checkpoint(
-                        staging / "merged", model, trainer.trained_params(), trainer.committed_factors(),
-                        trainer.scaling,
-                    )
-                for name in EXPORTED_OUTPUTS + ("merged",):
-                    if (staging / name).exists():
-                        replace_path(staging / name, out / name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            yield RestoredRun(run_dir, config, checked, model, trainer, step)
         finally:
             trainer.close()
+
+
+def export_checkpoint(
+    run_dir: str | os.PathLike, *, step: int | None = None, out_dir: str | None = None, merged: bool = False,
+    log: Callable[[str], None] = print, merged_dtype: str = "float32",
+) -> Path:
+    """Rebuild a run's model, restore one of its checkpoints and write the PEFT adapter (+ merged checkpoint).
+
+    Reads the run directory only. With several processes every process restores and only process 0 writes.
+    ``merged_dtype``: float32 or bfloat16 weights in ``merged/`` (which also gets the tokenizer files).
+    """
+    from adapad_jax.models.model_card import metrics_at_step, write_model_card
+
+    if merged_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
+    with restored_run(run_dir, step) as restored:
+        trainer, model, step = restored.trainer, restored.model, restored.step
+        out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
+        if not is_main_process():
+            trainer.export(None)
+            if merged:
+                trainer.trained_params(), trainer.committed_factors()
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+        try:
+            trainer.export(staging)
+            if (staging / "adapter").is_dir():
+                write_model_card(staging / "adapter", restored.config, metrics_at_step(run_dir, step), step,
+                                 model.hf_config.model_type)
+            if merged:
+                from adapad_jax.data import load_tokenizer
+                from adapad_jax.models.export import write_merged_checkpoint
+
+                write_merged_checkpoint(
+                    staging / "merged", model, trainer.trained_params(), trainer.committed_factors(),
+                    trainer.scaling, dtype=merged_dtype,
+                )
+                load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))
+            for name in EXPORTED_OUTPUTS + ("merged",):
+                if (staging / name).exists():
+                    replace_path(staging / name, out / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     log(f"exported step {step} of {run_dir} to {out}")
     return out
 

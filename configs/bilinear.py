@@ -6,7 +6,7 @@
         --config.experiments=convergence,self_correction --config.seeds=3 --config.output_dir=/tmp/bil
 
 `experiments` is 'all', or a comma list of groups (convergence, self_correction,
-noise, rate_fit, gap) and/or names (convergence_exponential, convergence_power_law,
+noise, rate_fit, gap, advance_learning) and/or names (convergence_exponential, convergence_power_law,
 convergence_uniform, self_correction, noise_<level>, rate_fit, gap_<delta>).
 
 Sizes. The paper's Appendix F sizes were lost in the text we have; these are ours,
@@ -21,6 +21,9 @@ d_out 16, d_in 12, n 96, rank 4, 16 rounds):
 - rate_fit (F.2, Fig. 5): d_out 32, d_in 24, n 256, rank 6, 40 rounds of 1 sweep, q = 0.75.
 - gap (F.3, Fig. 6): linear spectrum sigma_i = max(1 - (i-1) delta, 0.05), rank 4,
   32 rounds of 2 sweeps, delta in 0.05, 0.1, 0.15, 0.2, 0.25.
+- advance_learning: the self-correction problem with stagger 3 (each reserve worker gets 2 private rounds
+  against its true deflation target before it activates), parallel ALS and GD, advance learning on vs off
+  (results keys '<method>:advance_on' / ':advance_off'; Fig. 7). The solver's stagger 1 leaves no private round.
 Sequential deflation gets the same compute: each round it spends workers x inner
 iterations on the current component (the rounds are split into one stage per worker).
 Everything is float32 (the tests' numerical floor allows for it).
@@ -72,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
         d_out=32, d_in=24, n=256, rank=4, rounds=32, inner_iterations=2,
         floor=0.05, deltas="0.05,0.1,0.15,0.2,0.25", methods="parallel_als",
     )
+    config.advance_learning = _study(
+        d_out=32, d_in=24, n=256, rank=4, rounds=32, inner_iterations=1,
+        decay=0.7, stagger=3, methods="parallel_als,parallel_gd",
+    )
     # What --config.quick=True changes: one small shape for every study, so that the
     # whole run compiles only a handful of programs (compilation dominates at this size).
     quick_shape = dict(d_out=16, d_in=12, n=96, rank=4, rounds=16)
@@ -81,5 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
         noise=dict(quick_shape),
         rate_fit=dict(quick_shape),
         gap=dict(quick_shape),
+        advance_learning=dict(quick_shape),
     )
     return config

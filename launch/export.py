@@ -1,44 +1,15 @@
-"""Export any checkpoint of a finished or running run as a PEFT adapter (and optionally a merged checkpoint).
+"""Export a checkpoint of a run: a checkout's wrapper of ``adapad-export`` (see adapad_jax/cli/export.py).
 
     python launch/export.py --run_dir runs/demo                       # newest checkpoint -> runs/demo/export-step<N>
-    python launch/export.py --run_dir runs/demo --step 100 --out /tmp/adapter_100 --merged
-
-Reads the run's config.json, rebuilds the model, restores the checkpoint and writes ``adapter/`` (PEFT),
-``ranks.json``, ``ranks.png`` and, with --merged, ``merged/`` (config.json + model.safetensors for
-plain transformers) into --out.
-
-Several hosts (JAX multi-process): the same environment as launch/train.py starts jax.distributed
-(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or ADAPAD_DISTRIBUTED=auto); every process
-restores the checkpoint and only process 0 writes. On one host no variable is needed.
+    python launch/export.py --run_dir runs/demo --step 100 --out /tmp/adapter_100 --merged --dtype bfloat16
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
-
-from adapad_jax.run import fail, parse_flags_or_fail, start_command, user_errors  # noqa: E402
-
-_RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of a launch/train.py run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-_OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/export-step<N>).")
-_MERGED = flags.DEFINE_bool("merged", False, "Also write a merged transformers checkpoint in <out>/merged.")
-
-
-def main(argv: list[str]) -> None:
-    """Restore one checkpoint of a run and export it."""
-    start_command(argv)
-    if not _RUN_DIR.value:
-        fail("no run directory given: pass --run_dir <output_dir of a training run>")
-    with user_errors():
-        from adapad_jax.run import export_checkpoint
-
-        export_checkpoint(_RUN_DIR.value, step=_STEP.value, out_dir=_OUT.value, merged=_MERGED.value)
-
+from adapad_jax.cli.export import main  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags_or_fail)
+    main()

@@ -178,3 +178,59 @@ def test_without_advance_learning_reserve_waits_at_init_until_promoted():
         for m in grown:
             assert np.abs(slots["a"][m][1] - init["a"][m][1]).max() > 0, "promoted slot trains from its init"
         trainer.close()
+
+
+@pytest.mark.parametrize("modules, r0, r_max, budget, top_k, interval, steps", [
+    (6, 1, 4, 20, 2, 10, 45),    # schedule-bound: 6 + (4 - 1) * 2 = 12 < 20
+    (6, 1, 4, 10, 3, 10, 100),   # budget-bound
+    (3, 1, 8, 100, 2, 5, 100),   # r_max-bound: 3 * 8 = 24
+    (5, 2, 4, 20, 9, 10, 35),    # top_k > M: at most M per round, 10 + 2 * 5 = 20
+    (4, 1, 4, 16, 2, 10, 15),    # no growth round yet (growth from step 2T)
+])
+def test_reachable_total_rank_matches_the_allocator(modules, r0, r_max, budget, top_k, interval, steps):
+    """The formula against the allocator itself, stepped ``steps`` times with random importances."""
+    cfg = AllocatorConfig(r_max=r_max, top_k=top_k, growth_interval=interval)
+    state = init_allocator(modules, r_max, r0, budget)
+    update = jax.jit(lambda s, imp, t: update_allocator(s, imp, t, cfg, KEY))
+    first_full = None
+    for t in range(1, steps + 1):
+        state, _ = update(state, jax.random.uniform(jax.random.fold_in(KEY, t), (modules,)), jnp.asarray(t))
+        if first_full is None and int(state["budget_left"]) == 0:
+            first_full = t
+    reachable = alloc_lib.reachable_total_rank(modules, r0, budget, steps, cfg)
+    assert int(state["rank"].sum()) == reachable
+    assert int(state["budget_spent_step"]) == (first_full if first_full is not None else -1)
+
+
+def test_reachable_total_rank_of_the_paper_rte_config():
+    """RTE: 72 modules, r0 1, budget 144, r_max 4, top-k 3, T 200, 3900 steps -> 72 + 18 x 3 = 126."""
+    cfg = AllocatorConfig(r_max=4, top_k=3, growth_interval=200)
+    assert alloc_lib.reachable_total_rank(72, 1, 144, 3900, cfg) == 126
+    assert alloc_lib.reachable_total_rank(72, 1, 144, 10_000, cfg) == 144
+    assert alloc_lib.reachable_total_rank(72, 1, 144, 10_000, AllocatorConfig(4, 3, 200, grow=False)) == 72
+    assert int(init_allocator(4, 2, 2, 8)["budget_spent_step"]) == 0  # nothing to spend: spent at the start
+
+
+def test_trainer_reports_the_rank_schedule(tmp_path):
+    from adapad_jax.run import rank_schedule_line
+    from adapad_jax.training import Trainer, make_mesh
+    from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+
+    model = make_toy_model(hidden=16)
+    teacher = planted_teacher(model, [2, 1, 0, 0])
+    cfg = toy_config(**{"adapter.rank_budget": 12, "adapter.top_k": 2, "adapter.growth_interval": 2,
+                        "checkpoint.every_steps": 0})
+    trainer = Trainer(model, cfg, make_mesh(1, 1), tmp_path)
+    data = ToyBatches(model, teacher, 8)
+    trainer.restore_or_init(data.state())
+    start = trainer.rank_schedule(7)
+    assert start == {"rank_budget": 12, "reachable_total_rank": 4 + 2 * 2, "total_rank": 4, "budget_spent_step": None}
+    line = rank_schedule_line(start, cfg)
+    assert "growth can reach total rank 8 of the budget 12" in line and "T=2" in line
+    trainer.train(data, 7, data.state, progress=False)
+    assert trainer.rank_schedule(7)["total_rank"] == 8 and trainer.rank_schedule()["budget_spent_step"] is None
+    trainer.train(data, 10, data.state, progress=False)
+    assert trainer.rank_schedule() == {"rank_budget": 12, "reachable_total_rank": 12, "total_rank": 12,
+                                       "budget_spent_step": 10}
+    assert "more steps" not in rank_schedule_line(trainer.rank_schedule(), cfg)
+    trainer.close()

@@ -70,3 +70,35 @@ def test_bad_config_stops_before_compute_with_one_line(tmp_path, override, messa
     assert message in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error:")
     assert not (tmp_path / "out").exists()
+
+
+def test_advance_learning_study_runs_on_and_off_with_stagger(tmp_path):
+    """Quick advance-learning study in-process: both arms, analysis, summary table and Fig. 7."""
+    import importlib.util
+
+    from adapad_jax.bilinear import plots, studies
+
+    spec_file = importlib.util.spec_from_file_location("bilinear_config", ROOT / "configs" / "bilinear.py")
+    module = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(module)
+    config = module.get_config()
+    config.quick, config.experiments = True, "advance_learning"
+    config.advance_learning.methods = "parallel_als"
+    (spec,) = studies.build_experiments(config)
+    assert spec.methods == ("parallel_als:advance_on", "parallel_als:advance_off")
+    assert {s.stagger for s in spec.settings.values()} == {3}
+    experiments = {spec.name: studies.run_experiment(spec, [0, 1])}
+    analysis = studies.analyse([spec], experiments)["advance_learning"]
+    on, off = analysis["parallel_als:advance_on"], analysis["parallel_als:advance_off"]
+    assert [w["activation_round"] for w in on["workers"]] == [0, 3, 6, 9]
+    assert on["advance_learning"] and not off["advance_learning"]
+    # Worker 1 has no predecessor, so nothing to learn in advance: identical; later workers differ.
+    assert on["workers"][0]["total_at_activation"] == off["workers"][0]["total_at_activation"]
+    assert on["workers"][-1]["total_at_activation"] < off["workers"][-1]["total_at_activation"]
+    summary = studies.summary_markdown([spec], experiments, {"advance_learning": analysis})
+    assert "| parallel_als:advance_off | 3 | 4 | 9 |" in summary
+    (figure,) = plots.plot_all([spec], experiments, {"advance_learning": analysis}, tmp_path)
+    assert figure.name == "fig7_advance_learning.png" and figure.stat().st_size > 10_000
+    config.advance_learning.stagger = 1
+    with pytest.raises(ValueError, match="advance_learning.stagger must be >= 2"):
+        studies.build_experiments(config)

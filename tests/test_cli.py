@@ -58,7 +58,7 @@ CASES = {
     "r_max below 1": (["--config.adapter.r_max=0"], "adapter.r_max=0 must be >= 1"),
     "unknown method": (["--config.adapter.method=adalora"], "adapter.method='adalora' is not one of"),
     "mesh too big": (["--config.mesh.data=16"], "needs 16 devices"),
-    "mesh vs r_max": (["--config.mesh.components=3"], "mesh.components=3 does not divide adapter.r_max=8"),
+    "mesh vs r_max": (["--config.mesh.components=3"], "mesh.components=3 does not divide adapter.r_max=4"),
     "budget below modules": (["--config.adapter.rank_budget=11"], "rank_budget=11 is below the 12 adapted modules"),
     "missing model": (["--config.model.name_or_path={root}/no_model"], "no_model' does not exist"),
     "missing data": (["--config.data.train_file={root}/absent.jsonl"], "absent.jsonl' does not exist"),

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The schema the project's brief fixes (field -> default); None = no default fixed (task files set it).
 SCHEMA = {
     "task": None, "seed": 0, "output_dir": None,
-    "model.name_or_path": None, "model.dtype": "float32", "model.classifier_dropout": 0.0,
+    "model.name_or_path": None, "model.revision": "", "model.dtype": "float32", "model.classifier_dropout": 0.0,
     "data.source": "auto", "data.train_file": "", "data.validation_file": "", "data.max_length": None,
     "data.doc_stride": 128, "data.max_train_examples": 0, "data.max_eval_examples": 0, "data.cache_features": True, "data.cache_dir": "",
     "adapter.method": "adapad", "adapter.target_modules": (), "adapter.r_max": 8, "adapter.rank_budget": None,
@@ -82,6 +82,10 @@ def test_glue_config_follows_the_paper_table(task):
     assert config.task == f"glue_{task}"
     assert config.model.name_or_path == "microsoft/deberta-v3-base"
     assert (config.data.max_length, config.adapter.rank_budget) == (128, 144)
+    # r_max 4: the paper's CoLA histogram 16/44/8/4 sums to 144 only for ranks 1..4; lora at the budget is r = 2.
+    assert (config.adapter.r_max, config.adapter.lora_rank) == (4, 2)
+    assert sum(n * r for n, r in zip((16, 44, 8, 4), range(1, config.adapter.r_max + 1))) == 144
+    assert "r_max is 4" in module.__doc__
     assert (config.train.num_epochs, config.train.batch_size, config.adapter.alpha) == (epochs, batch, alpha)
     assert (config.optim.warmup_steps, config.adapter.top_k, config.adapter.growth_interval) == (warmup, top_k, interval)
     assert (config.adapter.orth_reg, config.adapter.dropout, config.model.classifier_dropout) == (orth, drop, cls_drop)
@@ -92,16 +96,20 @@ def test_glue_config_follows_the_paper_table(task):
     check_fields(config)
 
 
-@pytest.mark.parametrize("name", ["squad", "squad_v2"])
-def test_squad_configs_follow_the_paper(name):
+@pytest.mark.parametrize("name, budget, lora_rank", [("squad", 784, 4), ("squad_v2", 784, 4),
+                                                     ("squad_1176", 1176, 6), ("squad_v2_1176", 1176, 6)])
+def test_squad_configs_follow_the_paper(name, budget, lora_rank):
+    """Paper Tables 5 and 9: AdaPaD at budget 784 / 1176 against fixed-rank LoRA r = 4 / 6."""
     module, config = load_config_file(name)
-    assert config.task == name and config.model.name_or_path == "Qwen/Qwen3-0.6B"
+    assert config.task == name.replace("_1176", "") and config.model.name_or_path == "Qwen/Qwen3-0.6B"
     assert (config.train.num_epochs, config.train.batch_size) == (3, 16)
     assert (config.data.max_length, config.data.doc_stride) == (384, 128)
     assert (config.adapter.alpha, config.optim.weight_decay, config.optim.warmup_steps) == (16.0, 0.0, 1000)
     assert (config.adapter.top_k, config.adapter.growth_interval, config.adapter.r_max) == (10, 400, 8)
-    assert (config.adapter.rank_budget, config.model.dtype, config.adapter.orth_reg) == (784, "bfloat16", 0.0)
+    assert (config.adapter.rank_budget, config.model.dtype, config.adapter.orth_reg) == (budget, "bfloat16", 0.0)
+    assert config.adapter.lora_rank == lora_rank and config.output_dir == f"runs/{name}"
     assert f"python launch/train.py --config configs/{name}.py" in module.__doc__
+    assert f"python launch/train.py --config configs/{name}.py --config.adapter.method=lora" in module.__doc__
     check_fields(config)
 
 

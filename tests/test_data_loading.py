@@ -1,4 +1,4 @@
-"""Local-file loading (jsonl, json, csv, parquet, official SQuAD), validation errors, hub/tfds failures."""
+"""Local-file loading (jsonl, json, csv, parquet, official SQuAD), validation errors, hub failures, no tfds."""
 
 import csv
 import json
@@ -144,11 +144,9 @@ def test_clear_errors_for_bad_files(tmp_path, mrpc):
         validate_data_files("squad", str(bad_answers))
 
 
-def test_hub_and_tfds_failures_name_the_dataset_and_the_way_out():
+def test_hub_failures_name_the_dataset_and_the_way_out():
     with pytest.raises(DataError, match=r"'nyu-mll/glue' \(config 'rte'\).*data.train_file"):
         load_raw_splits("glue_rte", source="hub")
-    with pytest.raises(DataError, match=r"tensorflow-datasets 'squad/v2.0'.*data.train_file"):
-        load_raw_splits("squad_v2", source="tfds")
     with pytest.raises(DataError, match="data.source must be one of"):
         load_raw_splits("glue_rte", source="s3")
 
@@ -170,39 +168,13 @@ def test_label_forms_accepted_and_rejected(tmp_path):
         validate_data_files("glue_stsb", str(scores))
 
 
-class _FakeTfdsBuilder:
-    """Stands in for a prepared tensorflow-datasets builder: rows with bytes and numpy scalars, as tfds gives."""
+def test_tfds_source_is_refused_with_the_alternatives():
+    from adapad_jax.config import ConfigError, base_config, check_fields
 
-    def __init__(self, rows_by_split):
-        self.rows_by_split = rows_by_split
-
-    def as_data_source(self, split):
-        return self.rows_by_split[split]
-
-
-def test_tfds_rows_are_decoded_into_the_hub_schema(monkeypatch):
-    import numpy as np
-    import tensorflow_datasets as tfds
-
-    glue_rows = {"train": [{"idx": np.int32(i), "label": np.int64(i % 2), "sentence1": f"s{i}".encode(),
-                            "sentence2": b"other"} for i in range(3)],
-                 "validation": [{"idx": np.int32(0), "label": np.int64(1), "sentence1": b"a", "sentence2": b"b"}]}
-    squad_rows = {"validation": [{"id": b"q1", "title": b"T", "context": b"abc def", "question": b"what?",
-                                  "is_impossible": np.bool_(False),
-                                  "answers": {"text": np.array([b"def"], dtype=object),
-                                              "answer_start": np.array([4], dtype=np.int32)}}]}
-    requested = []
-
-    def fake_builder(name):
-        requested.append(name)
-        return _FakeTfdsBuilder(glue_rows if name.startswith("glue") else squad_rows)
-
-    monkeypatch.setattr(tfds, "builder", fake_builder)
-    splits = load_raw_splits("glue_mrpc", source="tfds")
-    assert requested == ["glue/mrpc", "glue/mrpc"]
-    assert splits["train"]["sentence1"] == ["s0", "s1", "s2"] and splits["train"]["label"] == [0, 1, 0]
-    assert splits["validation"]["idx"] == [0]
-    squad = load_raw_splits("squad_v2", source="tfds", include_train=False)["validation"]
-    assert requested[-1] == "squad/v2.0"
-    assert squad[0] == {"id": "q1", "title": "T", "context": "abc def", "question": "what?",
-                        "answers": {"text": ["def"], "answer_start": [4]}}
+    with pytest.raises(DataError, match=r"data.source=tfds is not supported .*data.source=hub.*data.train_file"):
+        load_raw_splits("glue_rte", source="tfds")
+    config = base_config()
+    config.output_dir = "x"
+    config.data.source = "tfds"
+    with pytest.raises(ConfigError, match=r"data.source=tfds is not supported"):
+        check_fields(config)

@@ -84,6 +84,9 @@ def check_outputs(out: Path, ranks: dict[str, int]) -> None:
     assert train_steps == sorted(set(train_steps)) and train_steps and all(np.isfinite(r["loss"]) for r in records
                                                                              if "loss" in r)
     assert any(r.get("final") for r in records)
+    rank = json.loads((out / "eval_results.json").read_text())["rank"]
+    assert rank["total_rank"] == sum(ranks.values()) <= rank["reachable_total_rank"] <= rank["rank_budget"]
+    assert rank["budget_spent_step"] is None or rank["budget_spent_step"] >= 0
 
 
 def glue_metrics_by_hand(task: str, predicted: dict[int, float], gold: dict[int, float]) -> dict[str, float]:

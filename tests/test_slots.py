@@ -83,7 +83,7 @@ def test_slot_gradient_reaches_only_its_slot_and_matches_explicit_model():
                 assert np.abs(np.asarray(ga[m])).sum() > 0
 
 
-def test_sharded_step_gradient_is_sum_of_per_slot_gradients():
+def test_sharded_step_slot_gradients_are_the_per_slot_gradients():
     model, batch, slots, snapshot, committed, reserve = _setup()
     alloc = {"committed": committed, "reserve": reserve}
     live = committed | reserve
@@ -130,3 +130,36 @@ def test_eval_forward_uses_committed_slots_only():
 def test_initial_rank_out_of_range_is_rejected(bad):
     with pytest.raises(ValueError, match="initial_rank"):
         alloc_lib.init_allocator(4, R_MAX, bad, 100)
+
+
+def test_head_gets_the_mean_of_per_slot_head_gradients_and_loss_is_the_committed_forward():
+    """L live slots: head gradient = mean over slots of each slot loss's head gradient; loss = committed model's."""
+    model, batch, slots, snapshot, committed, reserve = _setup()
+    alloc = {"committed": committed, "reserve": reserve}
+    live = committed | reserve
+    cfg = alloc_lib.AllocatorConfig(r_max=R_MAX, top_k=1, growth_interval=5)
+    spec = StepSpec(method="adapad", task=model.task, scaling=SCALING, live_slots=4, padded_slots=4,
+                    advance_learning=True, orth_reg=0.0, sync_every=5, slot_chunk_size=1, remat=False,
+                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg)
+    head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
+    frozen = jax.tree.map(jnp.asarray, model.params)
+    grads, loss, _ = jax.jit(
+        lambda tr: _adapad_grads(model.module, model.targets, spec, make_mesh(1, 2), tr, snapshot, alloc, frozen,
+                                 batch, jax.random.PRNGKey(0))
+    )({"slots": slots, "head": head})
+
+    def slot_loss(head_, k):
+        lora = deflated_lora(model.targets, slots, snapshot, committed, live, jnp.asarray(k), SCALING, R_MAX)
+        out = model.module.apply({"params": merge_head(model.params, head_), "lora": lora}, batch["input_ids"],
+                                 batch["attention_mask"])
+        num, den = loss_terms(model.task, out, batch)
+        return num / den
+
+    per_slot = [jax.grad(slot_loss)(head, k) for k in range(R_MAX)]
+    for got, *each in zip(jax.tree.leaves(grads["head"]), *(jax.tree.leaves(g) for g in per_slot)):
+        np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-4, atol=1e-6)
+        assert not np.allclose(got, np.sum(each, axis=0), rtol=1e-3), "the sum rule should differ"
+    committed_out = model.module.apply(
+        {"params": model.params, "lora": masked_lora(model.targets, slots, committed, SCALING)},
+        batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(loss, np.divide(*loss_terms(model.task, committed_out, batch)), rtol=1e-5)

@@ -61,7 +61,8 @@ def test_adapad_rank_one_trains_like_lora(toy):
         assert moved > 1e-4
 
 
-def test_lora_starts_at_base_model_and_joint_uses_committed_and_reserve(toy):
+def test_lora_starts_at_base_model_and_joint_trains_the_reserve_at_increlora_scale(toy):
+    """joint's train forward holds the reserve at E = 1e-5 (IncreLoRA): it is the evaluated model up to E."""
     model, teacher = toy
     batch = toy_batch(model, teacher, 0, 16)
     base = model.module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"])
@@ -73,13 +74,26 @@ def test_lora_starts_at_base_model_and_joint_uses_committed_and_reserve(toy):
         joint = Trainer(model, toy_config(**{"adapter.method": "joint", "adapter.init_std": 0.3}), make_mesh(1, 1), d2)
         joint.restore_or_init({})
         state = jax.device_get(joint.state)
-        live = state["alloc"]["committed"] | state["alloc"]["reserve"]
-        lora_c = masked_lora(model.targets, state["trainable"]["slots"], live, joint.scaling)
-        out = model.module.apply({"params": model.params, "lora": lora_c}, batch["input_ids"], batch["attention_mask"])
-        expected = float(np.divide(*loss_terms(model.task, out, batch)))
-        joint.train(ToyBatches(model, teacher, 16), 1, lambda: {}, progress=False)
+        committed, reserve = state["alloc"]["committed"], state["alloc"]["reserve"]
+        assert reserve.any()
+
+        def loss_with(weights):
+            lora_c = masked_lora(model.targets, state["trainable"]["slots"], weights, joint.scaling)
+            out = model.module.apply({"params": model.params, "lora": lora_c}, batch["input_ids"],
+                                     batch["attention_mask"])
+            return float(np.divide(*loss_terms(model.task, out, batch))), np.asarray(out["logits"])
+
+        expected, _ = loss_with(committed.astype(np.float32) + 1e-5 * reserve.astype(np.float32))
+        committed_loss, committed_logits = loss_with(committed)
+        full_reserve, _ = loss_with(committed | reserve)
+        joint.train(ToyBatches(model, teacher, 16), 3, lambda: {}, progress=False)  # step 1 has lr 0 (warmup)
         np.testing.assert_allclose(_losses(d2)[0], expected, rtol=1e-6)
+        np.testing.assert_allclose(expected, committed_loss, rtol=1e-4)  # trained model == evaluated model, up to E
+        assert abs(full_reserve - committed_loss) > 1e-3, "a full-scale reserve would change the model"
         assert abs(expected - base_loss) > 1e-4
+        after = jax.device_get(joint.state)
+        moved = np.abs(after["trainable"]["slots"]["a"][0] - state["trainable"]["slots"]["a"][0])
+        assert moved[np.asarray(reserve[0])].max() > 1e-5, "the reserve trains"
         lora.close()
         joint.close()
 

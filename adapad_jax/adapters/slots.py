@@ -8,7 +8,7 @@ Slot storage for M adapted modules is ``{"a": [a_0, ..., a_{M-1}], "b": [...]}``
 - :func:`deflated_lora` — the forward of slot k: rows j < k from the stop-gradient snapshot
   with ``coef = s * committed``, row k live with ``coef = s * live``, rows above k off;
 - :func:`masked_lora` — current values with ``coef = s * mask`` (evaluation: ``committed``;
-  ``joint``: ``committed | reserve``; ``lora``: all rows).
+  ``joint``: ``committed + E * reserve``, IncreLoRA's E = 1e-5; ``lora``: all rows).
 """
 
 from __future__ import annotations

@@ -165,6 +165,33 @@ def plot_gap(specs: list[ExperimentSpec], experiments: dict, out: Path) -> Path 
     return _save(fig, out / "fig6_gap.png")
 
 
+def plot_advance_learning(specs: list[ExperimentSpec], experiments: dict, out: Path) -> Path | None:
+    """Advance learning on (solid) vs off (dashed): (a) per-worker total error, (b) relative weight error."""
+    spec = next((s for s in specs if s.group == "advance_learning"), None)
+    if spec is None:
+        return None
+    runs = experiments[spec.name]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    first = spec.methods[0].split(":")[0]
+    cmap = plt.get_cmap("viridis")
+    for label, method_runs in runs.items():
+        method, mode = label.split(":")
+        style = "-" if mode == "advance_on" else "--"
+        if method == first:
+            workers = len(method_runs[0]["workers"])
+            for k in range(workers):
+                _band(a, series_array(method_runs, "total", k), f"worker {k + 1} {mode}", cmap(k / max(workers, 1)),
+                      style)
+        _band(b, series_array(method_runs, "rel_weight_error"), label, COLORS.get(method), style)
+    stagger = spec.settings[spec.methods[0]].stagger
+    a.set(yscale="log", xlabel="round", ylabel="worker total error",
+          title=f"(a) {first}, stagger {stagger}: solid on, dashed off")
+    a.legend(fontsize=6, ncol=2)
+    b.set(yscale="log", xlabel="round", ylabel="relative weight error", title="(b) advance learning on vs off")
+    b.legend(fontsize=7)
+    return _save(fig, out / "fig7_advance_learning.png")
+
+
 def plot_all(specs: list[ExperimentSpec], experiments: dict, analysis: dict[str, Any], out: Path) -> list[Path]:
     """Every figure that the chosen experiments allow; returns the written paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -174,5 +201,6 @@ def plot_all(specs: list[ExperimentSpec], experiments: dict, analysis: dict[str,
         plot_noise(specs, experiments, analysis, out),
         plot_rate_fit(specs, experiments, analysis, out),
         plot_gap(specs, experiments, out),
+        plot_advance_learning(specs, experiments, out),
     ]
     return [p for p in paths if p is not None]

@@ -16,7 +16,7 @@ from adapad_jax.bilinear.diagnostics import diagnose
 from adapad_jax.bilinear.problems import make_problem, spectrum
 
 METHOD_NAMES = ("parallel_als", "sequential_als", "parallel_gd", "sequential_gd", "joint_gd")
-STUDY_GROUPS = ("convergence", "self_correction", "noise", "rate_fit", "gap")
+STUDY_GROUPS = ("convergence", "self_correction", "noise", "rate_fit", "gap", "advance_learning")
 CONVERGENCE_SPECTRA = ("exponential", "power_law", "uniform")
 # The float32 floor: errors below this are round-off, not signal (used by the rate fit).
 FIT_FLOOR = 1e-5
@@ -124,6 +124,12 @@ def build_experiments(config: Any) -> list[ExperimentSpec]:
         values = spectrum("linear", study.rank, gap=delta, floor=study.floor)
         add(f"gap_{delta:g}", "gap", study, "linear", values, parameter=delta)
 
+    if "advance_learning" in config:
+        study = effective_study(config, "advance_learning")
+        add("advance_learning", "advance_learning", study, "exponential",
+            spectrum("exponential", study.rank, decay=study.decay))
+        specs[-1] = advance_learning_spec(specs[-1], int(study.stagger))
+
     requested = _parse_list(config.experiments, "experiments", str)
     known = {spec.name for spec in specs}
     if "all" in requested:
@@ -135,6 +141,61 @@ def build_experiments(config: Any) -> list[ExperimentSpec]:
             f"({', '.join(STUDY_GROUPS)}) or one of {', '.join(sorted(known))}"
         )
     return [spec for spec in specs if spec.name in requested or spec.group in requested]
+
+
+def advance_label(method: str, on: bool) -> str:
+    """The results key of a method run with advance learning on or off, e.g. 'parallel_als:advance_on'."""
+    return f"{method}:advance_{'on' if on else 'off'}"
+
+
+def advance_learning_spec(spec: ExperimentSpec, stagger: int) -> ExperimentSpec:
+    """Every parallel method of ``spec`` twice, advance learning on and off, with workers ``stagger`` rounds apart.
+
+    With stagger s a reserve worker gets s - 1 private rounds against its true deflation target before it
+    activates; stagger 1 leaves none (advance learning then changes nothing), so s must be >= 2.
+    """
+    if stagger < 2:
+        raise ValueError(f"advance_learning.stagger must be >= 2 (with stagger 1 no reserve trains), got {stagger}")
+    workers = len(spec.singular_values)
+    rounds = next(iter(spec.settings.values())).rounds
+    if (workers - 1) * stagger >= rounds:
+        raise ValueError(f"advance_learning: the last of {workers} workers activates at round {(workers - 1) * stagger}"
+                         f" >= rounds={rounds}; raise rounds or lower stagger")
+    settings = {}
+    for method in spec.methods:
+        if not method.startswith("parallel_"):
+            raise ValueError(f"advance_learning.methods: advance learning is a parallel-deflation feature, got {method!r}")
+        for on in (True, False):
+            settings[advance_label(method, on)] = dataclasses.replace(
+                spec.settings[method], stagger=stagger, advance_learning=on
+            )
+    return dataclasses.replace(spec, methods=tuple(settings), settings=settings)
+
+
+def advance_learning_analysis(spec: ExperimentSpec, runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per run label: each worker's total error at its activation and at the end (median over seeds)."""
+    out = {}
+    for label, method_runs in runs.items():
+        settings = spec.settings[label]
+        workers = []
+        for k, start in enumerate(activation_rounds(settings)):
+            total = series_array(method_runs, "total", k)
+            workers.append({
+                "worker": k + 1,
+                "activation_round": int(start),
+                "total_at_activation": float(np.median(total[:, start])),
+                "total_at_activation_per_seed": [float(x) for x in total[:, start]],
+                "final_total": float(np.median(total[:, -1])),
+            })
+        errors = series_array(method_runs, "rel_weight_error")
+        out[label] = {
+            "advance_learning": settings.advance_learning,
+            "stagger": settings.stagger,
+            "workers": workers,
+            "final_rel_weight_error_median": float(np.median(errors[:, -1])),
+            "rounds_to_1e-3": rounds_to_reach(errors, 1e-3),
+        }
+    return out
 
 
 def _json_list(values: np.ndarray) -> list:
@@ -305,6 +366,8 @@ def analyse(specs: list[ExperimentSpec], experiments: dict[str, dict]) -> dict[s
             analysis["rate_fit"] = rate_analysis(
                 runs["parallel_als"], activation_rounds(settings), spec, settings.inner_iterations
             )
+        if spec.group == "advance_learning":
+            analysis["advance_learning"] = advance_learning_analysis(spec, runs)
         if spec.group == "gap":
             for method, method_runs in runs.items():
                 errors = series_array(method_runs, "rel_weight_error")
@@ -362,4 +425,17 @@ def summary_markdown(specs: list[ExperimentSpec], experiments: dict[str, dict], 
             for row in rows.values():
                 reach = "never" if row["rounds_to_1e-4"] is None else f"{row['rounds_to_1e-4']:.0f}"
                 lines.append(f"| {method} | {row['delta']:g} | {_fmt(row['final_median'])} | {reach} |")
+    if "advance_learning" in analysis:
+        lines += ["", "## Advance learning (parallel deflation, staggered activation): worker total error "
+                  "(median over seeds)", "",
+                  "| run | stagger | worker | activation round | at activation | final | final rel. weight error "
+                  "| rounds to 1e-3 |", "|---|---|---|---|---|---|---|---|"]
+        for label, row in analysis["advance_learning"].items():
+            reach = "never" if row["rounds_to_1e-3"] is None else f"{row['rounds_to_1e-3']:.0f}"
+            for worker in row["workers"]:
+                lines.append(
+                    f"| {label} | {row['stagger']} | {worker['worker']} | {worker['activation_round']} "
+                    f"| {_fmt(worker['total_at_activation'])} | {_fmt(worker['final_total'])} "
+                    f"| {_fmt(row['final_rel_weight_error_median'])} | {reach} |"
+                )
     return "\n".join(lines) + "\n"

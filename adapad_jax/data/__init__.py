@@ -1,4 +1,4 @@
-"""GLUE / SQuAD data: task registry, loading (hub, tfds, local files), tokenisation and batching."""
+"""GLUE / SQuAD data: task registry, loading (hub, local files), tokenisation and batching."""
 
 from adapad_jax.data.batching import BATCH_KEYS, TrainBatches, concat_eval_outputs, eval_batches, num_eval_batches
 from adapad_jax.data.glue import tokenize_glue

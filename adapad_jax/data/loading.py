@@ -17,6 +17,13 @@ from adapad_jax.data.tasks import DataError, TaskSpec, get_task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_ERROR_ROWS = 3
+# data.source=tfds existed until TFDS turned out to need TensorFlow (as_dataset) or a local array_record build
+# that its GLUE/SQuAD builders cannot make offline; the same data comes from the hub or from local files.
+TFDS_REMOVED = (
+    "data.source=tfds is not supported (TFDS needs TensorFlow to read GLUE/SQuAD): use data.source=hub "
+    "(Hugging Face datasets, cached after the first download) or local files with data.train_file / "
+    "data.validation_file (jsonl, json, csv or parquet; a TFDS split can be written out with tfds.as_dataframe)"
+)
 
 
 def _as_spec(task: str | TaskSpec) -> TaskSpec:
@@ -267,55 +274,8 @@ def _load_hub(spec: TaskSpec, split: str):
         f"cannot load split '{split}' of {tried} from the Hugging Face hub or its local cache "
         f"({errors[0]}); when offline, give local files in the dataset's schema with "
         f"data.train_file=... and data.validation_file=... (jsonl, json, csv or parquet; columns: "
-        f"{', '.join(spec.required_columns)}), or use data.source=tfds"
+        f"{', '.join(spec.required_columns)}))"
     )
-
-
-def _decode(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return [_decode(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def _load_tfds(spec: TaskSpec, split: str):
-    import datasets
-
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError(
-            "data.source=tfds needs tensorflow-datasets: pip install 'adapad_jax[tfds]'"
-        ) from None
-    try:
-        builder = tfds.builder(spec.tfds_name)
-        if hasattr(builder, "as_data_source"):
-            try:
-                source = builder.as_data_source(split=split)
-                rows = [_decode(source[i]) for i in range(len(source))]
-            except Exception:  # noqa: BLE001 - data source needs array_record files; fall back to tf.data
-                rows = [_decode(r) for r in tfds.as_numpy(builder.as_dataset(split=split))]
-        else:
-            rows = [_decode(r) for r in tfds.as_numpy(builder.as_dataset(split=split))]
-    except Exception as err:  # noqa: BLE001
-        raise DataError(
-            f"cannot load split '{split}' of tensorflow-datasets '{spec.tfds_name}' "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); prepare it with "
-            f"`tfds build {spec.tfds_name}` or give local files with data.train_file / data.validation_file"
-        ) from None
-    if spec.kind == "qa":
-        keep = ("id", "title", "context", "question", "answers")
-        rows = [{k: r[k] for k in keep if k in r} for r in rows]
-    return datasets.Dataset.from_list(rows)
 
 
 def _normalise(spec: TaskSpec, dataset, origin: str):
@@ -352,16 +312,18 @@ def load_raw_splits(
 ) -> dict[str, Any]:
     """Raw ``datasets.Dataset`` per split: ``"train"`` and the task's validation split names.
 
-    ``source``: "auto" (local files when given, else the hub), "hub", "tfds" or "local". With local files,
+    ``source``: "auto" (local files when given, else the hub), "hub" or "local". With local files,
     a split without a file is left out (a run with only a validation file can evaluate).
     """
     spec = _as_spec(task)
-    if source not in ("auto", "hub", "tfds", "local"):
-        raise DataError(f"data.source must be one of auto, hub, tfds, local (got '{source}')")
+    if source == "tfds":
+        raise DataError(TFDS_REMOVED)
+    if source not in ("auto", "hub", "local"):
+        raise DataError(f"data.source must be one of auto, hub, local (got '{source}')")
     use_local = source == "local" or (source == "auto" and (train_file or validation_file))
     if use_local and not (train_file or validation_file):
         raise DataError("data.source=local needs data.train_file and/or data.validation_file")
-    if source in ("hub", "tfds") and (train_file or validation_file):
+    if source == "hub" and (train_file or validation_file):
         raise DataError(f"data.source={source} cannot be combined with data.train_file / data.validation_file")
 
     wanted: dict[str, str] = {}  # split name -> local path ("" = remote)
@@ -378,8 +340,6 @@ def load_raw_splits(
     for split, path in wanted.items():
         if path:
             dataset, origin = _load_local(spec, path), f"data file '{path}'"
-        elif source == "tfds":
-            dataset, origin = _load_tfds(spec, split), f"tfds {spec.tfds_name}[{split}]"
         else:
             dataset, origin = _load_hub(spec, split), f"hub dataset {spec.hub_names[0][0]}[{split}]"
         dataset = _normalise(spec, dataset, origin)

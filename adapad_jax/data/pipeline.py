@@ -58,7 +58,7 @@ def build_task_data(
     include_train: bool = True,
     cache_dir: str | os.PathLike | None = None,
 ) -> TaskData:
-    """Load the task's splits (hub / tfds / local files) and tokenise them with the checkpoint's tokenizer.
+    """Load the task's splits (hub / local files) and tokenise them with the checkpoint's tokenizer.
 
     ``max_length`` 0 means the task default (GLUE 128, SQuAD 384). The tokenizer should have been through
     ``prepare_tokenizer`` (right padding, a pad token). ``cache_dir``: keep tokenised features there and reuse

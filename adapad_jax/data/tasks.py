@@ -19,7 +19,6 @@ class TaskSpec:
     name: str  # registry name, e.g. "glue_mnli" or "squad_v2"
     kind: TaskKind
     hub_names: tuple[tuple[str, str | None], ...]  # (path, config name) tried in order with datasets.load_dataset
-    tfds_name: str
     text_columns: tuple[str, ...]  # one column (single sentence) or two (a pair, in model input order)
     num_labels: int  # 1 for regression, 2 for span QA (start/end), else the class count
     metric_names: tuple[str, ...]  # keys of compute_metrics' result, the first is the task's main metric
@@ -53,7 +52,6 @@ def _glue(config: str, columns: tuple[str, ...], num_labels: int, metrics: tuple
         name=f"glue_{config}",
         kind="regression" if num_labels == 1 else "classification",
         hub_names=(("nyu-mll/glue", config), ("glue", config)),
-        tfds_name=f"glue/{config}",
         text_columns=columns,
         num_labels=num_labels,
         metric_names=metrics,
@@ -83,7 +81,6 @@ TASKS: dict[str, TaskSpec] = {
             name="squad",
             kind="qa",
             hub_names=(("rajpurkar/squad", None), ("squad", None)),
-            tfds_name="squad/v1.1",
             text_columns=("question", "context"),
             num_labels=2,
             metric_names=("f1", "exact_match"),
@@ -94,7 +91,6 @@ TASKS: dict[str, TaskSpec] = {
             name="squad_v2",
             kind="qa",
             hub_names=(("rajpurkar/squad_v2", None), ("squad_v2", None)),
-            tfds_name="squad/v2.0",
             text_columns=("question", "context"),
             num_labels=2,
             metric_names=("f1", "exact", "HasAns_f1", "NoAns_f1"),

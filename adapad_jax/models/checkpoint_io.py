@@ -22,8 +22,48 @@ _WEIGHT_FILES = (
 )
 
 
-def resolve_checkpoint_dir(name_or_path: str) -> Path:
-    """Return the local directory of a checkpoint given a directory or a hub id in the local HF cache."""
+# What a hub download fetches: the config, the tokenizer files and one weight format (safetensors when the repo
+# has it, else the PyTorch pickles) -- not TF/Flax/ONNX weights, READMEs or training artefacts.
+HUB_CONFIG_PATTERNS = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "spm.model",
+    "*.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+HUB_SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
+HUB_BIN_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and bool(name.strip("/"))
+
+
+def hub_download_patterns(repo_files: list[str]) -> list[str]:
+    """``allow_patterns`` for a repo with these files: config + tokenizer + safetensors (else .bin) weights."""
+    has_safetensors = any(name.endswith(".safetensors") and "/" not in name for name in repo_files)
+    return list(HUB_CONFIG_PATTERNS + (HUB_SAFETENSORS_PATTERNS if has_safetensors else HUB_BIN_PATTERNS))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_checkpoint_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """The local directory of a checkpoint: a directory as given, or a hub id from the HF cache / the hub.
+
+    A hub id is downloaded on first use (config, tokenizer and weight files only) into the Hugging Face cache
+    and read from there afterwards; with ``HF_HUB_OFFLINE=1`` (or no network) only the cache is used.
+    ``revision``: branch, tag or commit of the hub repo (None or "" = the default branch).
+    """
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.exists():
         if not path.is_dir():
@@ -31,19 +71,57 @@ def resolve_checkpoint_dir(name_or_path: str) -> Path:
         if not (path / "config.json").exists():
             raise CheckpointError(f"model directory '{path}' has no config.json")
         return path
-    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+    if not _looks_like_hub_id(str(name_or_path)):
         raise CheckpointError(f"model directory '{name_or_path}' does not exist")
-    try:
-        from huggingface_hub import snapshot_download
+    return Path(download_checkpoint(str(name_or_path), revision or None))
 
-        cached = snapshot_download(repo_id=str(name_or_path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - any hub failure means "not available offline"
+
+def download_checkpoint(repo_id: str, revision: str | None = None) -> str:
+    """Snapshot the config, tokenizer and weight files of a hub model into the HF cache; return its directory."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"model '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    online_error: Exception | None = None
+    if not _hub_offline():
+        try:
+            info = HfApi().model_info(repo_id, revision=revision)
+            patterns = hub_download_patterns([s.rfilename for s in info.siblings or ()])
+            return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
+        except RevisionNotFoundError:
+            raise CheckpointError(f"{where}: the hub repo has no such revision (model.revision)") from None
+        except GatedRepoError:
+            raise CheckpointError(
+                f"{where} is gated on the hub: accept its terms on the model page and log in (`hf auth login`)"
+            ) from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{where} is neither a local directory nor a model on the hub "
+                f"({_endpoint()}); check the name, or log in for a private repo"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - no network / hub down: fall back to the local cache below
+            online_error = err
+    try:
+        # Only config.json is required here (a cache filled by `hf download <repo> <files>` or by transformers is
+        # fine too); the tokenizer and weight files are checked by their readers.
+        return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=["config.json"], local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any cache miss means "not available offline"
+        reason = (
+            "HF_HUB_OFFLINE is set" if online_error is None
+            else f"the hub could not be reached: {type(online_error).__name__}"
+        )
         raise CheckpointError(
-            f"model '{name_or_path}' is neither a local directory nor in the local Hugging Face cache "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it with "
-            f"`hf download {name_or_path}` or set model.name_or_path to a local directory ({type(err).__name__})"
+            f"{where} is not in the local Hugging Face cache "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {reason}; download it with "
+            f"`hf download {repo_id}` on a machine with network, or set model.name_or_path to a local directory "
+            f"({type(err).__name__})"
         ) from None
-    return Path(cached)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:

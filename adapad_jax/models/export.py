@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -32,6 +33,7 @@ PEFT_TASK_TYPES = {
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_WEIGHTS = "model.safetensors"
+MERGED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -162,21 +164,34 @@ def merged_state_dict(
     return state
 
 
+def _stored_as(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Floating tensors in the merged checkpoint's dtype; integer buffers unchanged."""
+    if array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16:
+        return array.astype(np.float32).astype(MERGED_DTYPES[dtype])
+    return array
+
+
 def write_merged_checkpoint(
     out_dir: str | Path,
     model: LoadedModel,
     params: Any,
     factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
     scaling: float,
+    dtype: str = "float32",
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (adapters merged, head included) for plain transformers."""
+    """Write ``config.json`` + ``model.safetensors`` (adapters merged, head included) for plain transformers.
+
+    The merge is computed in float32; ``dtype`` ("float32" or "bfloat16") is what the weights are stored as.
+    """
+    if dtype not in MERGED_DTYPES:
+        raise ValueError(f"merged dtype '{dtype}' is not one of {', '.join(MERGED_DTYPES)}")
     state = merged_state_dict(model, params, factors, scaling)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.hf_config)
     config.architectures = [model.hf_architecture]
-    config.dtype = "float32"  # the tensors below are fp32 whatever the source checkpoint's dtype was
+    config.dtype = dtype  # what the tensors below are stored as, whatever the source checkpoint's dtype was
     config.save_pretrained(str(out))
-    tensors = {name: np.ascontiguousarray(array) for name, array in state.items()}
+    tensors = {name: np.ascontiguousarray(_stored_as(np.asarray(array), dtype)) for name, array in state.items()}
     save_file(tensors, str(out / MERGED_WEIGHTS), metadata={"format": "pt"})
     return out

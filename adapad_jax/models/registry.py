@@ -23,14 +23,18 @@ def _family_module(model_type: str | None):
     return importlib.import_module(f"adapad_jax.models.{FAMILIES[model_type]}")
 
 
-def load_hf_config(name_or_path: str, config_overrides: Mapping[str, Any] | None = None) -> tuple[Path, Any]:
-    """Resolve a checkpoint and read its config through transformers (which normalises old formats).
+def load_hf_config(
+    name_or_path: str, config_overrides: Mapping[str, Any] | None = None, revision: str | None = None
+) -> tuple[Path, Any]:
+    """Resolve a checkpoint (downloading a hub id on first use) and read its config through transformers.
+
+    transformers normalises old config formats. ``revision``: hub branch, tag or commit (None = default branch).
 
     ``config_overrides``: attributes set on the config after reading it (e.g. ``{"pad_token_id": 0}``).
     """
     from transformers import AutoConfig
 
-    checkpoint_dir = resolve_checkpoint_dir(name_or_path)
+    checkpoint_dir = resolve_checkpoint_dir(name_or_path, revision)
     try:
         hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))
     except Exception as err:  # noqa: BLE001

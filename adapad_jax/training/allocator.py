@@ -3,7 +3,8 @@
 Allocator state (a dict of arrays, M modules, R = r_max slots):
 ``committed`` [M, R] bool (slots 0..rank-1), ``reserve`` [M, R] bool (slot ``rank`` while a
 promotion is still possible), ``rank`` [M] int32, ``imp_ema`` / ``unc_ema`` [M] float32,
-``budget_left`` int32 (rank budget minus the sum of ranks).
+``budget_left`` int32 (rank budget minus the sum of ranks), ``budget_spent_step`` int32 (the step after which
+``budget_left`` reached 0; 0 if it started at 0, -1 while budget is left).
 Once the budget is spent no reserve is kept (it could never be promoted), so it costs nothing.
 """
 
@@ -67,7 +68,22 @@ def init_allocator(num_modules: int, r_max: int, initial_rank: int, rank_budget:
         "imp_ema": jnp.zeros((num_modules,), jnp.float32),
         "unc_ema": jnp.zeros((num_modules,), jnp.float32),
         "budget_left": budget_left,
+        "budget_spent_step": jnp.where(budget_left == 0, 0, -1).astype(jnp.int32),
     }
+
+
+def reachable_total_rank(
+    num_modules: int, initial_rank: int, rank_budget: int, num_steps: int, config: AllocatorConfig
+) -> int:
+    """The most total rank growth can reach in ``num_steps`` steps.
+
+    Growth happens after steps 2T, 3T, ... <= num_steps (see :func:`is_growth_step`): ``floor(num_steps / T) - 1``
+    rounds of at most ``min(top_k, M)`` promotions each, capped by the budget and ``M * r_max``. Equal to the
+    final total rank unless fewer than ``top_k`` modules are still below ``r_max`` in some round.
+    """
+    cap = min(rank_budget, num_modules * config.r_max)
+    rounds = max(num_steps // config.growth_interval - 1, 0) if config.grow else 0
+    return min(cap, num_modules * initial_rank + rounds * min(config.top_k, num_modules))
 
 
 def module_importance(slots: dict[str, list[jax.Array]], grads: dict[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
@@ -119,6 +135,9 @@ def update_allocator(
         "unc_ema": unc_ema,
         "budget_left": budget_left,
     }
+    if "budget_spent_step" in state:
+        just_spent = (state["budget_left"] > 0) & (budget_left == 0)
+        new_state["budget_spent_step"] = jnp.where(just_spent, jnp.asarray(step, jnp.int32), state["budget_spent_step"])
     return new_state, promote.any()
 
 

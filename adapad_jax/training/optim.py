@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import optax
 
+from adapad_jax.training.slot_adam import scale_by_slot_adam
+
 
 def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate``, then linear or cosine decay to 0 at ``total_steps``."""
@@ -38,7 +40,8 @@ def make_optimizer(optim_config: Any, total_steps: int) -> tuple[optax.GradientT
     if optim_config.grad_clip and optim_config.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
     chain += [
-        optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps),
+        # Per-slot bias correction from each slot's activation; tx.update(..., live=[M, R] mask).
+        scale_by_slot_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps),
         optax.add_decayed_weights(optim_config.adapter_weight_decay, mask=mask_of("slots")),
         optax.add_decayed_weights(optim_config.weight_decay, mask=mask_of("head")),
         optax.scale_by_learning_rate(schedule),

@@ -69,16 +69,29 @@ def merge_head(frozen: Mapping[str, Any], head: Mapping[str, Any]) -> dict[str, 
     return set_subtrees(frozen, {tuple(name.split("/")): value for name, value in head.items()})
 
 
+def _frobenius_norm(x: jax.Array) -> jax.Array:
+    """||x||_F with a zero (not NaN) gradient at x = 0."""
+    square = jnp.sum(jnp.square(x))
+    positive = square > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1.0)), 0.0)
+
+
 def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
-    """Sum over modules of ||A A^T - I||^2 + ||B^T B - I||^2 over the committed slots."""
+    """AdaLoRA's regulariser: mean over the 2M factors of ||A A^T - I||_F and ||B^T B - I||_F (committed rows).
+
+    The norms are unsquared and averaged over every ``lora_A`` and ``lora_B`` matrix, as PEFT's ``AdaLoraModel``
+    and IncreLoRA's ``compute_orth_regu`` do, so ``adapter.orth_reg`` means what it means in their configs.
+    Rows outside ``committed`` are zeroed on both sides and contribute nothing.
+    """
     total = jnp.zeros((), jnp.float32)
-    for m in range(len(slots["a"])):
+    num_modules = len(slots["a"])
+    for m in range(num_modules):
         mask = committed[m].astype(jnp.float32)
         a = slots["a"][m] * mask[:, None]
         b = slots["b"][m] * mask[:, None]
         eye = jnp.diag(mask)
-        total = total + jnp.sum(jnp.square(a @ a.T - eye)) + jnp.sum(jnp.square(b @ b.T - eye))
-    return total
+        total = total + _frobenius_norm(a @ a.T - eye) + _frobenius_norm(b @ b.T - eye)
+    return total / max(2 * num_modules, 1)
 
 
 def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator):
@@ -147,30 +160,67 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             losses = losses.reshape(-1)
         grads = jax.lax.psum(grads, (DATA_AXIS, COMPONENTS_AXIS))
         losses = jax.lax.psum(losses, DATA_AXIS)
-        return grads, losses
+        model_loss = jax.lax.psum(committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
+                                                       step_rng, denominator), DATA_AXIS)
+        return grads, losses, model_loss
 
     sharded = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
-        out_specs=(P(), P(COMPONENTS_AXIS)),
+        out_specs=(P(), P(COMPONENTS_AXIS), P()),
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
-    grads, slot_losses = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
-    loss = slot_losses[: spec.live_slots].mean()
-    return grads, loss, slot_losses
+    grads, slot_losses, loss = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
+    return mean_head_gradient(grads, spec.live_slots), loss, slot_losses
+
+
+def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, Any]:
+    """The slots keep their own deflated gradient; the head gets the mean over the L live slot losses.
+
+    The head sits in all L slot forwards, so the summed gradient would be L times a single model's (and would
+    dominate the global-norm clip as L grows); the mean keeps its step size that of the lora / joint baselines.
+    Every slot k < L is live in some module (slots are contiguous per module), so the mean is over L.
+    """
+    return {"slots": grads["slots"], "head": jax.tree.map(lambda g: g / live_slots, grads["head"])}
+
+
+def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, frozen, batch, rng, denominator):
+    """This data shard's loss of the committed-slot forward (what is evaluated); the logged ``loss`` of adapad.
+
+    It is the quantity the lora / joint baselines log (their one train forward), so training losses compare
+    across methods; the deflated per-slot losses are logged as ``slot_losses``. Forward only, no gradient.
+    """
+    lora = masked_lora(targets, trainable["slots"], committed, spec.scaling, spec.padded_slots)
+    return jax.lax.stop_gradient(_model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator))
+
+
+# IncreLoRA's advance learning: a reserve sits in the forward with a tiny singular value E until it is promoted.
+JOINT_RESERVE_SCALE = 1e-5
+
+
+def single_forward_weights(alloc: Mapping[str, jax.Array], advance_learning: bool) -> jax.Array:
+    """Per-slot [M, R] forward weight of the joint / lora train forward: committed 1, reserve ``E`` (joint).
+
+    With the reserve at ``JOINT_RESERVE_SCALE`` (IncreLoRA's E = 1e-5) rather than full scale, the model that
+    trains is the committed model that is evaluated and exported, up to ``E`` times the reserve's delta.
+    """
+    weights = alloc["committed"].astype(jnp.float32)
+    if advance_learning:
+        weights = weights + JOINT_RESERVE_SCALE * alloc["reserve"].astype(jnp.float32)
+    return weights
 
 
 def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, frozen, batch, step_rng):
     """One forward with every live slot (joint, lora); batch over ``data``, replicated over ``components``."""
-    live = alloc_lib.live_mask(alloc, spec.advance_learning)
+    weights = single_forward_weights(alloc, spec.advance_learning)
 
-    def body(trainable, live, frozen, batch, step_rng):
+    def body(trainable, weights, frozen, batch, step_rng):
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def objective(trainable):
-            lora = masked_lora(targets, trainable["slots"], live, spec.scaling, spec.live_slots)
+            lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
             return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
@@ -179,7 +229,7 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
     )
-    grads, loss = sharded(trainable, live, frozen, batch, step_rng)
+    grads, loss = sharded(trainable, weights, frozen, batch, step_rng)
     return grads, loss, loss[None]
 
 
@@ -222,7 +272,7 @@ def build_train_step(
             penalty = jnp.zeros((), jnp.float32)
 
         live = alloc_lib.live_mask(alloc, spec.advance_learning)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable, live=live)
         updates["slots"] = {
             part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(updates["slots"][part])]
             for part in ("a", "b")

@@ -217,6 +217,19 @@ class Trainer:
         """L for the current allocator state (joint/lora: rows in the single forward)."""
         return max(alloc_lib.num_live_slots(self.state["alloc"], self.advance_learning), 1)
 
+    def rank_schedule(self, num_steps: int | None = None) -> dict[str, Any]:
+        """Budget, the total rank growth can reach in ``num_steps`` (default: the run's), and where it stands now."""
+        steps = self._total_steps if num_steps is None else int(num_steps)
+        modules = len(self.model.targets)
+        reachable = alloc_lib.reachable_total_rank(modules, self._initial_rank, self._budget, steps, self.alloc_config)
+        spent = int(self.state["alloc"]["budget_spent_step"]) if self.state is not None else -1
+        return {
+            "rank_budget": int(min(self._budget, modules * self.num_slots)),
+            "reachable_total_rank": int(reachable),
+            "total_rank": int(np.asarray(self.state["alloc"]["rank"]).sum()) if self.state is not None else None,
+            "budget_spent_step": spent if spent >= 0 else None,
+        }
+
     # ------------------------------------------------------------------ step
     def _spec(self, live: int) -> StepSpec:
         adapter = self.config.adapter

@@ -1,0 +1,75 @@
+"""Train AdaPaD (or the joint / lora baselines) from an ml_collections config file.
+
+    adapad-train --preset demo                                    # a config shipped with the package
+    adapad-train --config configs/squad_v2.py --config.output_dir=runs/squad_v2
+    adapad-train --preset glue_rte --config.train.num_steps=0     # evaluate + export only
+
+(``python -m adapad_jax.cli.train`` and ``python launch/train.py`` are the same command.) ``--preset NAME``
+is the config file ``NAME.py`` shipped in ``adapad_jax/configs`` (the checkout's ``configs/``).
+
+Any field of the config can be overridden with --config.<field>=<value>. Bad input (unknown or ill-typed
+field, missing model or data file, budget below the module count, a mesh that does not fit) stops before
+any compute with one line on stderr and exit code 2. Rerunning on an output_dir with checkpoints resumes.
+
+Several hosts (JAX multi-process): run the same command on every host with, per process,
+    JAX_COORDINATOR_ADDRESS=<host of process 0>:<port> JAX_NUM_PROCESSES=<N> JAX_PROCESS_ID=<0..N-1>
+or, on a cluster that jax.distributed.initialize() detects (SLURM, Open MPI, Kubernetes, TPU pods),
+ADAPAD_DISTRIBUTED=auto. jax.distributed is started before any device is used; the mesh then spans the
+devices of all processes (mesh.data x mesh.components must equal the global device count), each process
+reads its block of every global batch, and only process 0 writes into the output directory (the checkpoints
+are written by orbax from every process, so output_dir must be on a filesystem that all hosts share).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from adapad_jax.cli.common import expand_preset, quiet_start, run_app
+
+quiet_start()
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from adapad_jax.run import (  # noqa: E402
+    fail,
+    loaded_config_or_fail,
+    parse_flags_or_fail,
+    start_command,
+    user_errors,
+)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config(), e.g. configs/demo.py.", lock_config=True
+)
+flags.DEFINE_string("preset", None, "Name of a config file shipped with the package (e.g. glue_cola, squad_v2, demo).")
+
+
+def _main(argv: list[str]) -> None:
+    """Validate the config, then train, evaluate and export (or resume)."""
+    start_command(argv, "; fields are set with --config.<field>=<value>")
+    config = _CONFIG.value
+    if config is None:
+        fail("no config given: pass --preset <name> (e.g. --preset demo) or --config <file.py>")
+    loaded_config_or_fail(config)
+    with user_errors():
+        from adapad_jax.run import run
+
+        result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
+        if config.task == "demo":
+            from adapad_jax import demo
+
+            demo.report(config, result)
+
+
+def main() -> None:
+    """Console-script entry point (``adapad-train``)."""
+    try:
+        sys.argv = expand_preset(sys.argv)
+    except ValueError as err:
+        fail(str(err))
+    run_app(_main, __name__)
+
+
+if __name__ == "__main__":
+    main()
