@@ -274,7 +274,7 @@ def _tiny_stsb(tmp: Path) -> list[str]:
         "--config.data.max_length=32", "--config.data.cache_features=False", "--config.model.classifier_dropout=0.0",
         "--config.adapter.r_max=2", "--config.adapter.rank_budget=100", "--config.adapter.top_k=3",
         "--config.adapter.growth_interval=2", "--config.adapter.alpha=4.0", "--config.adapter.init_std=0.3",
-        "--config.adapter.orth_reg=0.0", "--config.optim.learning_rate=0.05", "--config.optim.warmup_steps=1",
+        "--config.adapter.orth_reg=0.0", "--config.optim.learning_rate=0.02", "--config.optim.warmup_steps=1",
         "--config.train.num_steps=8", "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
         "--config.train.log_every_steps=2", "--config.train.eval_every_steps=1", "--config.checkpoint.every_steps=4",
         "--config.checkpoint.keep=1",
@@ -346,6 +346,8 @@ def test_piped_run_prints_progress_writes_events_and_exports_the_best_step(tmp_p
 
     # Best checkpoint: argmax of the evaluations, kept out of the keep=1 rotation, exported, recorded.
     best = max(evals, key=lambda s: evals[s]["pearson"])
+    # The tiny run peaks at step 3 (pearson 0.47 vs 0.39 at step 8, and lower at 9-12 after the resume below); if a
+    # change to training moves the peak to the last step, pick another learning rate so these checks keep meaning.
     assert best != 8, "the tiny run should peak before its last step for this test to mean something"
     assert images["ranks"][0].step == best  # the heatmap of the exported step
     results = json.loads((run_dir / "eval_results.json").read_text())
