@@ -121,6 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 64
     config.train.eval_every_steps = 0
     config.train.log_every_steps = 10
+    # select_best: evaluate every eval_every_steps (and at the end), keep the checkpoint with the best main metric
+    # (adapad_jax.metrics.main_metric) out of the checkpoint rotation, and export the adapter from it.
+    # Off by default (the adapter is the last step's); the GLUE/SQuAD presets turn it on, as the paper reports
+    # best dev scores.
+    config.train.select_best = False
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 500
@@ -129,6 +134,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1
     config.mesh.components = 1
+
+    config.logging = ml_collections.ConfigDict()
+    # TensorBoard event files (scalars, per-module ranks, the rank heatmap) in output_dir, written with tensorboardX
+    # (no TensorFlow): tensorboard --logdir <output_dir or its parent>.
+    config.logging.tensorboard = True
+    # Weights & Biases project to log the same to ("" = off); needs `pip install wandb` and a login.
+    config.logging.wandb_project = ""
     return config
 
 
@@ -270,6 +282,12 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     eval_batch = _require_range(config, "train.eval_batch_size", integer, 1)
     _require_range(config, "train.eval_every_steps", integer, 0)
     _require_range(config, "train.log_every_steps", integer, 1)
+    if _require_type(config, "train.select_best", (bool,)) and config.train.eval_every_steps == 0:
+        raise ConfigError("train.select_best=True needs train.eval_every_steps > 0: it keeps the best of the "
+                          "evaluated checkpoints (or set train.select_best=False)")
+    _require_type(config, "logging.tensorboard", (bool,))
+    _require_type(config, "logging.wandb_project", (str,))
+    check_logging_packages(config)
 
     _require_range(config, "checkpoint.every_steps", integer, 0)
     _require_range(config, "checkpoint.keep", integer, 1)
@@ -286,6 +304,18 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.batch_size={batch} is not divisible by mesh.data={data}")
     if eval_batch % data:
         raise ConfigError(f"train.eval_batch_size={eval_batch} is not divisible by mesh.data={data}")
+
+
+def check_logging_packages(config: ml_collections.ConfigDict) -> None:
+    """``logging.*`` can be honoured: the packages it needs are installed (looked up, not imported)."""
+    import importlib.util
+
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("logging.tensorboard=True needs the tensorboardX package: pip install tensorboardX "
+                          "(or set --config.logging.tensorboard=False)")
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb_project='{config.logging.wandb_project}' needs the wandb package: "
+                          "pip install wandb (or leave logging.wandb_project empty)")
 
 
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: str = "") -> None:
@@ -461,6 +491,7 @@ def glue_config(
     config.train.batch_size = batch_size
     config.train.eval_batch_size = 128
     config.train.eval_every_steps = 1000
+    config.train.select_best = True  # the paper reports the best dev score
     config.checkpoint.every_steps = 1000
     return config
 
@@ -497,6 +528,7 @@ def squad_config(version_2: bool, rank_budget: int = 784) -> ml_collections.Conf
     config.train.num_epochs = 3
     config.train.batch_size = 16
     config.train.eval_batch_size = 32
-    config.train.eval_every_steps = 0
+    config.train.eval_every_steps = 1000
+    config.train.select_best = True  # the paper reports the best dev score
     config.checkpoint.every_steps = 1000
     return config

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 import ml_collections
 import numpy as np
 
+from adapad_jax import progress as progress_lib
 from adapad_jax.config import CheckedRun, ConfigError, check_resume, validate_config
 from adapad_jax.failures import RunFailure
 from adapad_jax.output_set import apply_umask, dumps_strict, publish_set
@@ -233,10 +234,13 @@ def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model:
 def predict_split(trainer: Any, eval_set: Any, batch_size: int) -> dict[str, np.ndarray]:
     """Model outputs on every row of one eval set (the padded last batch trimmed), gathered from every process."""
     from adapad_jax.data import concat_eval_outputs, eval_batches
+    from adapad_jax.data.batching import num_eval_batches
 
     process_index, process_count = trainer.batch_slice
     batches = eval_batches(eval_set.features, batch_size, process_index=process_index, process_count=process_count)
-    outputs = [trainer.predict(batch) for batch in batches]
+    total = num_eval_batches(eval_set.num_features, batch_size)
+    desc = f"evaluate {getattr(eval_set, 'split', 'split')}"
+    outputs = [trainer.predict(batch) for batch in progress_lib.iterate(batches, total, desc, unit="batches")]
     return concat_eval_outputs(outputs, eval_set.num_features)
 
 
@@ -246,6 +250,50 @@ def evaluate(trainer: Any, data: Any, batch_size: int) -> tuple[dict[str, float]
 
     outputs = {split: predict_split(trainer, eval_set, batch_size) for split, eval_set in data.evals.items()}
     return evaluate_task(data, outputs)
+
+
+class EvalMemo:
+    """``evaluate`` that remembers its newest result, so that the end of a run does not evaluate a step twice."""
+
+    def __init__(self, data: Any, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+        self._step: int | None = None
+        self._result: tuple[dict[str, float], list[dict[str, Any]]] | None = None
+
+    def at(self, trainer: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Metrics and predictions.jsonl rows of the trainer's current state."""
+        if self._result is None or self._step != trainer.step:
+            self._result = evaluate(trainer, self.data, self.batch_size)
+            self._step = trainer.step
+        return self._result
+
+    def metrics_of(self, trainer: Any) -> dict[str, float]:
+        """Only the metrics (the trainer's ``eval_fn``)."""
+        return self.at(trainer)[0]
+
+
+def select_best_checkpoint(
+    trainer: Any, evals: EvalMemo, last: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Restore the evaluated checkpoint with the best main metric (``train.select_best``); eval_results.json content.
+
+    ``last``: the results of the last step (``task``, ``step``, ``metrics``). Without an evaluated checkpoint
+    (nothing trained with select_best on) the last step stays.
+    """
+    key, mode = trainer.checkpointer.best
+    best_step = trainer.best_step()
+    if best_step is not None and best_step != trainer.step:
+        trainer.restore(best_step)
+    best_step = trainer.step
+    best_metrics = evals.at(trainer)[0]
+    if best_step != last["step"]:
+        log(f"best {key} {best_metrics.get(key, float('nan')):.4f} at step {best_step} "
+            f"(last step {last['step']}: {last['metrics'].get(key, float('nan')):.4f}); exporting step {best_step}")
+    return {
+        "task": last["task"], "step": best_step, "metrics": best_metrics,
+        "main_metric": key, "main_metric_mode": mode, "best_step": best_step, "best_metrics": best_metrics,
+        "last_step": last["step"], "last_metrics": last["metrics"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -290,7 +338,23 @@ def run(
     log: Callable[[str], None] = print,
     keep_trainer: bool = False,
 ) -> RunResult:
-    """Validate, then train (resuming from ``output_dir`` when it has checkpoints), evaluate and export."""
+    """Validate, then train (resuming from ``output_dir`` when it has checkpoints), evaluate and export.
+
+    ``progress``: a tqdm bar on a terminal, else a line per logged step / evaluation through ``log``
+    (see ``adapad_jax.progress``); False prints no progress.
+    """
+    with progress_lib.reporting(progress_lib.Reporter(progress_lib.choose_mode(progress), log)):
+        return _run(config, progress=progress, log=log, keep_trainer=keep_trainer)
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    keep_trainer: bool = False,
+) -> RunResult:
+    """``run`` inside its progress reporter."""
     from adapad_jax.config import check_fields
 
     check_fields(config)  # cheap field checks first, before the demo builds anything
@@ -302,7 +366,8 @@ def run(
     main_process = is_main_process()
     if not main_process:
         progress, log = False, _ignore
-    if not progress:
+        progress_lib.silence()
+    if progress_lib.current().mode != "bar":  # no bars: tqdm's carriage returns would garble a log file
         import datasets
 
         datasets.disable_progress_bars()
@@ -352,6 +417,7 @@ def run(
         if trainer.step:
             log(f"resuming {output_dir} from step {trainer.step}")
         eval_batch = int(config.train.eval_batch_size)
+        evals = EvalMemo(data, eval_batch)
         if num_steps > 0 and trainer.step < num_steps:
             log(f"training {config.adapter.method} for {num_steps} steps ({len(model.targets)} adapted modules)")
             log(rank_schedule_line(trainer.rank_schedule(num_steps), config))
@@ -359,14 +425,19 @@ def run(
                 batches,
                 num_steps,
                 data_state_fn=batches.state_dict,
-                eval_fn=lambda t: evaluate(t, data, eval_batch)[0],
+                eval_fn=evals.metrics_of,
                 eval_every=int(config.train.eval_every_steps),
                 progress=progress,
             )
-        metrics, rows = evaluate(trainer, data, eval_batch)
+        metrics, rows = evals.at(trainer)
         step = trainer.step
         trainer.metrics.write({"step": step, "eval": metrics, "final": True})
-        results = {"task": config.task, "step": step, "metrics": metrics, "rank": trainer.rank_schedule(num_steps)}
+        results = {"task": config.task, "step": step, "metrics": metrics}
+        if trainer.select_best:
+            results = select_best_checkpoint(trainer, evals, results, log)
+            step = trainer.step
+            metrics, rows = evals.at(trainer)
+        results["rank"] = trainer.rank_schedule(num_steps)
 
         def write_card(staging: Path) -> None:
             from adapad_jax.models.model_card import write_model_card
@@ -375,6 +446,7 @@ def run(
                 write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type)
 
         export_output_set(trainer, output_dir, results, rows, after_export=write_card)
+        trainer.metrics.write_image("ranks", output_dir / "ranks.png", step)
         ranks = trainer.ranks()
         log(
             f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))

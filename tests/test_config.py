@@ -31,9 +31,10 @@ SCHEMA = {
     "optim.warmup_steps": None, "optim.schedule": "linear", "optim.grad_clip": 1.0, "optim.b1": 0.9,
     "optim.b2": 0.999, "optim.eps": 1e-6,
     "train.num_epochs": None, "train.num_steps": -1, "train.batch_size": None, "train.eval_batch_size": 64,
-    "train.eval_every_steps": 0, "train.log_every_steps": 10,
+    "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
+    "logging.tensorboard": True, "logging.wandb_project": "",
 }
 
 # SPEC section 4, Table 8: epochs, batch, alpha, warmup, top-k, T, orth, adapter drop, cls drop, adapter wd, schedule.

@@ -22,7 +22,6 @@ are written by orbax from every process, so output_dir must be on a filesystem t
 
 from __future__ import annotations
 
-import os
 import sys
 
 from adapad_jax.cli.common import expand_preset, quiet_start, run_app
@@ -62,7 +61,7 @@ def _main(argv: list[str]) -> None:
     with user_errors():
         from adapad_jax.run import run
 
-        result = run(config, progress=sys.stderr.isatty() or bool(os.environ.get("ADAPAD_PROGRESS")))
+        result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
         if config.task == "demo":
             from adapad_jax import demo
 

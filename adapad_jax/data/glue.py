@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from adapad_jax import progress
 from adapad_jax.data.squad import CHUNK_ROWS, model_arrays
 from adapad_jax.data.tasks import DataError, TaskSpec
 
@@ -28,7 +29,8 @@ def tokenize_glue(
     if len(dataset) == 0:
         raise DataError(f"no rows to tokenise for task {spec.name}")
     parts = []
-    for first in range(0, len(dataset), chunk_rows):
+    chunks = range(0, len(dataset), chunk_rows)
+    for first in progress.iterate(chunks, len(chunks), f"tokenise {spec.name} ({len(dataset)} rows)", unit="chunks"):
         rows = dataset[first : first + chunk_rows]
         encoded = tokenizer(
             *[list(rows[column]) for column in spec.text_columns],

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from adapad_jax import progress
 from adapad_jax.data import feature_cache
 from adapad_jax.data.glue import tokenize_glue
 from adapad_jax.data.loading import load_raw_splits
@@ -79,7 +80,12 @@ def build_task_data(
     def tokenised(split: str, role: str, compute):
         settings = {"task": spec.name, "split": split, "role": role, "max_length": max_length,
                     "doc_stride": doc_stride if spec.kind == "qa" else None, "token_types": with_token_type_ids}
-        return feature_cache.cached(cache_dir, raw[split], tokenizer_hash, settings, compute)
+        computed = []
+        features = feature_cache.cached(cache_dir, raw[split], tokenizer_hash, settings,
+                                        lambda: computed.append(True) or compute())
+        if not computed:
+            progress.current().line(f"tokenise {spec.name} {split}: {len(raw[split])} rows from the feature cache")
+        return features
 
     train = None
     if "train" in raw:

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from adapad_jax import progress
 from adapad_jax.data.tasks import DataError
 
 NULL_POSITION = 0
@@ -42,7 +43,8 @@ def _encode_chunks(
         raise DataError(f"data.doc_stride ({doc_stride}) must be in [0, max_length={max_length})")
     if len(dataset) == 0:
         raise DataError("no SQuAD rows to tokenise")
-    for first in range(0, len(dataset), chunk_rows):
+    chunks = range(0, len(dataset), chunk_rows)
+    for first in progress.iterate(chunks, len(chunks), f"tokenise squad ({len(dataset)} rows)", unit="chunks"):
         rows = dataset[first : first + chunk_rows]
         questions = [q.lstrip() for q in rows["question"]]
         try:

@@ -48,6 +48,18 @@ def main_metric_key(task: str | TaskSpec) -> str:
     return metric_key(spec, spec.validation_splits[0], spec.main_metric)
 
 
+# Every metric the tasks report (accuracy, F1, MCC, correlations, EM) is better when higher; a metric that is
+# better when lower (a loss, an error rate) belongs here.
+LOWER_IS_BETTER: frozenset[str] = frozenset()
+
+
+def main_metric(task: str | TaskSpec) -> tuple[str, str]:
+    """The task's headline metric as (key in ``evaluate_task`` results, ``"max"`` or ``"min"``): what ranks
+    checkpoints for ``train.select_best``."""
+    spec = _spec(task)
+    return main_metric_key(spec), "min" if spec.main_metric in LOWER_IS_BETTER else "max"
+
+
 def predictions_from_outputs(
     spec: TaskSpec,
     eval_set: EvalSet,

@@ -155,10 +155,10 @@ def require_finite(state: Any, step: int, what: str) -> None:
                        "was not written; lower optim.learning_rate and rerun")
 
 
-def save_or_fail(checkpointer: Any, step: int, state: Any, meta: dict) -> None:
-    """``checkpointer.save``, with an OS error (disk full, read-only) turned into one line."""
+def save_or_fail(checkpointer: Any, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    """``checkpointer.save`` (``metrics`` rank it for the best-checkpoint policy), OS errors as one line."""
     try:
-        checkpointer.save(step, state, meta)
+        checkpointer.save(step, state, meta, metrics=metrics)
     except Exception as err:  # noqa: BLE001 - orbax wraps the OS error in various types
         os_err = os_error_in_chain(err)
         if os_err is None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adapad_jax import progress as progress_lib
 from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.output_set import dumps_strict
@@ -21,7 +22,7 @@ from adapad_jax.training import recovery
 from adapad_jax.training.guard import FiniteGuard
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.training.outputs import MetricsWriter, plot_ranks, write_ranks_json
+from adapad_jax.training.outputs import plot_ranks, write_ranks_json
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -30,12 +31,21 @@ from adapad_jax.training.sharding import (
     replicated,
 )
 from adapad_jax.training.step import METHODS, StepSpec, build_eval_forward, build_train_step, head_key, merge_head
+from adapad_jax.training.tracking import open_run_log
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
     for name in path:
         tree = tree[name]
     return tree
+
+
+def best_checkpoint_metric(config: Any) -> tuple[str, str]:
+    """(key in the evaluation results, 'max' or 'min') that ranks checkpoints for ``train.select_best``."""
+    from adapad_jax.config import task_spec_for
+    from adapad_jax.metrics import main_metric
+
+    return main_metric(task_spec_for(config))
 
 
 def to_host(tree: Any) -> Any:
@@ -110,11 +120,13 @@ class Trainer:
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
         self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
         self.frozen = jax.device_put(model.params, replicated(mesh))
+        self.select_best = bool(config.train.get("select_best", False))
+        best = best_checkpoint_metric(config) if self.select_best else None
         if checkpoint_dir is None:
-            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep))
+            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep), best=best)
         else:
-            self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True)
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.writes_files)
+            self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True, best=best)
+        self.metrics = open_run_log(self.output_dir, config, enabled=self.writes_files)
         self.state: dict[str, Any] | None = None
         self._steps: dict[tuple[int, int], Callable] = {}
         self._total_steps = max(int(config.train.get("num_steps", -1)), 1)
@@ -130,7 +142,8 @@ class Trainer:
             self.model.targets, self.num_slots, float(adapter.init_std), jax.random.fold_in(root, 1),
             zero_b=self.method == "lora",
         )
-        head = {head_key(p): jax.tree.map(jnp.asarray, _subtree(self.model.params, tuple(p)))
+        # Copies (jnp.array): the train step donates the state, which must not take the model's own head arrays.
+        head = {head_key(p): jax.tree.map(jnp.array, _subtree(self.model.params, tuple(p)))
                 for p in self.model.head_prefixes}
         trainable = {"slots": slots, "head": head}
         state = {
@@ -284,17 +297,17 @@ class Trainer:
         eval_every: int = 0,
         progress: bool = True,
     ) -> None:
-        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing."""
+        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing.
+
+        ``eval_fn`` runs every ``eval_every`` steps (and at the last step with ``train.select_best``, whose
+        checkpoints then carry the metrics); ``progress``: see ``adapad_jax.progress``.
+        """
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
         log_every = max(int(self.config.train.get("log_every_steps", 10)), 1)
         every = int(self.config.checkpoint.every_steps)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_steps, initial=self.step, desc=self.method, dynamic_ncols=True)
+        bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         last_time = time.perf_counter()
         guard = FiniteGuard(self.step)
@@ -324,17 +337,17 @@ class Trainer:
                 }
                 last_time = now
                 self.metrics.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{float(host['loss']):.4f}", lr=f"{float(host['lr']):.2e}", L=live,
-                                    rank=int(host["total_rank"]))
-            if bar is not None:
-                bar.update(1)
-            if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step < num_steps:
+                self.metrics.write_ranks(step, self.ranks())
+                bar.logged(record)
+            bar.advance(1)
+            evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
+            if evaluated:
                 self.metrics.write({"step": step, "eval": eval_fn(self)})
-            saving = (every > 0 and step % every == 0) or step == num_steps
+                bar.evaluated(step, self.metrics.last_eval)
+            saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
             if saving:
                 guard.check(self.checkpointer.latest_step())
-                self.save(data_state_fn())
+                self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
             if recovery.stop_agreed(stop.requested, step % log_every == 0 or step == num_steps):
                 guard.check(self.checkpointer.latest_step())
                 if not saving:
@@ -342,13 +355,25 @@ class Trainer:
                 recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
         guard.check(self.checkpointer.latest_step())
 
-    def save(self, data_state: dict) -> None:
-        """Checkpoint the current state with the data position and L."""
+    def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
+        """Evaluate after ``step``? Every ``eval_every`` steps before the end; at the end when selecting the best."""
+        if step == num_steps:
+            return self.select_best
+        return eval_every > 0 and step % eval_every == 0
+
+    def save(self, data_state: dict, eval_metrics: dict | None = None) -> None:
+        """Checkpoint the current state with the data position and L (and its evaluation, to rank checkpoints)."""
         meta = {"data_state": data_state, "live_slots": self.live_slots, "step": self.step, "method": self.method,
                 "ranks": self.ranks()}
+        if eval_metrics is not None:  # JSON numbers only
+            eval_metrics = {k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float, np.number))}
         meta.update(recovery.identity_meta(self))
         recovery.require_finite(self.state, self.step, "checkpoint")
-        recovery.save_or_fail(self.checkpointer, self.step, self.state, meta)
+        recovery.save_or_fail(self.checkpointer, self.step, self.state, meta, metrics=eval_metrics)
+
+    def best_step(self) -> int | None:
+        """The evaluated checkpoint with the best main metric (``train.select_best``), or None."""
+        return self.checkpointer.best_step() if self.select_best else None
 
     # ------------------------------------------------------------ evaluation
     def predict(self, batch: dict) -> dict[str, np.ndarray]:
@@ -416,5 +441,6 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        """Release the checkpoint manager."""
+        """Release the checkpoint manager and the metric sinks."""
         self.checkpointer.close()
+        self.metrics.close()
