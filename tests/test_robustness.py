@@ -497,7 +497,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkp
     _train(trainer, 2)
     original = trainer.checkpointer.save
 
-    def full_disk(step, state, meta):
+    def full_disk(step, state, meta, metrics=None):
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints" / str(step)))
         except OSError as err:
