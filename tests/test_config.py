@@ -11,7 +11,8 @@ import pytest
 
 from adapad_jax import config as config_lib
 from adapad_jax.config import ConfigError, base_config, check_fields, check_mesh, check_resume, validate_config
-from adapad_jax.run import load_run_config, write_text_atomic
+from adapad_jax.output_set import write_text_atomic
+from adapad_jax.saved_run import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

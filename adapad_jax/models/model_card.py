@@ -138,7 +138,7 @@ def write_model_card(
     adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = ""
 ) -> Path:
     """Write ``README.md`` into an exported ``adapter/`` (ranks from ``ranks.json`` beside it, else its config)."""
-    from adapad_jax.run import write_text_atomic
+    from adapad_jax.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
     ranks_file = adapter_dir.parent / "ranks.json"
