@@ -151,7 +151,7 @@ def predict(
     ``test_file``: one file, or for MNLI "matched,mismatched". ``out_dir`` defaults to
     ``<run_dir>/predict-step<N>``; it must not be the run directory itself.
     """
-    from adapad_jax.config import task_spec_for
+    from adapad_jax.validation import task_spec_for
     from adapad_jax.data.loading import split_validation_files
     from adapad_jax.output_set import write_json_atomic, write_jsonl_atomic, write_text_atomic
     from adapad_jax.saved_run import load_run_config

@@ -1,6 +1,6 @@
 """One run from a config: validate, load model and data, build the mesh and trainer, train, evaluate, write outputs.
 
-Order matters for the user's contract: every check (``adapad_jax.config.validate_config``) runs before any
+Order matters for the user's contract: every check (``adapad_jax.validation.validate_config``) runs before any
 model weights or data are loaded and before ``output_dir`` is created or touched. Every file this module
 writes into ``output_dir`` is written to a temporary name and renamed into place, so a run that dies leaves
 the previous version of each output intact. Rerunning on an ``output_dir`` with checkpoints resumes.
@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 
 from adapad_jax import progress as progress_lib
-from adapad_jax.config import CheckedRun, ConfigError, check_resume, validate_config
+from adapad_jax.config import ConfigError
+from adapad_jax.validation import CheckedRun, check_resume, validate_config
 from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
@@ -264,7 +265,7 @@ def _run(
     keep_trainer: bool = False,
 ) -> RunResult:
     """``run`` inside its progress reporter."""
-    from adapad_jax.config import check_fields
+    from adapad_jax.validation import check_fields
 
     check_fields(config)  # cheap field checks first, before the demo builds anything
     if config.task == "demo":

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
-from adapad_jax.config import CheckedRun, ConfigError
+from adapad_jax.config import ConfigError
+from adapad_jax.validation import CheckedRun
 from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set
 from adapad_jax.run import CONFIG_FILE, EXPORTED_OUTPUTS, has_checkpoints, load_model_for
@@ -71,7 +72,7 @@ def restored_run(run_dir: str | os.PathLike, step: int | None = None):
     """
     import jax
 
-    from adapad_jax.config import task_spec_for
+    from adapad_jax.validation import task_spec_for
     from adapad_jax.models.checkpoint_io import CheckpointError
     from adapad_jax.models.registry import load_hf_config
     from adapad_jax.training import Trainer, make_mesh

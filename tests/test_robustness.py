@@ -20,7 +20,8 @@ import pytest
 from adapad_jax import run as run_lib
 from adapad_jax import output_set
 from adapad_jax.cli import errors as cli_errors
-from adapad_jax.config import ConfigError, base_config, check_fields, check_resume
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields, check_resume
 from adapad_jax.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
 from adapad_jax.output_set import dumps_strict, publish_set
 from adapad_jax.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from adapad_jax import progress
-from adapad_jax.config import ConfigError, base_config, check_fields
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields
 from adapad_jax.metrics import main_metric
 
 REPO = Path(__file__).resolve().parents[1]
