@@ -151,9 +151,10 @@ def predict(
     ``test_file``: one file, or for MNLI "matched,mismatched". ``out_dir`` defaults to
     ``<run_dir>/predict-step<N>``; it must not be the run directory itself.
     """
-    from adapad_jax.config import task_spec_for
+    from adapad_jax.validation import task_spec_for
     from adapad_jax.data.loading import split_validation_files
-    from adapad_jax.run import load_run_config, write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from adapad_jax.output_set import write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from adapad_jax.saved_run import load_run_config
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)  # raises ConfigError for a directory that is not a run
@@ -173,7 +174,9 @@ def predict(
 
     from adapad_jax.data import build_task_data, load_tokenizer
     from adapad_jax.metrics.evaluate import evaluate_split, predictions_from_outputs
-    from adapad_jax.run import is_main_process, predict_split, restored_run
+    from adapad_jax.distributed import is_main_process
+    from adapad_jax.run import predict_split
+    from adapad_jax.saved_run import restored_run
 
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as scratch, restored_run(run_dir, step) as restored:

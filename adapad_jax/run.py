@@ -1,33 +1,30 @@
 """One run from a config: validate, load model and data, build the mesh and trainer, train, evaluate, write outputs.
 
-Order matters for the user's contract: every check (``adapad_jax.config.validate_config``) runs before any
+Order matters for the user's contract: every check (``adapad_jax.validation.validate_config``) runs before any
 model weights or data are loaded and before ``output_dir`` is created or touched. Every file this module
 writes into ``output_dir`` is written to a temporary name and renamed into place, so a run that dies leaves
 the previous version of each output intact. Rerunning on an ``output_dir`` with checkpoints resumes.
 
-Several processes (``initialize_distributed``): every process runs the same ``run``; each feeds its block of
-every global batch, evaluation outputs are gathered to every process, and only process 0 writes files and logs.
+Several processes (``distributed.initialize_distributed``): every process runs the same ``run``; each feeds its
+block of every global batch, evaluation outputs are gathered to every process, and only process 0 writes files
+and logs. Reading a run directory back (export, predict) is ``saved_run``; the commands' error lines are
+``cli/errors``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import re
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 
 from adapad_jax import progress as progress_lib
-from adapad_jax.config import CheckedRun, ConfigError, check_resume, validate_config
-from adapad_jax.failures import RunFailure
-from adapad_jax.output_set import apply_umask, dumps_strict, publish_set
+from adapad_jax.config import ConfigError
+from adapad_jax.validation import CheckedRun, check_resume, validate_config
+from adapad_jax.distributed import is_main_process
+from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 
 CONFIG_FILE = "config.json"
@@ -35,10 +32,6 @@ EVAL_RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.jsonl"
 EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
-# The three variables that start JAX's multi-process runtime (see initialize_distributed).
-DISTRIBUTED_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-# Set to "auto" to let jax.distributed.initialize() detect a cluster (SLURM, Open MPI, Kubernetes, TPU pods).
-DISTRIBUTED_AUTO_VAR = "ADAPAD_DISTRIBUTED"
 
 
 @dataclasses.dataclass
@@ -54,90 +47,7 @@ class RunResult:
     data: Any = None  # the TaskData (same condition)
 
 
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def distributed_settings(environ: Mapping[str, str]) -> dict[str, Any] | None:
-    """Arguments for ``jax.distributed.initialize`` from the environment; None for a single-process run.
-
-    Explicit: all of ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. Cluster auto-detection: ``ADAPAD_DISTRIBUTED=auto`` and none of the three.
-    """
-    present = [name for name in DISTRIBUTED_ENV_VARS if environ.get(name)]
-    auto = environ.get(DISTRIBUTED_AUTO_VAR, "").strip().lower()
-    if auto not in ("", "auto"):
-        raise ConfigError(f"{DISTRIBUTED_AUTO_VAR}={auto!r} is not understood: set it to 'auto' or leave it unset")
-    if not present:
-        return {} if auto == "auto" else None
-    if len(present) != len(DISTRIBUTED_ENV_VARS):
-        missing = [name for name in DISTRIBUTED_ENV_VARS if name not in present]
-        raise ConfigError(
-            f"multi-process run: {', '.join(present)} set but {', '.join(missing)} missing; set all three"
-        )
-    try:
-        num_processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
-    except ValueError:
-        raise ConfigError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ConfigError(f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})")
-    return {
-        "coordinator_address": environ["JAX_COORDINATOR_ADDRESS"],
-        "num_processes": num_processes,
-        "process_id": process_id,
-    }
-
-
-def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
-    """Start JAX's multi-process runtime when the environment asks for it (before any device use); True if started."""
-    settings = distributed_settings(os.environ if environ is None else environ)
-    if settings is None:
-        return False
-    import jax
-
-    jax.distributed.initialize(**settings)
-    return True
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files and logs (process 0; the only one without jax.distributed)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-# ---------------------------------------------------------------------------------------------- atomic files
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON (indented) through ``write_text_atomic``."""
-    write_text_atomic(path, dumps_strict(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """One JSON object per line through ``write_text_atomic``."""
-    write_text_atomic(path, "".join(dumps_strict(row) + "\n" for row in rows))
-
-
-def export_outputs(trainer: Any, output_dir: Path, extra_dir: str | None = None) -> None:
-    """``trainer.export`` into a temporary directory inside ``output_dir``, then rename each output into place.
-
-    Every process must call it (the export gathers the adapters); only process 0 writes.
-    """
-    export_output_set(trainer, output_dir, extra_dir=extra_dir)
+# ---------------------------------------------------------------------------------------------- outputs
 
 
 def export_output_set(trainer: Any, output_dir: Path, results: dict | None = None, rows: list | None = None,
@@ -355,7 +265,7 @@ def _run(
     keep_trainer: bool = False,
 ) -> RunResult:
     """``run`` inside its progress reporter."""
-    from adapad_jax.config import check_fields
+    from adapad_jax.validation import check_fields
 
     check_fields(config)  # cheap field checks first, before the demo builds anything
     if config.task == "demo":
@@ -494,251 +404,3 @@ def _ignore(_: str) -> None:
     """A ``log`` that drops its message (processes other than 0)."""
 
 
-# ---------------------------------------------------------------------------------------------- export
-
-
-def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its output directory."""
-    from adapad_jax.config import base_config
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory: it has no {CONFIG_FILE}")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    config = base_config()
-    _merge(config, saved, "")
-    return config
-
-
-def _merge(config: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: str) -> None:
-    for key, value in saved.items():
-        if isinstance(value, dict):
-            if key not in config:
-                config[key] = ml_collections.ConfigDict()
-            _merge(config[key], value, f"{prefix}{key}.")
-        elif key in config and isinstance(config[key], tuple):
-            config[key] = tuple(value)
-        else:
-            config[key] = value
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    """A run's model with one of its checkpoints restored (see ``restored_run``)."""
-
-    run_dir: Path
-    config: ml_collections.ConfigDict
-    checked: CheckedRun
-    model: Any
-    trainer: Any
-    step: int
-
-
-@contextlib.contextmanager
-def restored_run(run_dir: str | os.PathLike, step: int | None = None):
-    """Rebuild a run's model from its config.json and restore checkpoint ``step`` (None = newest); yields RestoredRun.
-
-    Reads the run directory only (the trainer writes into a scratch directory). With several processes every
-    process must enter it (the mesh spans every device, adapters replicated).
-    """
-    import jax
-
-    from adapad_jax.config import task_spec_for
-    from adapad_jax.models.checkpoint_io import CheckpointError
-    from adapad_jax.models.registry import load_hf_config
-    from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.checkpointing import Checkpointer
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    if not has_checkpoints(run_dir):
-        raise ConfigError(f"run directory '{run_dir}' has no checkpoints")
-    reader = Checkpointer(checkpoints, keep=0, read_only=True)
-    try:
-        steps = reader.all_steps()
-    finally:
-        reader.close()
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ConfigError(f"run directory '{run_dir}' has no checkpoint for step {step} (it has {steps})")
-    try:
-        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.get("revision") or None)
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    spec = task_spec_for(config)
-    checked = CheckedRun(spec, checkpoint_dir, hf_config, num_modules=0)
-    model = load_model_for(config, checked)
-    # One device is enough to restore (the checkpoint restores onto any mesh); several processes must all hold
-    # part of the mesh, so then it spans every device with the adapters replicated.
-    if jax.process_count() > 1:
-        mesh = make_mesh(jax.device_count(), 1)
-    else:
-        mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-    with tempfile.TemporaryDirectory() as scratch:
-        # The trainer's own output_dir is a scratch dir so that nothing in the run directory is appended to.
-        trainer = Trainer(model, config, mesh, scratch, checkpoint_dir=checkpoints)
-        try:
-            try:
-                trainer.restore(step)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-            yield RestoredRun(run_dir, config, checked, model, trainer, step)
-        finally:
-            trainer.close()
-
-
-def export_checkpoint(
-    run_dir: str | os.PathLike, *, step: int | None = None, out_dir: str | None = None, merged: bool = False,
-    log: Callable[[str], None] = print, merged_dtype: str = "float32",
-) -> Path:
-    """Rebuild a run's model, restore one of its checkpoints and write the PEFT adapter (+ merged checkpoint).
-
-    Reads the run directory only. With several processes every process restores and only process 0 writes.
-    ``merged_dtype``: float32 or bfloat16 weights in ``merged/`` (which also gets the tokenizer files).
-    """
-    from adapad_jax.models.model_card import metrics_at_step, write_model_card
-
-    if merged_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
-    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
-    with restored_run(run_dir, step) as restored:
-        trainer, model, step = restored.trainer, restored.model, restored.step
-        out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
-        if not is_main_process():
-            trainer.export(None)
-            if merged:
-                trainer.trained_params(), trainer.committed_factors()
-            return out
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            from adapad_jax.failures import OutputWriteError, describe_os_error
-
-            raise OutputWriteError(describe_os_error(err, out)) from None
-
-        def write(staging: Path) -> None:
-            trainer.export(staging)
-            if (staging / "adapter").is_dir():
-                write_model_card(staging / "adapter", restored.config, metrics_at_step(run_dir, step), step,
-                                 model.hf_config.model_type)
-            if merged:
-                from adapad_jax.data import load_tokenizer
-                from adapad_jax.models.export import write_merged_checkpoint
-
-                write_merged_checkpoint(
-                    staging / "merged", model, trainer.trained_params(), trainer.committed_factors(),
-                    trainer.scaling, dtype=merged_dtype,
-                )
-                load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))
-
-        publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
-    log(f"exported step {step} of {run_dir} to {out}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- command lines
-
-
-def start_command(argv: list[str], hint: str = "") -> None:
-    """Shared start of the launch scripts: refuse positional arguments, quiet absl, start jax.distributed if asked."""
-    from absl import logging
-
-    if len(argv) > 1:
-        fail(f"unexpected positional arguments {argv[1:]}{hint}")
-    logging.set_verbosity(logging.WARNING)
-    with user_errors():
-        initialize_distributed()  # before anything touches a device
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print ``error: <message>`` as one line on stderr and exit with ``code``."""
-    one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    print(f"error: {one_line}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def parse_flags_or_fail(argv: list[str]) -> list[str]:
-    """absl flag parsing for ``app.run`` that reports a bad flag or config override as one line."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        message = str(err)
-        if "Traceback (most recent call last)" in message:  # get_config raised: keep the flag and the last line
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            message = f"{message.split(':', 1)[0]}: the config file raised {lines[-1]}"
-        fail(message)
-    except (AttributeError, KeyError) as err:
-        fail(_unknown_field_message(argv, err))
-    except Exception as err:  # noqa: BLE001 - a config file that fails to load raises anything
-        fail(config_load_message(err))
-    raise AssertionError("unreachable")
-
-
-def config_load_message(err: BaseException) -> str:
-    """One line for a config file that could not be loaded (missing, or raising in get_config)."""
-    message = str(err)
-    if "No such file or directory:" in message:
-        return f"config file not found: {message.split('No such file or directory:')[-1].strip()}"
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return f"cannot load the config file: {' '.join(lines[-3:]) if lines else type(err).__name__}"
-
-
-def loaded_config_or_fail(config: Any) -> Any:
-    """config_flags reports a config file that failed to load only when the config is first read: do it here."""
-    try:
-        config.get("task")
-    except OSError as err:
-        fail(config_load_message(err))
-    return config
-
-
-def _unknown_field_message(argv: list[str], err: BaseException) -> str:
-    """Name the ``--config.<field>`` override that does not exist (config_flags only reports the last key)."""
-    text = str(err.args[0] if err.args else err).replace("\\'", "'")
-    named = re.search(r"[\"']([A-Za-z_]\w*)[\"']", text)
-    missing = named.group(1) if named else text
-    suggestion = re.search(r"Did you mean \"?(\w+)\"?", text)
-    hint = f" (did you mean \"{suggestion.group(1)}\" instead?)" if suggestion else ""
-    for arg in argv[1:]:
-        name = arg.lstrip("-").split("=", 1)[0]
-        parts = name.split(".")
-        if len(parts) > 1 and parts[0] != "" and missing in parts[1:]:
-            field = ".".join(parts[1:])
-            return f"unknown config field '{field}'{hint}; the fields are listed in adapad_jax/config.py:base_config"
-    return f"unknown config field '{missing}'{hint}"
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input (config, model, data), reported without a traceback."""
-    from adapad_jax.data.tasks import DataError
-    from adapad_jax.models.checkpoint_io import CheckpointError
-
-    types: list[type[BaseException]] = [ConfigError, DataError, CheckpointError]
-    try:
-        from adapad_jax.models.qwen3_modules import Qwen3ConfigError
-
-        types.append(Qwen3ConfigError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn bad-input exceptions raised inside the block into ``fail`` (one line, exit code 2), and run-time
-    failures (divergence, preemption, unwritable outputs) into one line with their own exit code."""
-    known = user_error_types()
-    try:
-        yield
-    except known as err:
-        fail(str(err))
-    except RunFailure as err:
-        fail(str(err), err.exit_code)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax import config as config_lib
-from adapad_jax.config import ConfigError, base_config, check_fields, check_mesh, check_resume, validate_config
-from adapad_jax.run import load_run_config, write_text_atomic
+from adapad_jax import validation
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields, check_mesh, check_resume, validate_config
+from adapad_jax.output_set import write_text_atomic
+from adapad_jax.saved_run import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +185,7 @@ def test_count_adapter_targets_matches_the_built_model(tmp_path, family, targets
 
     _, hf_config = load_hf_config(str(_tiny_checkpoint_config(tmp_path, family)))
     model = model_from_config(hf_config, task="classification", num_labels=2, target_names=targets or None)
-    assert config_lib.count_adapter_targets(hf_config, "classification", targets) == len(model.targets)
+    assert validation.count_adapter_targets(hf_config, "classification", targets) == len(model.targets)
 
 
 def test_unknown_target_module_is_a_config_error(tmp_path):
@@ -191,7 +193,7 @@ def test_unknown_target_module_is_a_config_error(tmp_path):
 
     _, hf_config = load_hf_config(str(_tiny_checkpoint_config(tmp_path, "deberta")))
     with pytest.raises(ConfigError, match="adapter.target_modules"):
-        config_lib.count_adapter_targets(hf_config, "classification", ("not_a_layer",))
+        validation.count_adapter_targets(hf_config, "classification", ("not_a_layer",))
 
 
 def _valid_config(tmp_path: Path, family: str = "deberta"):

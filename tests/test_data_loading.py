@@ -169,7 +169,8 @@ def test_label_forms_accepted_and_rejected(tmp_path):
 
 
 def test_tfds_source_is_refused_with_the_alternatives():
-    from adapad_jax.config import ConfigError, base_config, check_fields
+    from adapad_jax.config import ConfigError, base_config
+    from adapad_jax.validation import check_fields
 
     with pytest.raises(DataError, match=r"data.source=tfds is not supported .*data.source=hub.*data.train_file"):
         load_raw_splits("glue_rte", source="tfds")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from adapad_jax import run as run_lib
+from adapad_jax import saved_run
 from adapad_jax.config import base_config
 from adapad_jax.testing import tiny
 
@@ -272,6 +273,6 @@ def test_single_sentence_run_resumes_and_exports_any_checkpoint(tmp_path):
     np.testing.assert_allclose(logits.numpy(), np.array([r["logits"] for r in rows]), atol=ATOL, rtol=1e-4)
 
     # An older checkpoint exports too, and differs from the final one.
-    older = run_lib.export_checkpoint(second.output_dir, step=2, out_dir=str(tmp_path / "step2"), log=lambda _: None)
+    older = saved_run.export_checkpoint(second.output_dir, step=2, out_dir=str(tmp_path / "step2"), log=lambda _: None)
     at_step2 = safetensors.numpy.load_file(str(older / "adapter" / "adapter_model.safetensors"))
     assert any(not np.array_equal(at_step2[k], written[k]) for k in written if k in at_step2)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from adapad_jax import run as run_lib
+from adapad_jax import distributed
 from adapad_jax.config import ConfigError, base_config
 from adapad_jax.data.batching import TrainBatches, eval_batches
 from adapad_jax.testing import tiny
@@ -114,7 +115,7 @@ def test_single_process_mesh_feeds_the_whole_batch():
     ],
 )
 def test_distributed_settings_from_the_environment(environ, expected):
-    assert run_lib.distributed_settings(environ) == expected
+    assert distributed.distributed_settings(environ) == expected
 
 
 @pytest.mark.parametrize(
@@ -128,11 +129,11 @@ def test_distributed_settings_from_the_environment(environ, expected):
 )
 def test_distributed_settings_refuse_incomplete_or_bad_values(environ, message):
     with pytest.raises(ConfigError, match=message):
-        run_lib.distributed_settings(environ)
+        distributed.distributed_settings(environ)
 
 
 def test_initialize_distributed_is_a_no_op_without_the_environment():
-    assert run_lib.initialize_distributed({}) is False
+    assert distributed.initialize_distributed({}) is False
 
 
 class _RecordingTrainer:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from adapad_jax import run as run_lib
+from adapad_jax import saved_run
 from adapad_jax.prediction import predict
 
 from test_e2e_runs import read_jsonl, tiny_run_config
@@ -132,7 +133,7 @@ def test_bf16_merged_export_has_tokenizer_and_matches_peft(mnli_run, tmp_path):
 
     tmp, config = mnli_run
     run_dir = Path(config.output_dir)
-    out = run_lib.export_checkpoint(run_dir, out_dir=str(tmp_path / "x"), merged=True, merged_dtype="bfloat16",
+    out = saved_run.export_checkpoint(run_dir, out_dir=str(tmp_path / "x"), merged=True, merged_dtype="bfloat16",
                                     log=lambda _: None)
     assert (out / "adapter" / "README.md").is_file()
     merged_tok = AutoTokenizer.from_pretrained(str(out / "merged"))

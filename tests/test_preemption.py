@@ -31,7 +31,7 @@ OVERRIDES = {"adapter.r_max": 4, "adapter.rank_budget": 10, "adapter.top_k": 1, 
 RUNNER = textwrap.dedent(
     """
     import sys, time
-    from adapad_jax.run import user_errors
+    from adapad_jax.cli.errors import user_errors
     from adapad_jax.training import Trainer, make_mesh
     from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
     enable_compilation_cache()

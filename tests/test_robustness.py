@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from adapad_jax import run as run_lib
-from adapad_jax.config import ConfigError, base_config, check_fields, check_resume
+from adapad_jax import output_set
+from adapad_jax.cli import errors as cli_errors
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields, check_resume
 from adapad_jax.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
 from adapad_jax.output_set import dumps_strict, publish_set
 from adapad_jax.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint
@@ -126,7 +129,7 @@ def test_strict_json_writes_null_for_non_finite_values(tmp_path):
     writer = MetricsWriter(tmp_path / "m.jsonl")
     writer.write({"step": 1, "loss": np.float32("nan")})
     assert json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=pytest.fail) == {"step": 1, "loss": None}
-    run_lib.write_json_atomic(tmp_path / "r.json", {"x": float("nan")})
+    output_set.write_json_atomic(tmp_path / "r.json", {"x": float("nan")})
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == {"x": None}
 
 
@@ -332,10 +335,10 @@ def test_a_set_is_swapped_in_whole_with_the_users_umask(tmp_path):
             (staging / "adapter").mkdir()
             (staging / "adapter" / "adapter_config.json").write_text('{"step": 4}')
             (staging / "ranks.json").write_text('{"step": 4}')
-            run_lib.write_json_atomic(staging / "eval_results.json", {"step": 4})
+            output_set.write_json_atomic(staging / "eval_results.json", {"step": 4})
 
         publish_set(tmp_path, ("adapter", "ranks.json", "eval_results.json"), write)
-        run_lib.write_text_atomic(tmp_path / "config.json", "{}")
+        output_set.write_text_atomic(tmp_path / "config.json", "{}")
     finally:
         os.umask(old)
     for name in ("adapter/adapter_config.json", "ranks.json", "eval_results.json"):
@@ -422,12 +425,12 @@ def test_run_failures_end_in_one_line_with_their_exit_code(error, code, capsys):
     from adapad_jax.failures import Preempted
 
     with pytest.raises(SystemExit) as caught:
-        with run_lib.user_errors():
+        with cli_errors.user_errors():
             raise error
     assert caught.value.code == code
     assert capsys.readouterr().err == f"error: {error}\n"
     with pytest.raises(SystemExit) as caught:
-        with run_lib.user_errors():
+        with cli_errors.user_errors():
             raise Preempted("stopped")
     assert caught.value.code == 75
 
@@ -439,7 +442,7 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "config.json").write_text(config.to_json())
     (tmp_path / "cfg.py").write_text(
-        "from adapad_jax.run import load_run_config\n\ndef get_config():\n"
+        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from adapad_jax import run as run_lib
+from adapad_jax import saved_run
 from adapad_jax.config import base_config
 from adapad_jax.models.checkpoint_io import CheckpointError
 from adapad_jax.models.registry import load_hf_config, load_model, targets_for_config
@@ -56,7 +57,7 @@ def test_qwen3_without_pad_token_id_classifies_batches_and_exports_the_pad_id(tm
     finally:
         result.trainer.close()
 
-    out = run_lib.export_checkpoint(config.output_dir, merged=True, log=lambda _: None)
+    out = saved_run.export_checkpoint(config.output_dir, merged=True, log=lambda _: None)
     merged_config = json.loads((out / "merged" / "config.json").read_text())
     assert merged_config["pad_token_id"] == pad_id
     # transformers on the merged checkpoint (independent reference) reproduces the run's predictions. The

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from adapad_jax import progress
-from adapad_jax.config import ConfigError, base_config, check_fields
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields
 from adapad_jax.metrics import main_metric
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,7 +376,7 @@ def test_piped_run_prints_progress_writes_events_and_exports_the_best_step(tmp_p
 
     # A resumed, longer run keeps the first part's best unless a later evaluation beats it.
     from adapad_jax import run as run_lib
-    from adapad_jax.run import load_run_config
+    from adapad_jax.saved_run import load_run_config
 
     config = load_run_config(run_dir)
     config.train.num_steps = 12

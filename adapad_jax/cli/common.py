@@ -79,7 +79,7 @@ def run_app(main: Callable[[list[str]], None], module_name: str) -> None:
 
     from absl import app, flags
 
-    from adapad_jax.run import parse_flags_or_fail
+    from adapad_jax.cli.errors import parse_flags_or_fail
 
     module = sys.modules[module_name]
     main_module = sys.modules["__main__"]

@@ -21,7 +21,7 @@ quiet_start()
 
 from absl import flags  # noqa: E402
 
-from adapad_jax.run import fail, parse_flags_or_fail, start_command, user_errors  # noqa: E402
+from adapad_jax.cli.errors import fail, start_command, user_errors  # noqa: E402
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of an adapad-train run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
@@ -39,7 +39,7 @@ def _main(argv: list[str]) -> None:
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     with user_errors():
-        from adapad_jax.run import export_checkpoint
+        from adapad_jax.saved_run import export_checkpoint
 
         export_checkpoint(
             _RUN_DIR.value, step=_STEP.value, out_dir=_OUT.value, merged=_MERGED.value, merged_dtype=_DTYPE.value

@@ -23,7 +23,7 @@ import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from adapad_jax.run import _unknown_field_message, fail, start_command, user_errors  # noqa: E402
+from adapad_jax.cli.errors import fail, start_command, unknown_field_message, user_errors  # noqa: E402
 
 
 def predict_fields() -> ml_collections.ConfigDict:
@@ -42,7 +42,7 @@ _OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/pred
 try:  # config_flags applies --config.<field> overrides of a config dict as soon as the flag is defined
     _CONFIG = config_flags.DEFINE_config_dict("config", predict_fields(), "Fields: data.test_file, train.eval_batch_size.")
 except (AttributeError, KeyError) as err:
-    fail(_unknown_field_message(sys.argv, err).replace("adapad_jax/config.py:base_config", "adapad-predict --help"))
+    fail(unknown_field_message(sys.argv, err).replace("adapad_jax/config.py:base_config", "adapad-predict --help"))
 except (TypeError, ValueError) as err:
     fail(f"bad --config override: {err}")
 

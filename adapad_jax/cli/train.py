@@ -31,10 +31,9 @@ quiet_start()
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from adapad_jax.run import (  # noqa: E402
+from adapad_jax.cli.errors import (  # noqa: E402
     fail,
     loaded_config_or_fail,
-    parse_flags_or_fail,
     start_command,
     user_errors,
 )

@@ -90,7 +90,7 @@ def _loading_snippet(base: str, revision: str, kind: str, num_labels: int, is_qw
 def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
                model_type: str = "") -> str:
     """The README.md text of an adapter exported from a run with ``config`` at ``step``."""
-    from adapad_jax.config import task_spec_for
+    from adapad_jax.validation import task_spec_for
 
     spec = task_spec_for(config)
     base = str(config.model.name_or_path)
@@ -138,7 +138,7 @@ def write_model_card(
     adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = ""
 ) -> Path:
     """Write ``README.md`` into an exported ``adapter/`` (ranks from ``ranks.json`` beside it, else its config)."""
-    from adapad_jax.run import write_text_atomic
+    from adapad_jax.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
     ranks_file = adapter_dir.parent / "ranks.json"

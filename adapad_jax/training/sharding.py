@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adapad_jax.validation import check_components_divide
+
 DATA_AXIS = "data"
 COMPONENTS_AXIS = "components"
 
@@ -23,11 +25,8 @@ def make_mesh(data: int, components: int, r_max: int | None = None, devices: Seq
             f"{len(devices)} are available ({devices[0].platform}); lower mesh.data or mesh.components so their "
             f"product is at most {len(devices)}"
         )
-    if r_max is not None and r_max % components != 0:
-        raise ValueError(
-            f"adapter.r_max={r_max} is not divisible by mesh.components={components}; choose mesh.components "
-            f"among the divisors of r_max {[c for c in range(1, r_max + 1) if r_max % c == 0]}"
-        )
+    if r_max is not None:
+        check_components_divide(r_max, components)
     return Mesh(np.array(devices[: data * components]).reshape(data, components), (DATA_AXIS, COMPONENTS_AXIS))
 
 

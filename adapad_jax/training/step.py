@@ -25,7 +25,6 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
 
-METHODS = ("adapad", "joint", "lora")
 
 
 @dataclasses.dataclass(frozen=True)

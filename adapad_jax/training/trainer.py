@@ -17,6 +17,7 @@ from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.output_set import dumps_strict
 from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.validation import check_components_divide, check_rank_budget
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
 from adapad_jax.training.guard import FiniteGuard
@@ -30,7 +31,8 @@ from adapad_jax.training.sharding import (
     process_batch_slice,
     replicated,
 )
-from adapad_jax.training.step import METHODS, StepSpec, build_eval_forward, build_train_step, head_key, merge_head
+from adapad_jax.config import METHODS
+from adapad_jax.training.step import StepSpec, build_eval_forward, build_train_step, head_key, merge_head
 from adapad_jax.training.tracking import open_run_log
 
 
@@ -42,7 +44,7 @@ def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
 
 def best_checkpoint_metric(config: Any) -> tuple[str, str]:
     """(key in the evaluation results, 'max' or 'min') that ranks checkpoints for ``train.select_best``."""
-    from adapad_jax.config import task_spec_for
+    from adapad_jax.validation import task_spec_for
     from adapad_jax.metrics import main_metric
 
     return main_metric(task_spec_for(config))
@@ -95,20 +97,12 @@ class Trainer:
             self.scaling = float(adapter.alpha) / adapter.lora_rank
             initial_rank, budget, grow = adapter.lora_rank, num_modules * adapter.lora_rank, False
         else:
-            if adapter.r_max % self.components:
-                raise ValueError(
-                    f"adapter.r_max={adapter.r_max} is not divisible by mesh.components={self.components}; "
-                    "choose mesh.components among the divisors of r_max"
-                )
+            check_components_divide(adapter.r_max, self.components)
             self.num_slots = adapter.r_max
             self.scaling = float(adapter.alpha) / adapter.r_max
             initial_rank, grow = adapter.initial_rank, bool(adapter.grow)
             budget = adapter.rank_budget if grow else num_modules * initial_rank
-            if budget < num_modules:
-                raise ValueError(
-                    f"adapter.rank_budget={adapter.rank_budget} is smaller than the number of adapted modules "
-                    f"({num_modules}); every module needs at least rank 1"
-                )
+            check_rank_budget(budget, num_modules, initial_rank)
         self._initial_rank, self._budget = initial_rank, budget
         self.alloc_config = alloc_lib.AllocatorConfig(
             r_max=self.num_slots, top_k=int(adapter.top_k), growth_interval=int(adapter.growth_interval),

@@ -1,0 +1,334 @@
+"""Up-front validation of a run config: the one place each rule about a config lives.
+
+``validate_config`` checks a config before any compute and before the output directory is touched: field
+values, the model checkpoint (its ``config.json`` only, to count the adapted modules), the budget against
+that count, the mesh against the devices and ``r_max``, and the local data files. Every problem is raised
+as one ``ConfigError`` whose message names the field and the fix. The trainer and the mesh builder call the
+shared rules here (``check_components_divide``, ``check_rank_budget``) rather than restating them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import ml_collections
+
+from adapad_jax.config import (
+    DATA_SOURCES,
+    DTYPES,
+    IMPORTANCES,
+    METHODS,
+    SCHEDULES,
+    TASK_NAMES,
+    ConfigError,
+)
+
+# Fields that must not change when a run is resumed from the checkpoints in its output directory.
+RESUME_INVARIANT_FIELDS = (
+    "task",
+    "seed",
+    "model.name_or_path",
+    "model.revision",
+    "adapter.method",
+    "adapter.target_modules",
+    "adapter.r_max",
+    "adapter.lora_rank",
+    "adapter.initial_rank",
+)
+
+
+@dataclasses.dataclass
+class CheckedRun:
+    """What validation learned on the way: the task spec, the checkpoint's config and the module count."""
+
+    task_spec: Any  # adapad_jax.data.tasks.TaskSpec
+    checkpoint_dir: Any  # pathlib.Path
+    hf_config: Any  # transformers.PretrainedConfig
+    num_modules: int
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _require_type(config: ml_collections.ConfigDict, dotted: str, kinds: tuple[type, ...]) -> Any:
+    value = _get(config, dotted)
+    # bool is an int in Python; an int field given True/False is still a mistake.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{dotted} must be {' or '.join(k.__name__ for k in kinds)}, got the bool {value}")
+    if not isinstance(value, kinds):
+        raise ConfigError(
+            f"{dotted} must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _require_choice(config: ml_collections.ConfigDict, dotted: str, choices: Sequence[str]) -> str:
+    value = _require_type(config, dotted, (str,))
+    if value not in choices:
+        raise ConfigError(f"{dotted}='{value}' is not one of: {', '.join(choices)}")
+    return value
+
+
+def _require_range(config, dotted: str, kinds: tuple[type, ...], low=None, high=None, high_open=False) -> Any:
+    value = _require_type(config, dotted, kinds)
+    if low is not None and value < low:
+        raise ConfigError(f"{dotted}={value} must be >= {low}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"{dotted}={value} must be {'<' if high_open else '<='} {high}")
+    return value
+
+
+def check_components_divide(r_max: int, components: int) -> None:
+    """The slot axis (``adapter.r_max`` slots) is split over the ``components`` mesh axis: it must divide evenly."""
+    if r_max % components:
+        divisors = [c for c in range(1, r_max + 1) if r_max % c == 0]
+        raise ConfigError(
+            f"mesh.components={components} does not divide adapter.r_max={r_max}: the slot axis is split over "
+            f"the components axis; use one of {divisors}"
+        )
+
+
+def check_rank_budget(rank_budget: int, num_modules: int, initial_rank: int, model_name: str = "") -> None:
+    """Every adapted module starts at ``initial_rank``, so a growing run's budget must cover that much."""
+    if rank_budget < num_modules * initial_rank:
+        where = f" of '{model_name}'" if model_name else ""
+        raise ConfigError(
+            f"adapter.rank_budget={rank_budget} is below the {num_modules} adapted modules x "
+            f"adapter.initial_rank={initial_rank} = {num_modules * initial_rank}{where}: every module starts "
+            f"with rank {initial_rank}"
+        )
+
+
+# Largest accepted optim.learning_rate: AdamW steps of this size already destroy any trained weights.
+MAX_LEARNING_RATE = 1.0
+
+
+def check_finite_numbers(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every float field must be finite (NaN and inf pass ordinary range checks)."""
+    import math
+
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            check_finite_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key}={value} is not a finite number")
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Check every field's type and range (no file or device access)."""
+    integer, real = (int,), (int, float)
+    check_finite_numbers(config)
+    _require_choice(config, "task", TASK_NAMES)
+    _require_type(config, "seed", integer)
+    if not _require_type(config, "output_dir", (str,)).strip():
+        raise ConfigError("output_dir is empty: give --config.output_dir=<directory for this run's outputs>")
+    if not _require_type(config, "model.name_or_path", (str,)).strip():
+        raise ConfigError("model.name_or_path is empty: give a hub id or a local checkpoint directory")
+    _require_choice(config, "model.dtype", DTYPES)
+    _require_type(config, "model.revision", (str,))
+    _require_range(config, "model.classifier_dropout", real, 0.0, 1.0, high_open=True)
+
+    if config.data.get("source") == "tfds":
+        from adapad_jax.data.loading import TFDS_REMOVED
+
+        raise ConfigError(TFDS_REMOVED)
+    _require_choice(config, "data.source", DATA_SOURCES)
+    _require_type(config, "data.train_file", (str,))
+    _require_type(config, "data.validation_file", (str,))
+    max_length = _require_range(config, "data.max_length", integer, 8)
+    stride = _require_range(config, "data.doc_stride", integer, 1)
+    if config.task.startswith("squad") and stride >= max_length:
+        raise ConfigError(f"data.doc_stride={stride} must be smaller than data.max_length={max_length}")
+    _require_range(config, "data.max_train_examples", integer, 0)
+    _require_range(config, "data.max_eval_examples", integer, 0)
+    _require_type(config, "data.cache_features", (bool,))
+    _require_type(config, "data.cache_dir", (str,))
+
+    method = _require_choice(config, "adapter.method", METHODS)
+    targets = _get(config, "adapter.target_modules")
+    if isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not all(
+        isinstance(t, str) and t for t in targets
+    ):
+        raise ConfigError(f"adapter.target_modules must be a tuple of module names, got {targets!r}")
+    r_max = _require_range(config, "adapter.r_max", integer, 1)
+    _require_range(config, "adapter.rank_budget", integer, 1)
+    _require_range(config, "adapter.lora_rank", integer, 1)
+    _require_range(config, "adapter.alpha", real, 0.0)
+    _require_range(config, "adapter.init_std", real, 0.0)
+    initial_rank = _require_range(config, "adapter.initial_rank", integer, 1)
+    if method != "lora" and initial_rank > r_max:
+        raise ConfigError(f"adapter.initial_rank={initial_rank} is larger than adapter.r_max={r_max}")
+    _require_range(config, "adapter.top_k", integer, 1)
+    _require_range(config, "adapter.growth_interval", integer, 1)
+    _require_range(config, "adapter.sync_every", integer, 0)
+    _require_range(config, "adapter.ema_beta1", real, 0.0, 1.0, high_open=True)
+    _require_range(config, "adapter.ema_beta2", real, 0.0, 1.0, high_open=True)
+    _require_choice(config, "adapter.importance", IMPORTANCES)
+    _require_type(config, "adapter.advance_learning", (bool,))
+    _require_type(config, "adapter.grow", (bool,))
+    _require_range(config, "adapter.orth_reg", real, 0.0)
+    _require_range(config, "adapter.dropout", real, 0.0, 1.0, high_open=True)
+    _require_range(config, "adapter.slot_chunk_size", integer, 0)
+    _require_type(config, "adapter.remat", (bool,))
+
+    _require_range(config, "optim.learning_rate", real, 0.0)
+    if config.optim.learning_rate <= 0:
+        raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} must be > 0")
+    if config.optim.learning_rate > MAX_LEARNING_RATE:
+        raise ConfigError(f"optim.learning_rate={config.optim.learning_rate} is absurdly large "
+                          f"(> {MAX_LEARNING_RATE}); AdamW learning rates for adapters are around 1e-4 to 1e-2")
+    _require_range(config, "optim.weight_decay", real, 0.0)
+    _require_range(config, "optim.adapter_weight_decay", real, 0.0)
+    _require_range(config, "optim.warmup_steps", integer, 0)
+    _require_choice(config, "optim.schedule", SCHEDULES)
+    _require_range(config, "optim.grad_clip", real, 0.0)
+    _require_range(config, "optim.b1", real, 0.0, 1.0, high_open=True)
+    _require_range(config, "optim.b2", real, 0.0, 1.0, high_open=True)
+    _require_range(config, "optim.eps", real, 0.0)
+
+    _require_range(config, "train.num_epochs", integer, 1)
+    _require_range(config, "train.num_steps", integer, -1)
+    batch = _require_range(config, "train.batch_size", integer, 1)
+    eval_batch = _require_range(config, "train.eval_batch_size", integer, 1)
+    _require_range(config, "train.eval_every_steps", integer, 0)
+    _require_range(config, "train.log_every_steps", integer, 1)
+    if _require_type(config, "train.select_best", (bool,)) and config.train.eval_every_steps == 0:
+        raise ConfigError("train.select_best=True needs train.eval_every_steps > 0: it keeps the best of the "
+                          "evaluated checkpoints (or set train.select_best=False)")
+    _require_type(config, "logging.tensorboard", (bool,))
+    _require_type(config, "logging.wandb_project", (str,))
+    check_logging_packages(config)
+
+    _require_range(config, "checkpoint.every_steps", integer, 0)
+    _require_range(config, "checkpoint.keep", integer, 1)
+
+    data = _require_range(config, "mesh.data", integer, 1)
+    components = _require_range(config, "mesh.components", integer, 1)
+    if method != "lora":
+        check_components_divide(r_max, components)
+    if batch % data:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by mesh.data={data}")
+    if eval_batch % data:
+        raise ConfigError(f"train.eval_batch_size={eval_batch} is not divisible by mesh.data={data}")
+
+
+def check_logging_packages(config: ml_collections.ConfigDict) -> None:
+    """``logging.*`` can be honoured: the packages it needs are installed (looked up, not imported)."""
+    import importlib.util
+
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("logging.tensorboard=True needs the tensorboardX package: pip install tensorboardX "
+                          "(or set --config.logging.tensorboard=False)")
+    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb_project='{config.logging.wandb_project}' needs the wandb package: "
+                          "pip install wandb (or leave logging.wandb_project empty)")
+
+
+def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: str = "") -> None:
+    """The mesh must fit the devices this process sees."""
+    need = config.mesh.data * config.mesh.components
+    if need > num_devices:
+        raise ConfigError(
+            f"mesh.data={config.mesh.data} x mesh.components={config.mesh.components} needs {need} devices but only "
+            f"{num_devices} {platform + ' ' if platform else ''}device(s) are available"
+        )
+
+
+def count_adapter_targets(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> int:
+    """How many modules a model built from ``hf_config`` adapts (reads the config only, builds nothing)."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import targets_for_config
+
+    try:
+        return len(targets_for_config(hf_config, task_kind, tuple(target_modules) or None))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"adapter.target_modules: {err}") from None
+
+
+def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any, Any, int]:
+    """Find the checkpoint, read its config.json and check the budget against the module count."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import load_hf_config
+
+    try:
+        checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    num_modules = count_adapter_targets(hf_config, task_kind, config.adapter.target_modules)
+    adapter = config.adapter
+    if adapter.method != "lora" and adapter.grow:
+        check_rank_budget(adapter.rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
+    return checkpoint_dir, hf_config, num_modules
+
+
+def check_resume(config: ml_collections.ConfigDict, previous_config_json: str, same_backbone: bool = False) -> None:
+    """A rerun on an output_dir with checkpoints must keep the fields that shape the checkpointed state.
+
+    ``same_backbone``: the backbone was already compared by content (resume_identity), so its path may differ.
+    """
+    try:
+        previous = json.loads(previous_config_json)
+    except json.JSONDecodeError:
+        return
+    current = json.loads(config.to_json())
+    for dotted in RESUME_INVARIANT_FIELDS:
+        old, new = previous, current
+        for part in dotted.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if dotted == "model.name_or_path" and old is not None:
+            from adapad_jax.resume_identity import normalise_model_path
+
+            if same_backbone or normalise_model_path(str(old)) == normalise_model_path(str(new)):
+                continue
+        if old is not None and old != new:
+            raise ConfigError(
+                f"output_dir '{config.output_dir}' holds a run with {dotted}={old!r}, this config has {new!r}; "
+                f"use another output_dir (or the same {dotted}) to resume"
+            )
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, *, num_devices: int | None = None, platform: str = ""
+) -> CheckedRun:
+    """Every up-front check, in order: fields, mesh, model checkpoint and budget, data files."""
+    from adapad_jax.data.loading import validate_data_files
+    from adapad_jax.data.tasks import DataError
+
+    check_fields(config)
+    if num_devices is not None:
+        check_mesh(config, num_devices, platform)
+    task_spec = task_spec_for(config)
+    checkpoint_dir, hf_config, num_modules = check_model(config, task_spec.kind)
+    if config.data.source == "hub" and (config.data.train_file or config.data.validation_file):
+        raise ConfigError(
+            f"data.source={config.data.source} cannot be combined with data.train_file / data.validation_file"
+        )
+    if config.data.source == "local" and not (config.data.train_file or config.data.validation_file):
+        raise ConfigError("data.source=local needs data.train_file and/or data.validation_file")
+    if config.train.num_steps != 0 and config.data.validation_file and not config.data.train_file:
+        raise ConfigError("data.validation_file is given without data.train_file: give both (or num_steps=0)")
+    try:
+        validate_data_files(task_spec, config.data.train_file, config.data.validation_file)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    return CheckedRun(task_spec, checkpoint_dir, hf_config, num_modules)
+
+
+def task_spec_for(config: ml_collections.ConfigDict) -> Any:
+    """The data pipeline's TaskSpec for ``config.task`` (the demo is single-sentence binary classification)."""
+    from adapad_jax.data.tasks import get_task
+
+    if config.task == "demo":
+        from adapad_jax.demo import DEMO_TASK
+
+        return DEMO_TASK
+    return get_task(config.task)
