@@ -139,7 +139,7 @@ def export_checkpoint(
         if not is_main_process():
             trainer.export(None)
             if merged:
-                trainer.trained_params(), trainer.committed_factors()
+                trainer.trained_params(), trainer.committed_peft_factors()
             return out
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def export_checkpoint(
                 from adapad_jax.models.export import write_merged_checkpoint
 
                 write_merged_checkpoint(
-                    staging / "merged", model, trainer.trained_params(), trainer.committed_factors(),
+                    staging / "merged", model, trainer.trained_params(), trainer.committed_peft_factors(),
                     trainer.scaling, dtype=merged_dtype,
                 )
                 load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adapad_jax.models.export import committed_factors, write_merged_checkpoint, write_peft_adapter
+from adapad_jax.models.export import factors_in_target_order, write_merged_checkpoint, write_peft_adapter
 from adapad_jax.models.registry import load_model
 from helpers_hf import max_abs_diff, padded_batch, save_torch_model, tiny_deberta_config, torch_deberta, torch_outputs
 
@@ -182,4 +182,4 @@ def test_bad_factors_are_refused(exported, tmp_path):
     empty = {target.hf_path: (np.zeros((0, target.in_features)), np.zeros((target.out_features, 0)))}
     with pytest.raises(ValueError, match="no adapter target has a committed slot"):
         write_peft_adapter(tmp_path, model, params, empty, 1.0, "x")
-    assert committed_factors(model, empty) == []
+    assert factors_in_target_order(model, empty) == []

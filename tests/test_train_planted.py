@@ -47,7 +47,7 @@ def test_planted_modules_receive_more_rank(tmp_path, planted):
     grid, layers, types = rank_grid(ranks)
     assert layers == [0, 1] and types == ["fc_in", "fc_out"]
     np.testing.assert_array_equal(grid.reshape(-1), rank_list)
-    factors = trainer.committed_factors()
+    factors = trainer.committed_peft_factors()
     for target, rank in zip(model.targets, rank_list):
         a, b = factors[target.hf_path]
         assert a.shape == (rank, target.in_features) and b.shape == (target.out_features, rank)

@@ -115,8 +115,8 @@ def test_killed_run_resumes_bit_exactly(tmp_path):
     assert resumed.step == 2 * N
     assert int(straight.state["alloc"]["rank"].sum()) > 4, "the run should include growth events"
     _assert_same_state(straight.state, resumed.state)
-    for (k1, (a1, b1)), (k2, (a2, b2)) in zip(straight.committed_factors().items(),
-                                              resumed.committed_factors().items()):
+    for (k1, (a1, b1)), (k2, (a2, b2)) in zip(straight.committed_peft_factors().items(),
+                                              resumed.committed_peft_factors().items()):
         assert k1 == k2
         np.testing.assert_array_equal(a1, a2)
         np.testing.assert_array_equal(b1, b2)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapad_jax.models.base import AdapterTarget
+from adapad_jax.adapters.target import AdapterTarget
 
 Slots = dict[str, list[jax.Array]]
 
@@ -88,7 +88,7 @@ def deflated_lora(
     return to_lora_collection(targets, a_rows, b_rows, coefs)
 
 
-def committed_factors(targets: Sequence[AdapterTarget], slots: Slots, committed: Any) -> dict[str, tuple[Any, Any]]:
+def committed_peft_factors(targets: Sequence[AdapterTarget], slots: Slots, committed: Any) -> dict[str, tuple[Any, Any]]:
     """``{hf_path: (A [r, in], B [out, r])}`` from the committed rows of every module (numpy)."""
     committed = np.asarray(committed)
     out = {}

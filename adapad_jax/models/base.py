@@ -8,18 +8,9 @@ from typing import Any, Callable, Literal
 import flax.linen as nn
 import numpy as np
 
+from adapad_jax.adapters.target import AdapterTarget, FlaxPath  # noqa: F401 - part of the model contract
+
 Task = Literal["classification", "regression", "qa", "lm"]
-FlaxPath = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterTarget:
-    """One adapted linear layer: where it sits in PyTorch and in the Flax tree, and its shape."""
-
-    hf_path: str  # full module path in the transformers model, e.g. "deberta.encoder.layer.0.attention.self.query_proj"
-    flax_path: FlaxPath  # path of the AdaptedDense module in the params tree (without "kernel")
-    in_features: int
-    out_features: int
 
 
 @dataclasses.dataclass

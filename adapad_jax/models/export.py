@@ -37,7 +37,7 @@ MERGED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _PEFT_PREFIX = "base_model.model."
 
 
-def committed_factors(
+def factors_in_target_order(
     model: LoadedModel, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]
 ) -> list[tuple[AdapterTarget, np.ndarray, np.ndarray]]:
     """Check ``factors`` against the model's targets; return (target, A, B) in target order, rank-0 dropped."""
@@ -106,7 +106,7 @@ def write_peft_adapter(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``peft.PeftModel.from_pretrained``."""
     if model.task not in PEFT_TASK_TYPES:
         raise ValueError(f"task '{model.task}' has no PEFT task type (known: {', '.join(PEFT_TASK_TYPES)})")
-    entries = committed_factors(model, factors)
+    entries = factors_in_target_order(model, factors)
     if not entries:
         raise ValueError("no adapter target has a committed slot: there is no LoRA adapter to export")
     out = Path(out_dir)
@@ -152,7 +152,7 @@ def merged_state_dict(
 ) -> dict[str, np.ndarray]:
     """The model's HF state dict with ``W0 + scaling * B @ A`` on every adapted module."""
     state = model.to_hf_state_dict(params)
-    for target, a, b in committed_factors(model, factors):
+    for target, a, b in factors_in_target_order(model, factors):
         name = f"{target.hf_path}.weight"
         if name not in state:
             raise ValueError(f"to_hf_state_dict has no '{name}' for adapter target {target.hf_path}")

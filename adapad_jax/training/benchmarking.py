@@ -22,7 +22,7 @@ def time_train_step(
     """Median wall time of the compiled train step with ``live_slots`` live slots (adapad) or rank 1 (lora).
 
     ``slot_chunk_size`` is ``adapter.slot_chunk_size``: 0 runs every live slot in one vmapped pass, c > 0 runs
-    c slots at a time under ``lax.map``.
+    c slots at a time under ``lax.scan``.
     """
     model = make_toy_model(hidden=hidden, num_layers=num_layers, vocab_size=512)
     teacher = planted_teacher(model, [1] * len(model.targets))

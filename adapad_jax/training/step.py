@@ -1,6 +1,7 @@
 """The train step (deflated slots for ``adapad``, one forward for ``joint``/``lora``) and the eval forward.
 
-Train state (a dict pytree, replicated on every device):
+Train state (a dict pytree; slot arrays, their snapshot and Adam moments sharded over ``components`` on the
+slot axis, the rest replicated: ``Trainer.state_shardings``):
 ``step`` int32, ``rng`` uint32[2], ``trainable`` = ``{"slots": {"a": [...], "b": [...]}, "head": {name: subtree}}``,
 ``opt_state``, ``snapshot`` (stop-gradient copy of the slots), ``alloc`` (see ``allocator.py``).
 
@@ -20,7 +21,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from adapad_jax.adapters.slots import deflated_lora, masked_lora
-from adapad_jax.models.base import AdapterTarget
+from adapad_jax.adapters.target import AdapterTarget
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS

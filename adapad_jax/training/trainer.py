@@ -63,7 +63,7 @@ class Trainer:
     """Trains the adapters and head of ``model`` with ``config.adapter.method`` on ``mesh``.
 
     Use: ``Trainer(model, config, mesh, output_dir)``; ``data_state = trainer.restore_or_init(data_state)``;
-    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_factors`` /
+    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors`` /
     ``export``. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
     ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
 
@@ -129,7 +129,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def init_state(self) -> dict[str, Any]:
-        """A fresh train state (slots from ``config.seed``), replicated on the mesh."""
+        """A fresh train state (slots from ``config.seed``), placed on the mesh by ``state_shardings``."""
         adapter = self.config.adapter
         root = jax.random.PRNGKey(int(self.config.seed))
         slots = slots_lib.init_slots(
@@ -397,10 +397,10 @@ class Trainer:
         rank = np.asarray(state["alloc"]["rank"])
         return {t.hf_path: int(r) for t, r in zip(self.model.targets, rank)}
 
-    def committed_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def committed_peft_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{hf_path: (A [r, in], B [out, r])}`` of the committed slots; delta W^T = scaling * B @ A."""
         slots = to_host(self.state["trainable"]["slots"])
-        return slots_lib.committed_factors(self.model.targets, slots, np.asarray(self.state["alloc"]["committed"]))
+        return slots_lib.committed_peft_factors(self.model.targets, slots, np.asarray(self.state["alloc"]["committed"]))
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
@@ -413,7 +413,7 @@ class Trainer:
         """
         out = Path(out_dir) if out_dir is not None else self.output_dir
         recovery.require_finite(self.state, self.step, "export")
-        params, factors = self.trained_params(), self.committed_factors()
+        params, factors = self.trained_params(), self.committed_peft_factors()
         if not self.writes_files:
             return out
         out.mkdir(parents=True, exist_ok=True)
