@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("auto", "hub", "local")
 SCHEDULES = ("linear", "cosine")
 IMPORTANCES = ("score", "uniform")
+HEAD_GRADIENTS = ("mean", "committed")
 # Fields that must not change when a run is resumed from the checkpoints in its output directory.
 RESUME_INVARIANT_FIELDS = (
     "task",
@@ -92,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.ema_beta1 = 0.85
     config.adapter.ema_beta2 = 0.85
     config.adapter.importance = "score"
+    # adapad: the task head's gradient: "mean" over the L slot losses, or "committed" (the evaluated model's loss).
+    config.adapter.head_gradient = "mean"
     config.adapter.advance_learning = True
     config.adapter.grow = True
     config.adapter.orth_reg = 0.0
@@ -242,6 +245,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_range(config, "adapter.ema_beta1", real, 0.0, 1.0, high_open=True)
     _require_range(config, "adapter.ema_beta2", real, 0.0, 1.0, high_open=True)
     _require_choice(config, "adapter.importance", IMPORTANCES)
+    _require_choice(config, "adapter.head_gradient", HEAD_GRADIENTS)
     _require_type(config, "adapter.advance_learning", (bool,))
     _require_type(config, "adapter.grow", (bool,))
     _require_range(config, "adapter.orth_reg", real, 0.0)
