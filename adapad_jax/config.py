@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("auto", "hub", "local")
 SCHEDULES = ("linear", "cosine")
 IMPORTANCES = ("score", "uniform")
+HEAD_GRADIENTS = ("mean", "committed")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.ema_beta2 = 0.85
     # score: promote the top-k by importance x uncertainty; uniform: random eligible modules (ablation).
     config.adapter.importance = "score"
+    # adapad: the task head's gradient: "mean" over the L slot losses, or "committed" (the evaluated model's loss).
+    config.adapter.head_gradient = "mean"
     # Train each module's reserve slot before it is promoted (False: a reserve starts from its init).
     config.adapter.advance_learning = True
     # False: fixed rank initial_rank everywhere (ablation).

@@ -18,6 +18,7 @@ import ml_collections
 from adapad_jax.config import (
     DATA_SOURCES,
     DTYPES,
+    HEAD_GRADIENTS,
     IMPORTANCES,
     METHODS,
     SCHEDULES,
@@ -170,6 +171,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_range(config, "adapter.ema_beta1", real, 0.0, 1.0, high_open=True)
     _require_range(config, "adapter.ema_beta2", real, 0.0, 1.0, high_open=True)
     _require_choice(config, "adapter.importance", IMPORTANCES)
+    _require_choice(config, "adapter.head_gradient", HEAD_GRADIENTS)
     _require_type(config, "adapter.advance_learning", (bool,))
     _require_type(config, "adapter.grow", (bool,))
     _require_range(config, "adapter.orth_reg", real, 0.0)

@@ -26,7 +26,8 @@ SCHEMA = {
     "adapter.method": "adapad", "adapter.target_modules": (), "adapter.r_max": 8, "adapter.rank_budget": None,
     "adapter.lora_rank": 2, "adapter.alpha": None, "adapter.init_std": 0.02, "adapter.initial_rank": 1,
     "adapter.top_k": None, "adapter.growth_interval": None, "adapter.sync_every": 0, "adapter.ema_beta1": 0.85,
-    "adapter.ema_beta2": 0.85, "adapter.importance": "score", "adapter.advance_learning": True,
+    "adapter.ema_beta2": 0.85, "adapter.importance": "score", "adapter.head_gradient": "mean",
+    "adapter.advance_learning": True,
     "adapter.grow": True, "adapter.orth_reg": 0.0, "adapter.dropout": 0.0, "adapter.slot_chunk_size": 1,
     "adapter.remat": False,
     "optim.learning_rate": None, "optim.weight_decay": 0.01, "optim.adapter_weight_decay": 0.0,
@@ -127,6 +128,7 @@ def test_demo_config_is_valid_and_documents_the_command():
     [
         ("adapter.r_max", 0, "adapter.r_max=0 must be >= 1"),
         ("adapter.method", "adalora", "adapter.method='adalora' is not one of"),
+        ("adapter.head_gradient", "sum", "adapter.head_gradient='sum' is not one of"),
         ("adapter.initial_rank", 9, "adapter.initial_rank=9 is larger than adapter.r_max=8"),
         ("mesh.components", 3, "mesh.components=3 does not divide adapter.r_max=8"),
         ("train.batch_size", 30, "train.batch_size=30 is not divisible by mesh.data=4"),

@@ -163,3 +163,42 @@ def test_head_gets_the_mean_of_per_slot_head_gradients_and_loss_is_the_committed
         {"params": model.params, "lora": masked_lora(model.targets, slots, committed, SCALING)},
         batch["input_ids"], batch["attention_mask"])
     np.testing.assert_allclose(loss, np.divide(*loss_terms(model.task, committed_out, batch)), rtol=1e-5)
+
+
+def test_committed_head_gradient_is_the_committed_forward_gradient_and_slots_keep_theirs():
+    """head_gradient="committed": head grad = jax.grad of the committed forward's loss; slot grads as with "mean"."""
+    model, batch, slots, snapshot, committed, reserve = _setup()
+    alloc = {"committed": committed, "reserve": reserve}
+    cfg = alloc_lib.AllocatorConfig(r_max=R_MAX, top_k=1, growth_interval=5)
+    spec = StepSpec(method="adapad", task=model.task, scaling=SCALING, live_slots=4, padded_slots=4,
+                    advance_learning=True, orth_reg=0.0, sync_every=5, slot_chunk_size=0, remat=False,
+                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg,
+                    head_gradient="committed")
+    mean_spec = spec.__class__(**{**spec.__dict__, "head_gradient": "mean"})
+    head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
+    frozen = jax.tree.map(jnp.asarray, model.params)
+
+    def run(spec_, mesh):
+        return jax.jit(
+            lambda tr: _adapad_grads(model.module, model.targets, spec_, mesh, tr, snapshot, alloc, frozen, batch,
+                                     jax.random.PRNGKey(0))
+        )({"slots": slots, "head": head})
+
+    def committed_loss(head_):
+        out = model.module.apply(
+            {"params": merge_head(model.params, head_), "lora": masked_lora(model.targets, slots, committed, SCALING)},
+            batch["input_ids"], batch["attention_mask"])
+        num, den = loss_terms(model.task, out, batch)
+        return num / den
+
+    ref_loss, ref_head = jax.value_and_grad(committed_loss)(head)
+    mean_grads, _, _ = run(mean_spec, make_mesh(1, 1))
+    for mesh in (make_mesh(1, 1), make_mesh(2, 2)):
+        grads, loss, _ = run(spec, mesh)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for got, want, mean in zip(jax.tree.leaves(grads["head"]), jax.tree.leaves(ref_head),
+                                   jax.tree.leaves(mean_grads["head"])):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+            assert not np.allclose(got, mean, rtol=1e-3, atol=1e-6), "the mean rule should differ"
+        for got, want in zip(jax.tree.leaves(grads["slots"]), jax.tree.leaves(mean_grads["slots"])):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -59,6 +59,11 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "adapad_fixed_rank_alpha8": {"adapter.method": "adapad", "adapter.grow": False, "adapter.alpha": 8.0},
     "adapad_T100": {"adapter.method": "adapad", "adapter.growth_interval": 100},
     "joint_T100": {"adapter.method": "joint", "adapter.growth_interval": 100},
+    # The head's gradient rule (adapter.head_gradient), each named so the ablation does not depend on the default.
+    "adapad_head_mean": {"adapter.method": "adapad", "adapter.head_gradient": "mean"},
+    "adapad_head_committed": {"adapter.method": "adapad", "adapter.head_gradient": "committed"},
+    "adapad_head_committed_no_advance": {"adapter.method": "adapad", "adapter.head_gradient": "committed",
+                                         "adapter.advance_learning": False},
 }
 ALL_VARIANTS = {**VARIANTS, **DIAGNOSTICS}
 _RUN_OPTIONS = ("frozen_head", "oracle_ranks")

@@ -45,6 +45,7 @@ class StepSpec:
     use_dropout: bool
     input_keys: tuple[str, ...]
     alloc: alloc_lib.AllocatorConfig
+    head_gradient: str = "mean"  # adapad: "mean" over the L slot losses, or "committed" (committed_model_loss's)
 
 
 def set_subtrees(params: Mapping[str, Any], subtrees: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -134,8 +135,9 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
 
         def slot_loss(trainable, slot):
             lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
+            head = trainable["head"] if spec.head_gradient == "mean" else jax.lax.stop_gradient(trainable["head"])
             loss = _model_loss(
-                module, spec, frozen, trainable["head"], lora, batch, jax.random.fold_in(step_rng, slot), denominator
+                module, spec, frozen, head, lora, batch, jax.random.fold_in(step_rng, slot), denominator
             )
             return jnp.where(slot < spec.live_slots, loss, 0.0)
 
@@ -160,8 +162,11 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             losses = losses.reshape(-1)
         grads = jax.lax.psum(grads, (DATA_AXIS, COMPONENTS_AXIS))
         losses = jax.lax.psum(losses, DATA_AXIS)
-        model_loss = jax.lax.psum(committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
-                                                       step_rng, denominator), DATA_AXIS)
+        model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
+                                                      step_rng, denominator)
+        model_loss = jax.lax.psum(model_loss, DATA_AXIS)
+        if head_grads is not None:  # every `components` device ran the same committed forward on its data shard
+            grads = {"slots": grads["slots"], "head": jax.lax.psum(head_grads, DATA_AXIS)}
         return grads, losses, model_loss
 
     sharded = jax.shard_map(
@@ -173,6 +178,8 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
     grads, slot_losses, loss = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
+    if spec.head_gradient == "committed":
+        return grads, loss, slot_losses
     return mean_head_gradient(grads, spec.live_slots), loss, slot_losses
 
 
@@ -187,13 +194,21 @@ def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, A
 
 
 def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, frozen, batch, rng, denominator):
-    """This data shard's loss of the committed-slot forward (what is evaluated); the logged ``loss`` of adapad.
+    """This data shard's loss of the committed-slot forward (what is evaluated) and its head gradient or None.
 
-    It is the quantity the lora / joint baselines log (their one train forward), so training losses compare
-    across methods; the deflated per-slot losses are logged as ``slot_losses``. Forward only, no gradient.
+    The loss is the quantity the lora / joint baselines log (their one train forward), so training losses compare
+    across methods; the deflated per-slot losses are logged as ``slot_losses``. With ``head_gradient="committed"``
+    it is also the head's objective: its gradient w.r.t. the head only (slots held fixed), so the head is fit to
+    the model that is evaluated and exported rather than to the mean of the partial "slots 0..k" models.
     """
-    lora = masked_lora(targets, trainable["slots"], committed, spec.scaling, spec.padded_slots)
-    return jax.lax.stop_gradient(_model_loss(module, spec, frozen, trainable["head"], lora, batch, rng, denominator))
+    lora = masked_lora(targets, jax.lax.stop_gradient(trainable["slots"]), committed, spec.scaling, spec.padded_slots)
+
+    def loss_fn(head):
+        return _model_loss(module, spec, frozen, head, lora, batch, rng, denominator)
+
+    if spec.head_gradient == "committed":
+        return jax.value_and_grad(loss_fn)(trainable["head"])
+    return jax.lax.stop_gradient(loss_fn(trainable["head"])), None
 
 
 # IncreLoRA's advance learning: a reserve sits in the forward with a tiny singular value E until it is promoted.

@@ -238,6 +238,7 @@ class Trainer:
             advance_learning=self.advance_learning, orth_reg=float(adapter.orth_reg), sync_every=self.sync_every,
             slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
+            head_gradient=str(adapter.head_gradient),
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
