@@ -19,12 +19,21 @@ Suites:
           rematerialisation savings (even for a plain jax.checkpoint MLP), so
           the remat rows only mean something on a GPU.
 
+  scaling component-parallel efficiency across processes: the real AdaPaD
+          train step (L live slots, slot_chunk_size 1) as one process
+          pinned to one core (mesh.components=1) and as P processes pinned
+          to a core each, joined with jax.distributed on 127.0.0.1
+          (mesh.components=P), same global batch; step time, speedup,
+          efficiency T1/(P*TP), the collectives' share of the step (timed
+          alone), CPU seconds per step. --quick: a tiny model (tests).
+
 Every measurement runs in its own subprocess, so peak memory (GPU allocator peak
 when a GPU is present, else peak process RSS) belongs to that measurement alone.
 
   python launch/benchmark.py --suite models --batch 4 --seq 128
   python launch/benchmark.py --suite slots
   python launch/benchmark.py --suite step_memory
+  python launch/benchmark.py --suite scaling --processes 2 --out scaling.json
 """
 
 from __future__ import annotations
@@ -304,6 +313,37 @@ def suite_slots(args, chunks: list[int]) -> list[dict]:
     return rows
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages and the core count, to print beside every table."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def suite_scaling(args) -> dict:
+    from adapad_jax.training import scaling
+
+    counts = sorted({int(c) for c in args.processes.split(",")})
+    size = scaling.QUICK_SIZE if args.quick else scaling.DEFAULT_SIZE
+    print(f"toy model hidden {size['hidden']} x {size['num_layers']} layers, batch {size['batch_size']} x "
+          f"{size['seq_len']}, adapad L = {args.live_slots}, slot_chunk_size 1; median of {args.repeats} steps, "
+          f"best of {args.rounds} alternating rounds; {load_average()} before")
+    try:
+        result = scaling.run_scaling(counts, live_slots=args.live_slots, repeats=args.repeats, rounds=args.rounds,
+                                     size=size, timeout_s=args.timeout)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("| processes (cores) | step | speedup | efficiency T1/(P TP) | collectives / step | bytes | "
+          "collectives alone | share of step | CPU s / step (all processes) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['processes']} | {row['step_s']:.3f} s | {row['speedup']:.2f} | {row['efficiency']:.2f} | "
+              f"{row['collectives_per_step']} | {row['collective_bytes'] / 2**20:.2f} MiB | {row['comm_s'] * 1e3:.1f} ms "
+              f"| {row['comm_share']:.1%} | {row['cpu_s']:.2f} |", flush=True)
+    print(f"{load_average()} after")
+    result["load_after"] = os.getloadavg()
+    return result
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_worker":
         kind, *rest = sys.argv[2:]
@@ -320,7 +360,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["models", "slots", "step_memory"], default="models")
+    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling"], default="models")
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
     parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
     parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
@@ -328,11 +368,18 @@ def main() -> None:
     parser.add_argument("--slot_chunks", default="0,1",
                         help="slots suite: adapter.slot_chunk_size values, one column each (default 0,1)")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
+    parser.add_argument("--processes", default="2", help="scaling: process counts P to compare with 1 (e.g. 2)")
+    parser.add_argument("--live_slots", type=int, default=4, help="scaling: live slots L (a multiple of each P)")
+    parser.add_argument("--rounds", type=int, default=2, help="scaling: alternating rounds; the best is kept")
+    parser.add_argument("--timeout", type=float, default=900.0, help="scaling: seconds before a run's workers are killed")
+    parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
-    if args.suite == "models":
+    if args.suite == "scaling":
+        rows = suite_scaling(args)
+    elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
         print(f"batch {args.batch} x seq {args.seq}, median of {args.repeats} after a warm-up call")
         print("| model | mode | JAX | PyTorch | JAX/PyTorch time | JAX peak | PyTorch peak | JAX/PyTorch mem |")

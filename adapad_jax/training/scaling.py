@@ -75,6 +75,10 @@ def _time_calls(fn, repeats: int) -> list[float]:
     return times
 
 
+def _cpu_seconds() -> float:
+    return time.process_time()  # every thread of the process
+
+
 def _collectives_alone(trainer, repeats: int) -> list[float]:
     """Time the step's cross-device traffic alone, done as the step does it (``training/collectives.py``): the
     all-gather of the sliced slot arrays at the shard_map entry and the gradient psum, on arrays of the real shapes."""
@@ -133,16 +137,18 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
         compile_s = time.perf_counter() - start
         collectives = hlo_collectives(compiled.as_text())
         jax.block_until_ready(trainer.train_step(batches[0]))  # warm-up: first call's allocations
-        times = []
+        times, cpu = [], []
         for batch in batches[1:]:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
             jax.block_until_ready(trainer.train_step(batch))
             times.append(time.perf_counter() - start)
+            cpu.append(_cpu_seconds() - cpu_start)
         comm = _collectives_alone(trainer, repeats) if processes > 1 else [0.0]
         loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))
         trainer.close()
     return {"process_id": process_id, "processes": processes, "core": core, "live_slots": live,
-            "median_s": statistics.median(times), "min_s": min(times), "times_s": times, "compile_s": compile_s,
+            "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+            "cpu_median_s": statistics.median(cpu), "compile_s": compile_s,
             "collectives": collectives, "comm_median_s": statistics.median(comm), "comm_min_s": min(comm),
             "loss": loss, "device": jax.devices()[0].device_kind}
 
@@ -203,7 +209,8 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
     """T1 (one process, one core) vs TP (P processes, a core each) for each P, alternated over ``rounds``.
 
     Returns ``{"rows": [...], "runs": [...]}``: per P the best-of-rounds medians, speedup T1/TP, efficiency
-    T1/(P*TP), and the collectives' share of the step.
+    T1/(P*TP), the collectives' share of the step, and CPU seconds per step summed over processes (with their
+    ratio to one process: the work the split adds, which other load on the machine affects less than wall time).
     """
     size = dict(size or DEFAULT_SIZE)
     cores = sorted(os.sched_getaffinity(0))
@@ -223,10 +230,11 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
     for run in runs:
         # A step ends when its slowest process ends; the collectives keep them in lock step anyway.
         step = max(w["median_s"] for w in run["workers"])
+        cpu = sum(w["cpu_median_s"] for w in run["workers"])
         comm = max(w["comm_median_s"] for w in run["workers"])
         count = run["processes"]
         if count not in best or step < best[count]["step_s"]:
-            best[count] = {"step_s": step, "comm_s": comm, "workers": run["workers"]}
+            best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
     t1 = best[1]["step_s"]
     for count in sorted(best):
         entry = best[count]
@@ -234,6 +242,7 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
         table.append({
             "processes": count, "live_slots": entry["workers"][0]["live_slots"], "step_s": entry["step_s"],
             "speedup": t1 / entry["step_s"], "efficiency": t1 / (count * entry["step_s"]),
+            "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
             "collectives_per_step": len(collectives), "collective_bytes": sum(c["bytes"] for c in collectives),
             "loss": entry["workers"][0]["loss"],

@@ -118,6 +118,7 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     num_rows = spec.padded_slots
 
     components = mesh.shape[COMPONENTS_AXIS]
+    num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
     # Slot arrays arrive split over `components` (as the state holds them) and are gathered in one collective.
     split_slots = all(x.shape[0] % components == 0 for x in jax.tree.leaves(trainable["slots"]))
     slot_spec = P(COMPONENTS_AXIS) if split_slots else P()
@@ -157,7 +158,12 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
         # Every slot's loss in its row of a full-length vector, so one all-reduce returns gradients and losses.
         all_losses = jnp.zeros((num_rows,), losses.dtype).at[jax.lax.axis_index(COMPONENTS_AXIS) * local
                                                               + jnp.arange(local)].set(losses)
-        return psum_packed((grads, all_losses), (DATA_AXIS, COMPONENTS_AXIS))
+        # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
+        rows = spec.live_slots
+        live_grads = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "head": grads["head"]}
+        live_grads, all_losses = psum_packed((live_grads, all_losses), (DATA_AXIS, COMPONENTS_AXIS))
+        slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), live_grads["slots"])
+        return {"slots": slot_grads, "head": live_grads["head"]}, all_losses
 
     trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
     sharded = jax.shard_map(
