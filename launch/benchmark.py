@@ -4,7 +4,9 @@ Suites:
   models  forward, and forward+backward with rank-8 adapters on every target, of
           DeBERTaV3-base-size and Qwen3-0.6B-size models (random weights, built
           from configs) in JAX and in transformers/PyTorch (+PEFT) on the same
-          input; ratios JAX / PyTorch.
+          input. Both sides stay up in their own processes and are timed in
+          alternation (--repeats rounds, who goes first swapped each round),
+          so machine noise hits both; min and median of each, ratio of mins.
   slots   AdaPaD train-step time with L = 1, 2, 4, 8 live slots against the
           fixed-rank `lora` step on the same small model; ratios to `lora`.
           One column per `adapter.slot_chunk_size` in --slot_chunks (0: all
@@ -113,7 +115,8 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
-def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+def _jax_model_setup(name: str, mode: str, batch: int, seq: int):
+    """A no-argument callable running one JAX forward (fwd) or forward+backward (fwd_bwd), blocking."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -147,10 +150,13 @@ def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) 
 
     if mode == "fwd":
         fn = jax.jit(lambda p: model.module.apply({"params": p}, **inputs, deterministic=True))
-        run = lambda: jax.block_until_ready(fn(model.params))  # noqa: E731
-    else:
-        grad_fn = jax.jit(jax.grad(forward, argnums=1))
-        run = lambda: jax.block_until_ready(grad_fn(model.params, lora))  # noqa: E731
+        return lambda: jax.block_until_ready(fn(model.params))  # noqa: E731
+    grad_fn = jax.jit(jax.grad(forward, argnums=1))
+    return lambda: jax.block_until_ready(grad_fn(model.params, lora))  # noqa: E731
+
+
+def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+    run = _jax_model_setup(name, mode, batch, seq)
     compile_start = time.perf_counter()
     run()
     compile_s = time.perf_counter() - compile_start
@@ -158,7 +164,8 @@ def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) 
     return {"median_s": statistics.median(times), "first_call_s": compile_s, "peak_mib": _peak_memory_mib("jax")}
 
 
-def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+def _torch_model_setup(name: str, mode: str, batch: int, seq: int):
+    """A no-argument callable running one PyTorch forward or forward+backward with PEFT LoRA, synchronised."""
     import numpy as np
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
@@ -201,11 +208,36 @@ def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int
             if device == "cuda":
                 torch.cuda.synchronize()
 
+    return run
+
+
+def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+    run = _torch_model_setup(name, mode, batch, seq)
     compile_start = time.perf_counter()
     run()
     first = time.perf_counter() - compile_start
     times = _time(run, repeats)
     return {"median_s": statistics.median(times), "first_call_s": first, "peak_mib": _peak_memory_mib("torch")}
+
+
+def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
+    """Persistent worker for the alternating models suite: set up and warm up, then answer stdin lines
+    ``run`` (time one call) and ``peak`` (peak memory so far) with one JSON line each, until ``quit``."""
+    setup = _jax_model_setup if fw == "jax" else _torch_model_setup
+    run = setup(name, mode, batch, seq)
+    start = time.perf_counter()
+    run()
+    print(json.dumps({"ready": True, "first_call_s": time.perf_counter() - start}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "run":
+            start = time.perf_counter()
+            run()
+            print(json.dumps({"s": time.perf_counter() - start}), flush=True)
+        elif command == "peak":
+            print(json.dumps({"peak_mib": _peak_memory_mib(fw)}), flush=True)
+        else:
+            return
 
 
 def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int) -> dict:
@@ -264,24 +296,86 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "n/a" if x is None else f"{x:.3f}{unit}" if unit == "s" else f"{x:.0f}{unit}"
 
 
+class _Server:
+    """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
+
+    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def ask(self, command: str | None = None) -> dict:
+        import select
+
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            err = (self.proc.stderr.read().strip().splitlines() or ["no answer within the timeout"])[-1]
+            raise RuntimeError(err)
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def alternate_rounds(servers: dict, rounds: int) -> dict[str, list[float]]:
+    """Time one call per side per round, swapping which side goes first every round."""
+    times: dict[str, list[float]] = {fw: [] for fw in servers}
+    order = list(servers)
+    for index in range(rounds):
+        for fw in order if index % 2 == 0 else order[::-1]:
+            times[fw].append(servers[fw].ask("run")["s"])
+    return times
+
+
 def suite_models(args) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         for mode in ("fwd", "fwd_bwd"):
-            res = {fw: _run_worker(["models", fw, name, mode, str(args.batch), str(args.seq), str(args.repeats)])
-                   for fw in ("jax", "torch")}
-            rows.append({"model": name, "mode": mode, **{f"{fw}": r for fw, r in res.items()}})
-            j, t = res["jax"], res["torch"]
-            ratio = j["median_s"] / t["median_s"] if "median_s" in j and "median_s" in t else None
-            mem_ratio = j["peak_mib"] / t["peak_mib"] if "peak_mib" in j and "peak_mib" in t else None
-            print(
-                f"| {name} | {mode} | {_fmt(j.get('median_s'), 's')} | {_fmt(t.get('median_s'), 's')} | "
-                f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {_fmt(j.get('peak_mib'), ' MiB')} | "
-                f"{_fmt(t.get('peak_mib'), ' MiB')} | {'n/a' if mem_ratio is None else f'{mem_ratio:.2f}'} |"
-                + (f" jax error: {j['error']}" if "error" in j else "")
-                + (f" torch error: {t['error']}" if "error" in t else ""),
-                flush=True,
-            )
+            servers = {}
+            try:
+                for fw in ("jax", "torch"):  # set up one after the other so compiles do not overlap
+                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout)
+                    servers[fw].first = servers[fw].ask()["first_call_s"]
+                times = alternate_rounds(servers, args.repeats)
+                peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
+                error = None
+            except RuntimeError as err:
+                times, peaks, error = {}, {}, str(err)
+            finally:
+                for server in servers.values():
+                    server.close()
+            row = {"model": name, "mode": mode, "batch": args.batch, "seq": args.seq, "rounds": args.repeats}
+            if error:
+                row["error"] = error
+                print(f"| {name} | {mode} | error: {error} |", flush=True)
+                rows.append(row)
+                continue
+            for fw in ("jax", "torch"):
+                row[fw] = {"min_s": min(times[fw]), "median_s": statistics.median(times[fw]), "times_s": times[fw],
+                           "first_call_s": servers[fw].first, "peak_mib": peaks[fw]}
+            j, t = row["jax"], row["torch"]
+            row["ratio_of_mins"] = j["min_s"] / t["min_s"]
+            row["ratio_of_medians"] = j["median_s"] / t["median_s"]
+            row["mem_ratio"] = j["peak_mib"] / t["peak_mib"]
+            rows.append(row)
+            print(f"| {name} | {mode} | {j['min_s']:.3f} / {j['median_s']:.3f} s | {t['min_s']:.3f} / "
+                  f"{t['median_s']:.3f} s | **{row['ratio_of_mins']:.2f}** | {row['ratio_of_medians']:.2f} | "
+                  f"{j['peak_mib']:.0f} MiB | {t['peak_mib']:.0f} MiB | {row['mem_ratio']:.2f} |", flush=True)
     return rows
 
 
@@ -350,6 +444,10 @@ def main() -> None:
         if kind == "memory":
             name, method, live, chunk, remat, batch, seq = rest
             result = _memory_worker(name, method, int(live), int(chunk), bool(int(remat)), int(batch), int(seq))
+        elif kind == "serve":
+            fw, name, mode, batch, seq = rest
+            _serve(fw, name, mode, int(batch), int(seq))
+            return
         elif kind == "models":
             fw, name, mode, batch, seq, repeats = rest
             worker = _jax_model_worker if fw == "jax" else _torch_model_worker
@@ -364,14 +462,15 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
     parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
     parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (models: alternating rounds, >= 1)")
     parser.add_argument("--slot_chunks", default="0,1",
                         help="slots suite: adapter.slot_chunk_size values, one column each (default 0,1)")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     parser.add_argument("--processes", default="2", help="scaling: process counts P to compare with 1 (e.g. 2)")
     parser.add_argument("--live_slots", type=int, default=4, help="scaling: live slots L (a multiple of each P)")
     parser.add_argument("--rounds", type=int, default=2, help="scaling: alternating rounds; the best is kept")
-    parser.add_argument("--timeout", type=float, default=900.0, help="scaling: seconds before a run's workers are killed")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="scaling, models: seconds a worker may take for one answer before it is killed")
     parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
@@ -381,10 +480,13 @@ def main() -> None:
         rows = suite_scaling(args)
     elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
-        print(f"batch {args.batch} x seq {args.seq}, median of {args.repeats} after a warm-up call")
-        print("| model | mode | JAX | PyTorch | JAX/PyTorch time | JAX peak | PyTorch peak | JAX/PyTorch mem |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
+              f"order swapped every round) after a warm-up call; {load_average()} before")
+        print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "
+              "PyTorch peak | JAX/PyTorch mem |")
+        print("|---|---|---|---|---|---|---|---|---|")
         rows = suite_models(args)
+        print(f"{load_average()} after")
     elif args.suite == "step_memory":
         print("compiled train-step temporaries (activations kept for backward + scratch); ratio to lora")
         print("| model | batch x seq | method | slot chunk | remat | temporaries | ratio to lora |")
