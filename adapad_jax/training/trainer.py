@@ -19,6 +19,7 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import MetricsWriter, plot_ranks, write_ranks_json
+from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -106,7 +107,8 @@ class Trainer:
         self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
         self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
-        self.frozen = jax.device_put(model.params, replicated(mesh))
+        # bf16 models keep their frozen kernels and embeddings in bf16 on the devices (same numbers, half the memory)
+        self.frozen = jax.device_put(frozen_storage(model.params, module_dtype(model.module)), replicated(mesh))
         if checkpoint_dir is None:
             self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep))
         else:
@@ -348,7 +350,7 @@ class Trainer:
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
-        return to_host(merge_head(self.frozen, self.state["trainable"]["head"]))
+        return merge_head(self.model.params, to_host(self.state["trainable"]["head"]))  # full-precision backbone
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``.
