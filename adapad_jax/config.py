@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from adapad_jax.compilation_cache import default_cache_dir
+
 TASK_NAMES = (
     "glue_cola",
     "glue_sst2",
@@ -55,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.task = "glue_sst2"
     config.seed = 0
     config.output_dir = ""
+    # JAX's persistent compilation cache ("" = off); see adapad_jax/compilation_cache.py.
+    config.compilation_cache_dir = default_cache_dir()
 
     config.model = ml_collections.ConfigDict()
     config.model.name_or_path = "microsoft/deberta-v3-base"
@@ -179,6 +183,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     integer, real = (int,), (int, float)
     _require_choice(config, "task", TASK_NAMES)
     _require_type(config, "seed", integer)
+    _require_type(config, "compilation_cache_dir", (str,))
     if not _require_type(config, "output_dir", (str,)).strip():
         raise ConfigError("output_dir is empty: give --config.output_dir=<directory for this run's outputs>")
     if not _require_type(config, "model.name_or_path", (str,)).strip():
