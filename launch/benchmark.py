@@ -29,6 +29,13 @@ Suites:
           efficiency T1/(P*TP), the collectives' share of the step (timed
           alone), CPU seconds per step. --quick: a tiny model (tests).
 
+  gpu     on a GPU machine: JAX lora train step vs PyTorch+PEFT LoRA step
+          (DeBERTaV3-base 32x128 fp32 and bf16, Qwen3-0.6B 16x384 bf16),
+          MFU, peak memory; adapad step time for L = 1, 2, 4, 8 with
+          slot_chunk_size 1/0 and remat off/on, on one GPU and on all
+          visible GPUs (mesh.components = #GPUs). Markdown + JSON. Exits at
+          once with one line where no GPU is visible.
+
 Every measurement runs in its own subprocess, so peak memory (GPU allocator peak
 when a GPU is present, else peak process RSS) belongs to that measurement alone.
 
@@ -36,6 +43,7 @@ when a GPU is present, else peak process RSS) belongs to that measurement alone.
   python launch/benchmark.py --suite slots
   python launch/benchmark.py --suite step_memory
   python launch/benchmark.py --suite scaling --processes 2 --out scaling.json
+  python launch/benchmark.py --suite gpu --out gpu.json   # writes gpu.md too; one GPU, < 8 min
 """
 
 from __future__ import annotations
@@ -284,9 +292,13 @@ def suite_step_memory(args) -> list[dict]:
     return rows
 
 
-def _run_worker(args: list[str]) -> dict:
+def _run_worker(args: list[str], timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--_worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -407,6 +419,189 @@ def suite_slots(args, chunks: list[int]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- gpu suite
+
+# Dense peak FLOP/s per device kind: (bf16 tensor cores, fp32 matmuls as JAX/PyTorch run them by default).
+PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12), "L40S": (362e12, 183e12),
+              "L4": (121e12, 60e12), "A10": (125e12, 62.5e12), "V100": (125e12, 15.7e12)}
+GPU_LORA_ROWS = (("deberta-v3-base", "float32"), ("deberta-v3-base", "bfloat16"), ("qwen3-0.6b", "bfloat16"))
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak FLOP/s for ``dtype`` (None for an unknown device)."""
+    for name, (bf16, fp32) in PEAK_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def _jax_model(name: str, dtype: str):
+    import jax.numpy as jnp
+
+    from adapad_jax.models.registry import model_from_config
+
+    spec = MODEL_SPECS[name]
+    return model_from_config(_hf_config(name), task=spec["task"], num_labels=2,
+                             dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+
+
+def _gpu_jax_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats: int) -> dict:
+    from adapad_jax.training.benchmarking import time_real_step
+
+    result = time_real_step(_jax_model(name, dtype), "lora", 8, batch, seq, repeats=repeats)
+    return {**result, "peak_mib": _peak_memory_mib("jax")}
+
+
+def _gpu_torch_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats: int) -> dict:
+    """PEFT LoRA rank 8 (alpha 16) on the same targets plus a trained head, AdamW, the task's loss."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("PyTorch sees no CUDA device (install a CUDA build of torch for this row)")
+    spec = MODEL_SPECS[name]
+    torch.manual_seed(0)
+    qa = spec["task"] == "qa"
+    cls = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    model = cls.from_config(_hf_config(name)).cuda()
+    targets = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if qa else
+               ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"])
+    peft_model = get_peft_model(model, LoraConfig(r=ADAPTER_RANK, lora_alpha=16, target_modules=targets,
+                                                  modules_to_save=["qa_outputs"] if qa else ["classifier"]))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    rng = np.random.default_rng(0)
+    inputs = {"input_ids": torch.tensor(rng.integers(5, 1000, size=(batch, seq)), device="cuda"),
+              "attention_mask": torch.ones((batch, seq), dtype=torch.long, device="cuda")}
+    if qa:
+        positions = torch.tensor(rng.integers(0, seq, size=(batch,)), device="cuda")
+        inputs.update(start_positions=positions, end_positions=positions)
+    else:
+        inputs["labels"] = torch.tensor(rng.integers(0, 2, size=(batch,)), device="cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext())
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = peft_model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+
+    step()
+    times = _time(step, repeats)
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_mib": _peak_memory_mib("torch")}
+
+
+def _gpu_adapad_worker(name: str, dtype: str, batch: int, seq: int, components: int, repeats: int,
+                       deadline: float) -> list[dict]:
+    """adapad step for L = 1, 2, 4, 8 x slot_chunk_size 0/1 x remat off/on in one process, until ``deadline``."""
+    from adapad_jax.training.benchmarking import time_real_step
+
+    model = _jax_model(name, dtype)
+    rows = []
+    for remat in (False, True):
+        for chunk in (1, 0):
+            for live in (1, 2, 4, 8):
+                cell = {"live_slots": live, "slot_chunk_size": chunk, "remat": remat, "components": components}
+                if time.time() > deadline:
+                    rows.append({**cell, "skipped": "time budget"})
+                    continue
+                try:
+                    rows.append({**cell, **time_real_step(model, "adapad", live, batch, seq, slot_chunk_size=chunk,
+                                                          remat=remat, components=components, repeats=repeats)})
+                except Exception as err:  # noqa: BLE001 - an out-of-memory cell is a result, not a crash
+                    rows.append({**cell, "error": str(err).strip().splitlines()[0][:200]})
+    return rows
+
+
+def visible_gpus() -> int:
+    """Number of GPUs JAX sees (0 when its GPU backend is missing)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to the workers
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+def suite_gpu(args) -> dict:
+    gpus = visible_gpus()
+    if gpus == 0:
+        raise SystemExit("error: --suite gpu needs a GPU visible to JAX and none is (JAX backend: cpu); install the "
+                         "CUDA build (pip install \"jax[cuda12]\") on a GPU machine and rerun")
+    start = time.time()
+    deadline = start + args.budget
+    lines, result = [], {"gpus": gpus, "lora": [], "adapad": []}
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"## GPU benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {gpus} GPU(s))")
+    emit()
+    emit("Train step: JAX `lora` (rank 8, all targets, AdamW, head trained) vs PyTorch+PEFT LoRA (same); median of "
+         f"{args.repeats} after a warm-up; MFU = XLA's FLOP count of the JAX step / time / device peak.")
+    emit()
+    emit("| model | dtype | batch x seq | JAX step | PyTorch step | JAX/PyTorch | JAX MFU | PyTorch MFU | JAX peak | "
+         "PyTorch peak |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    for name, dtype in GPU_LORA_ROWS:
+        batch, seq = MODEL_SPECS[name]["train_shape"]
+        j = _run_worker(["gpu_jax_lora", name, dtype, str(batch), str(seq), str(args.repeats)], timeout=300)
+        t = _run_worker(["gpu_torch_lora", name, dtype, str(batch), str(seq), str(args.repeats)], timeout=300)
+        result["lora"].append({"model": name, "dtype": dtype, "batch": batch, "seq": seq, "jax": j, "torch": t})
+        peak = peak_flops(j.get("device", ""), dtype)
+        flops = j.get("flops") or None
+        mfu = {k: (flops / r["median_s"] / peak if flops and peak and "median_s" in r else None)
+               for k, r in (("jax", j), ("torch", t))}
+        ratio = j["median_s"] / t["median_s"] if "median_s" in j and "median_s" in t else None
+        emit(f"| {name} | {dtype} | {batch} x {seq} | {_fmt(j.get('median_s'), 's')} | {_fmt(t.get('median_s'), 's')} "
+             f"| {'n/a' if ratio is None else f'{ratio:.2f}'} | "
+             + " | ".join("n/a" if mfu[k] is None else f"{mfu[k]:.1%}" for k in ("jax", "torch"))
+             + f" | {_fmt(j.get('peak_mib'), ' MiB')} | {_fmt(t.get('peak_mib'), ' MiB')} |"
+             + "".join(f" {k} error: {r['error']}" for k, r in (("jax", j), ("torch", t)) if "error" in r))
+    name, dtype = "deberta-v3-base", "float32"
+    batch, seq = MODEL_SPECS[name]["train_shape"]
+    for components in sorted({1, gpus}):
+        emit()
+        emit(f"adapad train step, {name} {dtype} {batch} x {seq}, mesh.components = {components} "
+             f"({components} GPU(s)); compiled temporaries from XLA's buffer assignment")
+        emit()
+        emit("| remat | slot chunk | L = 1 | L = 2 | L = 4 | L = 8 |")
+        emit("|---|---|---|---|---|---|")
+        remaining = deadline if components == gpus else start + args.budget * (0.75 if gpus > 1 else 1.0)
+        rows = _run_worker(["gpu_adapad", name, dtype, str(batch), str(seq), str(components), str(args.repeats),
+                            str(remaining)], timeout=max(remaining - time.time(), 0) + 240)
+        rows = rows if isinstance(rows, list) else [{"error": rows.get("error", "failed")}]
+        result["adapad"].extend(rows)
+        for remat in (False, True):
+            for chunk in (1, 0):
+                cells = []
+                for live in (1, 2, 4, 8):
+                    row = next((r for r in rows if r.get("live_slots") == live and r.get("slot_chunk_size") == chunk
+                                and r.get("remat") == remat), rows[0] if "error" in rows[0] else {})
+                    if "median_s" in row:
+                        cells.append(f"{row['median_s']:.3f} s, {row['temp_bytes'] / 2**30:.1f} GiB")
+                    else:
+                        cells.append(row.get("skipped") or f"error: {row.get('error', 'missing')}"[:60])
+                emit(f"| {'on' if remat else 'off'} | {chunk or 'all'} | " + " | ".join(cells) + " |")
+    emit()
+    emit(f"total {time.time() - start:.0f} s")
+    result["markdown"] = "\n".join(lines)
+    out = Path(args.out or "gpu_benchmark.json")
+    out.with_suffix(".md").write_text(result["markdown"] + "\n")
+    print(f"wrote {out.with_suffix('.md')} and {out}")
+    args.out = str(out)
+    return result
+
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages and the core count, to print beside every table."""
     one, five, fifteen = os.getloadavg()
@@ -444,6 +639,16 @@ def main() -> None:
         if kind == "memory":
             name, method, live, chunk, remat, batch, seq = rest
             result = _memory_worker(name, method, int(live), int(chunk), bool(int(remat)), int(batch), int(seq))
+        elif kind == "gpu_jax_lora":
+            name, dtype, batch, seq, repeats = rest
+            result = _gpu_jax_lora_worker(name, dtype, int(batch), int(seq), int(repeats))
+        elif kind == "gpu_torch_lora":
+            name, dtype, batch, seq, repeats = rest
+            result = _gpu_torch_lora_worker(name, dtype, int(batch), int(seq), int(repeats))
+        elif kind == "gpu_adapad":
+            name, dtype, batch, seq, components, repeats, deadline = rest
+            result = _gpu_adapad_worker(name, dtype, int(batch), int(seq), int(components), int(repeats),
+                                        float(deadline))
         elif kind == "serve":
             fw, name, mode, batch, seq = rest
             _serve(fw, name, mode, int(batch), int(seq))
@@ -458,7 +663,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling"], default="models")
+    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling", "gpu"], default="models")
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
     parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
     parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
@@ -472,11 +677,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="scaling, models: seconds a worker may take for one answer before it is killed")
     parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="gpu: seconds after which the adapad grid skips its remaining cells")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
-    if args.suite == "scaling":
+    if args.suite == "gpu":
+        rows = suite_gpu(args)
+    elif args.suite == "scaling":
         rows = suite_scaling(args)
     elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
