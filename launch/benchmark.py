@@ -231,6 +231,13 @@ def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int
 def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
     """Persistent worker for the alternating models suite: set up and warm up, then answer stdin lines
     ``run`` (time one call) and ``peak`` (peak memory so far) with one JSON line each, until ``quit``."""
+    core = os.environ.get("ADAPAD_BENCH_CORE", "")
+    if core:  # both sides on the same single core, one thread each: no thread-pool oversubscription on a busy host
+        os.sched_setaffinity(0, {int(core)})
+        if fw == "torch":
+            import torch
+
+            torch.set_num_threads(1)
     setup = _jax_model_setup if fw == "jax" else _torch_model_setup
     run = setup(name, mode, batch, seq)
     start = time.perf_counter()
@@ -311,12 +318,12 @@ def _fmt(x: float | None, unit: str = "") -> str:
 class _Server:
     """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
 
-    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float):
+    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1):
         self.timeout_s = timeout_s
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)},
         )
 
     def ask(self, command: str | None = None) -> dict:
@@ -361,7 +368,7 @@ def suite_models(args) -> list[dict]:
             servers = {}
             try:
                 for fw in ("jax", "torch"):  # set up one after the other so compiles do not overlap
-                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout)
+                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout, args.pin_core)
                     servers[fw].first = servers[fw].ask()["first_call_s"]
                 times = alternate_rounds(servers, args.repeats)
                 peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
@@ -677,6 +684,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="scaling, models: seconds a worker may take for one answer before it is killed")
     parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
+    parser.add_argument("--pin_core", type=int, default=-1,
+                        help="models: run both sides on this one core with one thread each (default: all cores)")
     parser.add_argument("--budget", type=float, default=420.0,
                         help="gpu: seconds after which the adapad grid skips its remaining cells")
     args = parser.parse_args()
@@ -689,8 +698,9 @@ def main() -> None:
         rows = suite_scaling(args)
     elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
+        pinned = f"both pinned to core {args.pin_core}, one thread each" if args.pin_core >= 0 else "all cores"
         print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
-              f"order swapped every round) after a warm-up call; {load_average()} before")
+              f"order swapped every round) after a warm-up call; {pinned}; {load_average()} before")
         print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "
               "PyTorch peak | JAX/PyTorch mem |")
         print("|---|---|---|---|---|---|---|---|---|")
