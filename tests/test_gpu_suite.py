@@ -48,3 +48,20 @@ def test_time_real_step_reports_time_flops_and_temporaries(method, live, chunk, 
     row = time_real_step(model, method, live, 4, 16, slot_chunk_size=chunk, remat=remat, repeats=2)
     assert row["live_slots"] == live and row["remat"] == remat
     assert 0 < row["min_s"] <= row["median_s"] and row["flops"] > 0 and row["temp_bytes"] > 0
+
+
+def test_models_suite_alternates_sides_and_swaps_who_goes_first():
+    bench = _benchmark_module()
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def ask(self, command):
+            calls.append((self.name, command))
+            return {"s": float(len(calls))}
+
+    times = bench.alternate_rounds({"jax": Fake("jax"), "torch": Fake("torch")}, 3)
+    assert [name for name, _ in calls] == ["jax", "torch", "torch", "jax", "jax", "torch"]
+    assert times == {"jax": [1.0, 4.0, 5.0], "torch": [2.0, 3.0, 6.0]}
