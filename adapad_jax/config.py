@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from adapad_jax.compilation_cache import default_cache_dir
+
 TASK_NAMES = (
     "glue_cola",
     "glue_sst2",
@@ -42,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # Where the run writes (metrics, checkpoints, adapter, ...); rerunning on it resumes.
     config.output_dir = ""
+    # JAX's persistent compilation cache ("" = off); see adapad_jax/compilation_cache.py.
+    config.compilation_cache_dir = default_cache_dir()
 
     config.model = ml_collections.ConfigDict()
     # Hub id (downloaded on first use) or a local transformers checkpoint directory.

@@ -273,6 +273,9 @@ def _run(
 
         demo.prepare_config(config, log=log)
     checked = check(config)
+    from adapad_jax.compilation_cache import enable_persistent_cache
+
+    enable_persistent_cache(config.compilation_cache_dir)  # before this run's first compile
     main_process = is_main_process()
     if not main_process:
         progress, log = False, _ignore

@@ -127,6 +127,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     check_finite_numbers(config)
     _require_choice(config, "task", TASK_NAMES)
     _require_type(config, "seed", integer)
+    _require_type(config, "compilation_cache_dir", (str,))
     if not _require_type(config, "output_dir", (str,)).strip():
         raise ConfigError("output_dir is empty: give --config.output_dir=<directory for this run's outputs>")
     if not _require_type(config, "model.name_or_path", (str,)).strip():

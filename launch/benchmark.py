@@ -4,7 +4,9 @@ Suites:
   models  forward, and forward+backward with rank-8 adapters on every target, of
           DeBERTaV3-base-size and Qwen3-0.6B-size models (random weights, built
           from configs) in JAX and in transformers/PyTorch (+PEFT) on the same
-          input; ratios JAX / PyTorch.
+          input. Both sides stay up in their own processes and are timed in
+          alternation (--repeats rounds, who goes first swapped each round),
+          so machine noise hits both; min and median of each, ratio of mins.
   slots   AdaPaD train-step time with L = 1, 2, 4, 8 live slots against the
           fixed-rank `lora` step on the same small model; ratios to `lora`.
           One column per `adapter.slot_chunk_size` in --slot_chunks (0: all
@@ -19,12 +21,29 @@ Suites:
           rematerialisation savings (even for a plain jax.checkpoint MLP), so
           the remat rows only mean something on a GPU.
 
+  scaling component-parallel efficiency across processes: the real AdaPaD
+          train step (L live slots, slot_chunk_size 1) as one process
+          pinned to one core (mesh.components=1) and as P processes pinned
+          to a core each, joined with jax.distributed on 127.0.0.1
+          (mesh.components=P), same global batch; step time, speedup,
+          efficiency T1/(P*TP), the collectives' share of the step (timed
+          alone), CPU seconds per step. --quick: a tiny model (tests).
+
+  gpu     on a GPU machine: JAX lora train step vs PyTorch+PEFT LoRA step
+          (DeBERTaV3-base 32x128 fp32 and bf16, Qwen3-0.6B 16x384 bf16),
+          MFU, peak memory; adapad step time for L = 1, 2, 4, 8 with
+          slot_chunk_size 1/0 and remat off/on, on one GPU and on all
+          visible GPUs (mesh.components = #GPUs). Markdown + JSON. Exits at
+          once with one line where no GPU is visible.
+
 Every measurement runs in its own subprocess, so peak memory (GPU allocator peak
 when a GPU is present, else peak process RSS) belongs to that measurement alone.
 
   python launch/benchmark.py --suite models --batch 4 --seq 128
   python launch/benchmark.py --suite slots
   python launch/benchmark.py --suite step_memory
+  python launch/benchmark.py --suite scaling --processes 2 --out scaling.json
+  python launch/benchmark.py --suite gpu --out gpu.json   # writes gpu.md too; one GPU, < 8 min
 """
 
 from __future__ import annotations
@@ -104,7 +123,8 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
-def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+def _jax_model_setup(name: str, mode: str, batch: int, seq: int):
+    """A no-argument callable running one JAX forward (fwd) or forward+backward (fwd_bwd), blocking."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -138,10 +158,13 @@ def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) 
 
     if mode == "fwd":
         fn = jax.jit(lambda p: model.module.apply({"params": p}, **inputs, deterministic=True))
-        run = lambda: jax.block_until_ready(fn(model.params))  # noqa: E731
-    else:
-        grad_fn = jax.jit(jax.grad(forward, argnums=1))
-        run = lambda: jax.block_until_ready(grad_fn(model.params, lora))  # noqa: E731
+        return lambda: jax.block_until_ready(fn(model.params))  # noqa: E731
+    grad_fn = jax.jit(jax.grad(forward, argnums=1))
+    return lambda: jax.block_until_ready(grad_fn(model.params, lora))  # noqa: E731
+
+
+def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+    run = _jax_model_setup(name, mode, batch, seq)
     compile_start = time.perf_counter()
     run()
     compile_s = time.perf_counter() - compile_start
@@ -149,7 +172,8 @@ def _jax_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) 
     return {"median_s": statistics.median(times), "first_call_s": compile_s, "peak_mib": _peak_memory_mib("jax")}
 
 
-def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+def _torch_model_setup(name: str, mode: str, batch: int, seq: int):
+    """A no-argument callable running one PyTorch forward or forward+backward with PEFT LoRA, synchronised."""
     import numpy as np
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
@@ -192,11 +216,43 @@ def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int
             if device == "cuda":
                 torch.cuda.synchronize()
 
+    return run
+
+
+def _torch_model_worker(name: str, mode: str, batch: int, seq: int, repeats: int) -> dict:
+    run = _torch_model_setup(name, mode, batch, seq)
     compile_start = time.perf_counter()
     run()
     first = time.perf_counter() - compile_start
     times = _time(run, repeats)
     return {"median_s": statistics.median(times), "first_call_s": first, "peak_mib": _peak_memory_mib("torch")}
+
+
+def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
+    """Persistent worker for the alternating models suite: set up and warm up, then answer stdin lines
+    ``run`` (time one call) and ``peak`` (peak memory so far) with one JSON line each, until ``quit``."""
+    core = os.environ.get("ADAPAD_BENCH_CORE", "")
+    if core:  # both sides on the same single core, one thread each: no thread-pool oversubscription on a busy host
+        os.sched_setaffinity(0, {int(core)})
+        if fw == "torch":
+            import torch
+
+            torch.set_num_threads(1)
+    setup = _jax_model_setup if fw == "jax" else _torch_model_setup
+    run = setup(name, mode, batch, seq)
+    start = time.perf_counter()
+    run()
+    print(json.dumps({"ready": True, "first_call_s": time.perf_counter() - start}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "run":
+            start = time.perf_counter()
+            run()
+            print(json.dumps({"s": time.perf_counter() - start}), flush=True)
+        elif command == "peak":
+            print(json.dumps({"peak_mib": _peak_memory_mib(fw)}), flush=True)
+        else:
+            return
 
 
 def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int) -> dict:
@@ -243,9 +299,13 @@ def suite_step_memory(args) -> list[dict]:
     return rows
 
 
-def _run_worker(args: list[str]) -> dict:
+def _run_worker(args: list[str], timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--_worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -255,24 +315,86 @@ def _fmt(x: float | None, unit: str = "") -> str:
     return "n/a" if x is None else f"{x:.3f}{unit}" if unit == "s" else f"{x:.0f}{unit}"
 
 
+class _Server:
+    """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
+
+    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1):
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)},
+        )
+
+    def ask(self, command: str | None = None) -> dict:
+        import select
+
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            err = (self.proc.stderr.read().strip().splitlines() or ["no answer within the timeout"])[-1]
+            raise RuntimeError(err)
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def alternate_rounds(servers: dict, rounds: int) -> dict[str, list[float]]:
+    """Time one call per side per round, swapping which side goes first every round."""
+    times: dict[str, list[float]] = {fw: [] for fw in servers}
+    order = list(servers)
+    for index in range(rounds):
+        for fw in order if index % 2 == 0 else order[::-1]:
+            times[fw].append(servers[fw].ask("run")["s"])
+    return times
+
+
 def suite_models(args) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         for mode in ("fwd", "fwd_bwd"):
-            res = {fw: _run_worker(["models", fw, name, mode, str(args.batch), str(args.seq), str(args.repeats)])
-                   for fw in ("jax", "torch")}
-            rows.append({"model": name, "mode": mode, **{f"{fw}": r for fw, r in res.items()}})
-            j, t = res["jax"], res["torch"]
-            ratio = j["median_s"] / t["median_s"] if "median_s" in j and "median_s" in t else None
-            mem_ratio = j["peak_mib"] / t["peak_mib"] if "peak_mib" in j and "peak_mib" in t else None
-            print(
-                f"| {name} | {mode} | {_fmt(j.get('median_s'), 's')} | {_fmt(t.get('median_s'), 's')} | "
-                f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {_fmt(j.get('peak_mib'), ' MiB')} | "
-                f"{_fmt(t.get('peak_mib'), ' MiB')} | {'n/a' if mem_ratio is None else f'{mem_ratio:.2f}'} |"
-                + (f" jax error: {j['error']}" if "error" in j else "")
-                + (f" torch error: {t['error']}" if "error" in t else ""),
-                flush=True,
-            )
+            servers = {}
+            try:
+                for fw in ("jax", "torch"):  # set up one after the other so compiles do not overlap
+                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout, args.pin_core)
+                    servers[fw].first = servers[fw].ask()["first_call_s"]
+                times = alternate_rounds(servers, args.repeats)
+                peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
+                error = None
+            except RuntimeError as err:
+                times, peaks, error = {}, {}, str(err)
+            finally:
+                for server in servers.values():
+                    server.close()
+            row = {"model": name, "mode": mode, "batch": args.batch, "seq": args.seq, "rounds": args.repeats}
+            if error:
+                row["error"] = error
+                print(f"| {name} | {mode} | error: {error} |", flush=True)
+                rows.append(row)
+                continue
+            for fw in ("jax", "torch"):
+                row[fw] = {"min_s": min(times[fw]), "median_s": statistics.median(times[fw]), "times_s": times[fw],
+                           "first_call_s": servers[fw].first, "peak_mib": peaks[fw]}
+            j, t = row["jax"], row["torch"]
+            row["ratio_of_mins"] = j["min_s"] / t["min_s"]
+            row["ratio_of_medians"] = j["median_s"] / t["median_s"]
+            row["mem_ratio"] = j["peak_mib"] / t["peak_mib"]
+            rows.append(row)
+            print(f"| {name} | {mode} | {j['min_s']:.3f} / {j['median_s']:.3f} s | {t['min_s']:.3f} / "
+                  f"{t['median_s']:.3f} s | **{row['ratio_of_mins']:.2f}** | {row['ratio_of_medians']:.2f} | "
+                  f"{j['peak_mib']:.0f} MiB | {t['peak_mib']:.0f} MiB | {row['mem_ratio']:.2f} |", flush=True)
     return rows
 
 
@@ -304,12 +426,240 @@ def suite_slots(args, chunks: list[int]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- gpu suite
+
+# Dense peak FLOP/s per device kind: (bf16 tensor cores, fp32 matmuls as JAX/PyTorch run them by default).
+PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12), "L40S": (362e12, 183e12),
+              "L4": (121e12, 60e12), "A10": (125e12, 62.5e12), "V100": (125e12, 15.7e12)}
+GPU_LORA_ROWS = (("deberta-v3-base", "float32"), ("deberta-v3-base", "bfloat16"), ("qwen3-0.6b", "bfloat16"))
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak FLOP/s for ``dtype`` (None for an unknown device)."""
+    for name, (bf16, fp32) in PEAK_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def _jax_model(name: str, dtype: str):
+    import jax.numpy as jnp
+
+    from adapad_jax.models.registry import model_from_config
+
+    spec = MODEL_SPECS[name]
+    return model_from_config(_hf_config(name), task=spec["task"], num_labels=2,
+                             dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+
+
+def _gpu_jax_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats: int) -> dict:
+    from adapad_jax.training.benchmarking import time_real_step
+
+    result = time_real_step(_jax_model(name, dtype), "lora", 8, batch, seq, repeats=repeats)
+    return {**result, "peak_mib": _peak_memory_mib("jax")}
+
+
+def _gpu_torch_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats: int) -> dict:
+    """PEFT LoRA rank 8 (alpha 16) on the same targets plus a trained head, AdamW, the task's loss."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("PyTorch sees no CUDA device (install a CUDA build of torch for this row)")
+    spec = MODEL_SPECS[name]
+    torch.manual_seed(0)
+    qa = spec["task"] == "qa"
+    cls = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    model = cls.from_config(_hf_config(name)).cuda()
+    targets = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if qa else
+               ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"])
+    peft_model = get_peft_model(model, LoraConfig(r=ADAPTER_RANK, lora_alpha=16, target_modules=targets,
+                                                  modules_to_save=["qa_outputs"] if qa else ["classifier"]))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    rng = np.random.default_rng(0)
+    inputs = {"input_ids": torch.tensor(rng.integers(5, 1000, size=(batch, seq)), device="cuda"),
+              "attention_mask": torch.ones((batch, seq), dtype=torch.long, device="cuda")}
+    if qa:
+        positions = torch.tensor(rng.integers(0, seq, size=(batch,)), device="cuda")
+        inputs.update(start_positions=positions, end_positions=positions)
+    else:
+        inputs["labels"] = torch.tensor(rng.integers(0, 2, size=(batch,)), device="cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext())
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = peft_model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+
+    step()
+    times = _time(step, repeats)
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_mib": _peak_memory_mib("torch")}
+
+
+def _gpu_adapad_worker(name: str, dtype: str, batch: int, seq: int, components: int, repeats: int,
+                       deadline: float) -> list[dict]:
+    """adapad step for L = 1, 2, 4, 8 x slot_chunk_size 0/1 x remat off/on in one process, until ``deadline``."""
+    from adapad_jax.training.benchmarking import time_real_step
+
+    model = _jax_model(name, dtype)
+    rows = []
+    for remat in (False, True):
+        for chunk in (1, 0):
+            for live in (1, 2, 4, 8):
+                cell = {"live_slots": live, "slot_chunk_size": chunk, "remat": remat, "components": components}
+                if time.time() > deadline:
+                    rows.append({**cell, "skipped": "time budget"})
+                    continue
+                try:
+                    rows.append({**cell, **time_real_step(model, "adapad", live, batch, seq, slot_chunk_size=chunk,
+                                                          remat=remat, components=components, repeats=repeats)})
+                except Exception as err:  # noqa: BLE001 - an out-of-memory cell is a result, not a crash
+                    rows.append({**cell, "error": str(err).strip().splitlines()[0][:200]})
+    return rows
+
+
+def visible_gpus() -> int:
+    """Number of GPUs JAX sees (0 when its GPU backend is missing)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to the workers
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+def suite_gpu(args) -> dict:
+    gpus = visible_gpus()
+    if gpus == 0:
+        raise SystemExit("error: --suite gpu needs a GPU visible to JAX and none is (JAX backend: cpu); install the "
+                         "CUDA build (pip install \"jax[cuda12]\") on a GPU machine and rerun")
+    start = time.time()
+    deadline = start + args.budget
+    lines, result = [], {"gpus": gpus, "lora": [], "adapad": []}
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"## GPU benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {gpus} GPU(s))")
+    emit()
+    emit("Train step: JAX `lora` (rank 8, all targets, AdamW, head trained) vs PyTorch+PEFT LoRA (same); median of "
+         f"{args.repeats} after a warm-up; MFU = XLA's FLOP count of the JAX step / time / device peak.")
+    emit()
+    emit("| model | dtype | batch x seq | JAX step | PyTorch step | JAX/PyTorch | JAX MFU | PyTorch MFU | JAX peak | "
+         "PyTorch peak |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    for name, dtype in GPU_LORA_ROWS:
+        batch, seq = MODEL_SPECS[name]["train_shape"]
+        j = _run_worker(["gpu_jax_lora", name, dtype, str(batch), str(seq), str(args.repeats)], timeout=300)
+        t = _run_worker(["gpu_torch_lora", name, dtype, str(batch), str(seq), str(args.repeats)], timeout=300)
+        result["lora"].append({"model": name, "dtype": dtype, "batch": batch, "seq": seq, "jax": j, "torch": t})
+        peak = peak_flops(j.get("device", ""), dtype)
+        flops = j.get("flops") or None
+        mfu = {k: (flops / r["median_s"] / peak if flops and peak and "median_s" in r else None)
+               for k, r in (("jax", j), ("torch", t))}
+        ratio = j["median_s"] / t["median_s"] if "median_s" in j and "median_s" in t else None
+        emit(f"| {name} | {dtype} | {batch} x {seq} | {_fmt(j.get('median_s'), 's')} | {_fmt(t.get('median_s'), 's')} "
+             f"| {'n/a' if ratio is None else f'{ratio:.2f}'} | "
+             + " | ".join("n/a" if mfu[k] is None else f"{mfu[k]:.1%}" for k in ("jax", "torch"))
+             + f" | {_fmt(j.get('peak_mib'), ' MiB')} | {_fmt(t.get('peak_mib'), ' MiB')} |"
+             + "".join(f" {k} error: {r['error']}" for k, r in (("jax", j), ("torch", t)) if "error" in r))
+    name, dtype = "deberta-v3-base", "float32"
+    batch, seq = MODEL_SPECS[name]["train_shape"]
+    for components in sorted({1, gpus}):
+        emit()
+        emit(f"adapad train step, {name} {dtype} {batch} x {seq}, mesh.components = {components} "
+             f"({components} GPU(s)); compiled temporaries from XLA's buffer assignment")
+        emit()
+        emit("| remat | slot chunk | L = 1 | L = 2 | L = 4 | L = 8 |")
+        emit("|---|---|---|---|---|---|")
+        remaining = deadline if components == gpus else start + args.budget * (0.75 if gpus > 1 else 1.0)
+        rows = _run_worker(["gpu_adapad", name, dtype, str(batch), str(seq), str(components), str(args.repeats),
+                            str(remaining)], timeout=max(remaining - time.time(), 0) + 240)
+        rows = rows if isinstance(rows, list) else [{"error": rows.get("error", "failed")}]
+        result["adapad"].extend(rows)
+        for remat in (False, True):
+            for chunk in (1, 0):
+                cells = []
+                for live in (1, 2, 4, 8):
+                    row = next((r for r in rows if r.get("live_slots") == live and r.get("slot_chunk_size") == chunk
+                                and r.get("remat") == remat), rows[0] if "error" in rows[0] else {})
+                    if "median_s" in row:
+                        cells.append(f"{row['median_s']:.3f} s, {row['temp_bytes'] / 2**30:.1f} GiB")
+                    else:
+                        cells.append(row.get("skipped") or f"error: {row.get('error', 'missing')}"[:60])
+                emit(f"| {'on' if remat else 'off'} | {chunk or 'all'} | " + " | ".join(cells) + " |")
+    emit()
+    emit(f"total {time.time() - start:.0f} s")
+    result["markdown"] = "\n".join(lines)
+    out = Path(args.out or "gpu_benchmark.json")
+    out.with_suffix(".md").write_text(result["markdown"] + "\n")
+    print(f"wrote {out.with_suffix('.md')} and {out}")
+    args.out = str(out)
+    return result
+
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages and the core count, to print beside every table."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def suite_scaling(args) -> dict:
+    from adapad_jax.training import scaling
+
+    counts = sorted({int(c) for c in args.processes.split(",")})
+    size = scaling.QUICK_SIZE if args.quick else scaling.DEFAULT_SIZE
+    print(f"toy model hidden {size['hidden']} x {size['num_layers']} layers, batch {size['batch_size']} x "
+          f"{size['seq_len']}, adapad L = {args.live_slots}, slot_chunk_size 1; median of {args.repeats} steps, "
+          f"best of {args.rounds} alternating rounds; {load_average()} before")
+    try:
+        result = scaling.run_scaling(counts, live_slots=args.live_slots, repeats=args.repeats, rounds=args.rounds,
+                                     size=size, timeout_s=args.timeout)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("| processes (cores) | step | speedup | efficiency T1/(P TP) | collectives / step | bytes | "
+          "collectives alone | share of step | CPU s / step (all processes) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['processes']} | {row['step_s']:.3f} s | {row['speedup']:.2f} | {row['efficiency']:.2f} | "
+              f"{row['collectives_per_step']} | {row['collective_bytes'] / 2**20:.2f} MiB | {row['comm_s'] * 1e3:.1f} ms "
+              f"| {row['comm_share']:.1%} | {row['cpu_s']:.2f} |", flush=True)
+    print(f"{load_average()} after")
+    result["load_after"] = os.getloadavg()
+    return result
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_worker":
         kind, *rest = sys.argv[2:]
         if kind == "memory":
             name, method, live, chunk, remat, batch, seq = rest
             result = _memory_worker(name, method, int(live), int(chunk), bool(int(remat)), int(batch), int(seq))
+        elif kind == "gpu_jax_lora":
+            name, dtype, batch, seq, repeats = rest
+            result = _gpu_jax_lora_worker(name, dtype, int(batch), int(seq), int(repeats))
+        elif kind == "gpu_torch_lora":
+            name, dtype, batch, seq, repeats = rest
+            result = _gpu_torch_lora_worker(name, dtype, int(batch), int(seq), int(repeats))
+        elif kind == "gpu_adapad":
+            name, dtype, batch, seq, components, repeats, deadline = rest
+            result = _gpu_adapad_worker(name, dtype, int(batch), int(seq), int(components), int(repeats),
+                                        float(deadline))
+        elif kind == "serve":
+            fw, name, mode, batch, seq = rest
+            _serve(fw, name, mode, int(batch), int(seq))
+            return
         elif kind == "models":
             fw, name, mode, batch, seq, repeats = rest
             worker = _jax_model_worker if fw == "jax" else _torch_model_worker
@@ -320,24 +670,42 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["models", "slots", "step_memory"], default="models")
+    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling", "gpu"], default="models")
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
     parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
     parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (models: alternating rounds, >= 1)")
     parser.add_argument("--slot_chunks", default="0,1",
                         help="slots suite: adapter.slot_chunk_size values, one column each (default 0,1)")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
+    parser.add_argument("--processes", default="2", help="scaling: process counts P to compare with 1 (e.g. 2)")
+    parser.add_argument("--live_slots", type=int, default=4, help="scaling: live slots L (a multiple of each P)")
+    parser.add_argument("--rounds", type=int, default=2, help="scaling: alternating rounds; the best is kept")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="scaling, models: seconds a worker may take for one answer before it is killed")
+    parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
+    parser.add_argument("--pin_core", type=int, default=-1,
+                        help="models: run both sides on this one core with one thread each (default: all cores)")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="gpu: seconds after which the adapad grid skips its remaining cells")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
-    if args.suite == "models":
+    if args.suite == "gpu":
+        rows = suite_gpu(args)
+    elif args.suite == "scaling":
+        rows = suite_scaling(args)
+    elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
-        print(f"batch {args.batch} x seq {args.seq}, median of {args.repeats} after a warm-up call")
-        print("| model | mode | JAX | PyTorch | JAX/PyTorch time | JAX peak | PyTorch peak | JAX/PyTorch mem |")
-        print("|---|---|---|---|---|---|---|---|")
+        pinned = f"both pinned to core {args.pin_core}, one thread each" if args.pin_core >= 0 else "all cores"
+        print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
+              f"order swapped every round) after a warm-up call; {pinned}; {load_average()} before")
+        print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "
+              "PyTorch peak | JAX/PyTorch mem |")
+        print("|---|---|---|---|---|---|---|---|---|")
         rows = suite_models(args)
+        print(f"{load_average()} after")
     elif args.suite == "step_memory":
         print("compiled train-step temporaries (activations kept for backward + scratch); ratio to lora")
         print("| model | batch x seq | method | slot chunk | remat | temporaries | ratio to lora |")

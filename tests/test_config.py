@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The schema the project's brief fixes (field -> default); None = no default fixed (task files set it).
 SCHEMA = {
-    "task": None, "seed": 0, "output_dir": None,
+    "task": None, "seed": 0, "output_dir": None, "compilation_cache_dir": None,
     "model.name_or_path": None, "model.revision": "", "model.dtype": "float32", "model.classifier_dropout": 0.0,
     "data.source": "auto", "data.train_file": "", "data.validation_file": "", "data.max_length": None,
     "data.doc_stride": 128, "data.max_train_examples": 0, "data.max_eval_examples": 0, "data.cache_features": True, "data.cache_dir": "",

@@ -218,6 +218,35 @@ class DebertaEmbeddings(nn.Module):
         return nn.Dropout(spec.hidden_dropout)(x, deterministic=deterministic)
 
 
+def relative_gather(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """``take_along_axis(x, index, -1)`` for x [..., Q, R] and a static index [Q, K] (``R`` >= used columns).
+
+    When ``index[q, k] = c + q - k`` (or ``c - q + k``) everywhere, as for relative positions inside the
+    bucket range, the gather is a skew: reshape, slice, reshape, whose backward is a pad rather than the
+    scatter-add a gather's backward is (the slowest part of DeBERTa's backward on a CPU). Otherwise a gather.
+    """
+    index = np.asarray(index)
+    rows, cols = index.shape
+    qs, ks = np.arange(rows)[:, None], np.arange(cols)[None, :]
+    width = x.shape[-1]
+    lead = x.shape[:-2]
+    for sign in (1, -1) if width > 1 else ():
+        c = int(index[0, 0])
+        if not np.array_equal(index, c + sign * (qs - ks)):
+            continue
+        if sign == 1:  # x[q, c + q - k] = reversed(x)[q, (width - 1 - c) - q + k]
+            x, offset = x[..., ::-1], width - 1 - c
+        else:
+            offset = c
+        # reversed/plain x[q, offset - q + k] sits at flat position q * (width - 1) + offset + k
+        flat = x.reshape(lead + (rows * width,))
+        end = offset + rows * (width - 1)
+        if end > rows * width:
+            flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, end - rows * width)])
+        return flat[..., offset:end].reshape(lead + (rows, width - 1))[..., :cols]
+    return jnp.take_along_axis(x, jnp.asarray(index).reshape((1,) * len(lead) + index.shape), axis=-1)
+
+
 def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[..., S, H*d] -> [..., H, S, d]."""
     x = x.reshape(x.shape[:-1] + (num_heads, -1))
@@ -265,16 +294,19 @@ class DisentangledSelfAttention(nn.Module):
                     pos_key = _split_heads(self._dense("pos_key_proj")(rel, deterministic), heads)
                 if "p2c" in spec.pos_att_type:
                     pos_query = _split_heads(self._dense("pos_query_proj")(rel, deterministic), heads)
+            # Positions are static: recomputed here from the length, so they stay numpy under nn.remat too. Only
+            # the rows of the position tables that some (q, k) pair reads are projected against q / k.
+            relative_pos = relative_positions(hidden.shape[-2], spec.position_buckets, spec.max_relative_positions)
             if "c2p" in spec.pos_att_type:
-                c2p = jnp.einsum("bhqd,hrd->bhqr", q, pos_key)
-                index = jnp.clip(relative_pos + span, 0, 2 * span - 1)
-                c2p = jnp.take_along_axis(c2p, index[None, None], axis=-1)
-                scores = scores + c2p / scale
+                index = np.clip(relative_pos + span, 0, 2 * span - 1)
+                lo, hi = int(index.min()), int(index.max()) + 1
+                c2p = jnp.einsum("bhqd,hrd->bhqr", q, pos_key[:, lo:hi])
+                scores = scores + relative_gather(c2p, index - lo) / scale
             if "p2c" in spec.pos_att_type:
-                p2c = jnp.einsum("bhkd,hrd->bhkr", k, pos_query)
-                index = jnp.clip(-relative_pos + span, 0, 2 * span - 1)
-                p2c = jnp.take_along_axis(p2c, index[None, None], axis=-1)
-                scores = scores + jnp.swapaxes(p2c, -1, -2) / scale
+                index = np.clip(-relative_pos + span, 0, 2 * span - 1)
+                lo, hi = int(index.min()), int(index.max()) + 1
+                p2c = jnp.einsum("bhkd,hrd->bhkr", k, pos_query[:, lo:hi])
+                scores = scores + jnp.swapaxes(relative_gather(p2c, index - lo), -1, -2) / scale
 
         scores = jnp.where(mask2d, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)

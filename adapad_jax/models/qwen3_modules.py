@@ -62,6 +62,10 @@ class Qwen3Spec:
     layer_windows: tuple[int | None, ...]  # sliding window per layer, None = full causal attention
     rope_inv_freq: tuple[float, ...]  # [head_dim // 2] inverse frequencies (fp32 values)
     rope_attention_scaling: float  # factor on cos/sin (1.0 except yarn / longrope style types)
+    # "einsum": scores, mask, softmax, weights written out; "dot_product": jax.nn.dot_product_attention (cuDNN
+    # flash attention on a GPU where it applies, XLA elsewhere); "auto": dot_product on a GPU, einsum elsewhere.
+    # Attention dropout in training always takes the einsum path (dot_product_attention has no dropout).
+    attention_impl: str = "auto"
 
 
 def rope_frequencies(hf_config: Any, head_dim: int) -> tuple[np.ndarray, float]:
@@ -194,6 +198,24 @@ def attention_allowed(attention_mask: jax.Array, window: int | None) -> jax.Arra
     return allowed[None, None, None] & key_valid
 
 
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product")
+
+
+def _use_dot_product(spec: Qwen3Spec, deterministic: bool) -> bool:
+    if spec.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {spec.attention_impl!r}")
+    if spec.attention_dropout > 0.0 and not deterministic:
+        return False
+    return spec.attention_impl == "dot_product" or (spec.attention_impl == "auto" and jax.default_backend() == "gpu")
+
+
+def with_attention_impl(module: nn.Module, impl: str) -> nn.Module:
+    """A copy of a Qwen3 module (any with a ``spec`` field) whose attention uses ``impl`` (see ``Qwen3Spec``)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return module.clone(spec=dataclasses.replace(module.spec, attention_impl=impl))
+
+
 class Qwen3Attention(nn.Module):
     """Grouped-query self-attention with per-head q/k RMSNorm and rotary embeddings."""
 
@@ -227,6 +249,11 @@ class Qwen3Attention(nn.Module):
         cos_b, sin_b = cos[None, :, None, :], sin[None, :, None, :]
         q = q * cos_b + _rotate_half(q) * sin_b
         k = k * cos_b + _rotate_half(k) * sin_b
+        if _use_dot_product(spec, deterministic):
+            # [B, S, N, d] queries against [B, S, K, d] keys/values: query head h reads kv head h // groups.
+            out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, :, 0], scale=spec.head_dim**-0.5)
+            out = out.reshape(batch, seq_len, spec.num_heads * spec.head_dim)
+            return self._proj("o_proj", spec.hidden_size)(out, deterministic)
         # Query head h uses key/value head h // groups (transformers' repeat_kv order).
         q = q.reshape(batch, seq_len, spec.num_kv_heads, groups, spec.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * jnp.asarray(spec.head_dim**-0.5, self.dtype)

@@ -87,3 +87,58 @@ def step_memory(
     return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes),
             "output_bytes": int(analysis.output_size_in_bytes), "compile_s": compile_s, "live_slots": live,
             "slot_chunk_size": slot_chunk_size, "remat": remat, "device": jax.devices()[0].device_kind}
+
+
+def random_batch(model: LoadedModel, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """A random batch of the model's task (token ids, full mask, labels or answer spans)."""
+    rng = np.random.default_rng(seed)
+    batch = {
+        "input_ids": rng.integers(5, 1000, size=(batch_size, seq_len)).astype(np.int32),
+        "attention_mask": np.ones((batch_size, seq_len), np.int32),
+        "example_weight": np.ones((batch_size,), np.float32),
+    }
+    if model.task == "qa":
+        batch["start_positions"] = rng.integers(0, seq_len, size=(batch_size,)).astype(np.int32)
+        batch["end_positions"] = batch["start_positions"]
+    elif model.task == "classification":
+        batch["labels"] = rng.integers(0, 2, size=(batch_size,)).astype(np.int32)
+    else:
+        raise ValueError(f"random_batch supports qa and classification models, got task {model.task!r}")
+    if model.uses_token_type_ids:
+        batch["token_type_ids"] = np.zeros((batch_size, seq_len), np.int32)
+    return batch
+
+
+def time_real_step(
+    model: LoadedModel, method: str, live_slots: int, batch_size: int, seq_len: int, *, slot_chunk_size: int = 1,
+    remat: bool = False, components: int = 1, repeats: int = 5,
+) -> dict:
+    """The real train step of ``model`` (``lora`` rank ``live_slots`` or ``adapad`` with L = ``live_slots``):
+    median/min wall time after a warm-up call, XLA's FLOP count and temporaries for the compiled step."""
+    overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False,
+                 "adapter.lora_rank": live_slots, "adapter.initial_rank": live_slots,
+                 "adapter.rank_budget": 8 * len(model.targets), "adapter.slot_chunk_size": slot_chunk_size,
+                 "adapter.remat": remat, "checkpoint.every_steps": 0, "mesh.components": components}
+    batches = [random_batch(model, batch_size, seq_len, seed) for seed in range(repeats + 1)]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, toy_config(**overrides), make_mesh(1, components), out)
+        trainer.restore_or_init({})
+        start = time.perf_counter()
+        compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen,
+                                                 trainer._put_batch(batches[0])).compile()
+        compile_s = time.perf_counter() - start
+        jax.block_until_ready(trainer.train_step(batches[0]))
+        times = []
+        for batch in batches[1:]:
+            start = time.perf_counter()
+            jax.block_until_ready(trainer.train_step(batch))
+            times.append(time.perf_counter() - start)
+        live = trainer.live_slots
+        trainer.close()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s, "live_slots": live,
+            "flops": float((cost or {}).get("flops", 0.0)), "temp_bytes": int(memory.temp_size_in_bytes),
+            "slot_chunk_size": slot_chunk_size, "remat": remat, "components": components,
+            "device": jax.devices()[0].device_kind}

@@ -7,7 +7,7 @@ slot axis, the rest replicated: ``Trainer.state_shardings``):
 
 For ``adapad`` the per-slot losses run inside ``jax.shard_map``: slots split over the mesh axis
 ``components``, batch over ``data``, backbone and trainables replicated; per-device gradients are
-summed with one ``psum`` over both axes.
+summed with one ``psum`` over both axes (one all-reduce per dtype, see ``collectives.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from adapad_jax.adapters.slots import deflated_lora, masked_lora
 from adapad_jax.adapters.target import AdapterTarget
 from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.training.collectives import all_gather_packed, psum_packed
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
 
@@ -130,7 +131,16 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     live = alloc_lib.live_mask(alloc, spec.advance_learning)
     num_rows = spec.padded_slots
 
+    components = mesh.shape[COMPONENTS_AXIS]
+    num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
+    # Slot arrays arrive split over `components` (as the state holds them) and are gathered in one collective.
+    split_slots = all(x.shape[0] % components == 0 for x in jax.tree.leaves(trainable["slots"]))
+    slot_spec = P(COMPONENTS_AXIS) if split_slots else P()
+
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
+        if split_slots:
+            gathered = all_gather_packed({"slots": trainable["slots"], "snapshot": snapshot}, COMPONENTS_AXIS)
+            trainable, snapshot = {"slots": gathered["slots"], "head": trainable["head"]}, gathered["snapshot"]
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def slot_loss(trainable, slot):
@@ -160,20 +170,28 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             zeros = jax.tree.map(jnp.zeros_like, trainable)
             grads, losses = jax.lax.scan(scan_body, zeros, slot_ids.reshape(-1, chunk))
             losses = losses.reshape(-1)
-        grads = jax.lax.psum(grads, (DATA_AXIS, COMPONENTS_AXIS))
-        losses = jax.lax.psum(losses, DATA_AXIS)
+        # Every slot's loss in its row of a full-length vector, so one all-reduce returns gradients and losses.
+        all_losses = jnp.zeros((num_rows,), losses.dtype).at[jax.lax.axis_index(COMPONENTS_AXIS) * local
+                                                              + jnp.arange(local)].set(losses)
+        # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
+        rows = spec.live_slots
+        live_grads = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "head": grads["head"]}
+        live_grads, all_losses = psum_packed((live_grads, all_losses), (DATA_AXIS, COMPONENTS_AXIS))
+        slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), live_grads["slots"])
         model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
                                                       step_rng, denominator)
         model_loss = jax.lax.psum(model_loss, DATA_AXIS)
+        head = live_grads["head"]
         if head_grads is not None:  # every `components` device ran the same committed forward on its data shard
-            grads = {"slots": grads["slots"], "head": jax.lax.psum(head_grads, DATA_AXIS)}
-        return grads, losses, model_loss
+            head = jax.lax.psum(head_grads, DATA_AXIS)
+        return {"slots": slot_grads, "head": head}, all_losses, model_loss
 
+    trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
-        out_specs=(P(), P(COMPONENTS_AXIS), P()),
+        in_specs=(trainable_spec, slot_spec, P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
+        out_specs=(P(), P(), P()),
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
@@ -239,7 +257,7 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
             return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
-        return jax.lax.psum(grads, DATA_AXIS), jax.lax.psum(loss, DATA_AXIS)
+        return psum_packed((grads, loss), DATA_AXIS)
 
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False

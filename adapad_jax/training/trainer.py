@@ -24,6 +24,7 @@ from adapad_jax.training.guard import FiniteGuard
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import plot_ranks, write_ranks_json
+from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -113,7 +114,8 @@ class Trainer:
         self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
         self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
-        self.frozen = jax.device_put(model.params, replicated(mesh))
+        # bf16 models keep their frozen kernels and embeddings in bf16 on the devices (same numbers, half the memory)
+        self.frozen = jax.device_put(frozen_storage(model.params, module_dtype(model.module)), replicated(mesh))
         self.select_best = bool(config.train.get("select_best", False))
         best = best_checkpoint_metric(config) if self.select_best else None
         if checkpoint_dir is None:
@@ -405,7 +407,7 @@ class Trainer:
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
-        return to_host(merge_head(self.frozen, self.state["trainable"]["head"]))
+        return merge_head(self.model.params, to_host(self.state["trainable"]["head"]))  # full-precision backbone
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``.

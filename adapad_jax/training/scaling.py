@@ -1,0 +1,255 @@
+"""Component-parallel scaling across processes: one process per core, joined with ``jax.distributed``.
+
+XLA:CPU spreads one device's matmuls over every core, so simulated host devices cannot show the paper's
+component parallelism on a CPU. Processes pinned to one core each can: ``run_scaling`` times the real AdaPaD
+train step (``L`` live slots, ``slot_chunk_size`` 1) as one process on one core with ``mesh.components = 1``,
+and as ``P`` processes on ``P`` cores with ``mesh.components = P``, same model and global batch.
+
+Each worker also times the step's cross-process collectives on their own (the same all-gathers and
+all-reduces, read from the compiled step's HLO, run in a program that does nothing else), so the report can
+say what share of a step they take. Run it with ``python launch/benchmark.py --suite scaling``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The toy model size for which one step takes about 0.8 CPU-seconds at L = 4 on this machine (>= 0.5 s on one core).
+DEFAULT_SIZE = {"hidden": 1024, "num_layers": 4, "batch_size": 256, "seq_len": 16}
+QUICK_SIZE = {"hidden": 64, "num_layers": 1, "batch_size": 8, "seq_len": 4}
+
+_HLO_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
+                             r"(?:-start)?\(")
+_HLO_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|pred|s8|u8|f64|s64|u64)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
+                "s64": 8, "u64": 8}
+
+
+def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Every cross-device collective in an HLO module's text: ``{"op", "bytes"}`` (result bytes) per instruction."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = _HLO_COLLECTIVE.search(line)
+        if not match or "-done" in line.split("=")[-1].split("(")[0]:
+            continue
+        size = 0
+        for dtype, dims in _HLO_SHAPE.findall(match.group(1)):
+            count = 1
+            for dim in filter(None, dims.split(",")):
+                count *= int(dim)
+            size += count * _DTYPE_BYTES[dtype]
+        found.append({"op": match.group(2), "bytes": size})
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _time_calls(fn, repeats: int) -> list[float]:
+    import jax
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _cpu_seconds() -> float:
+    return time.process_time()  # every thread of the process
+
+
+def _collectives_alone(trainer, repeats: int) -> list[float]:
+    """Time the step's cross-device traffic alone, done as the step does it (``training/collectives.py``): the
+    all-gather of the sliced slot arrays at the shard_map entry and the gradient psum, on arrays of the real shapes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from adapad_jax.training.collectives import all_gather_packed, psum_packed
+    from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
+
+    state = trainer.state
+    sliced = {"slots": state["trainable"]["slots"], "snapshot": state["snapshot"]}
+    grads_like = jax.tree.map(jnp.zeros_like, state["trainable"])
+
+    def body(sliced, grads):
+        gathered = all_gather_packed(sliced, COMPONENTS_AXIS)
+        summed = psum_packed(grads, (DATA_AXIS, COMPONENTS_AXIS))
+        # Reduce to a scalar so nothing but the collectives costs time.
+        return sum(jnp.sum(x[:1]) for x in jax.tree.leaves((gathered, summed)))
+
+    sliced_specs = jax.tree.map(lambda _: P(COMPONENTS_AXIS), sliced)
+    fn = jax.jit(jax.shard_map(body, mesh=trainer.mesh, in_specs=(sliced_specs, P()), out_specs=P(),
+                               check_vma=False))
+    jax.block_until_ready(fn(sliced, grads_like))
+    return _time_calls(lambda: fn(sliced, grads_like), repeats)
+
+
+def scaling_worker(processes: int, process_id: int, port: int, core: int | None, live_slots: int, repeats: int,
+                   size: dict[str, int]) -> dict[str, Any]:
+    """One process of a scaling run: pin to ``core``, join the others, time the train step; returns a JSON row."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    import jax
+
+    if processes > 1:
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
+                                   process_id=process_id, initialization_timeout=120)
+    from adapad_jax.training.sharding import make_mesh
+    from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_batch, toy_config
+    from adapad_jax.training.trainer import Trainer
+
+    model = make_toy_model(hidden=size["hidden"], num_layers=size["num_layers"], vocab_size=512)
+    teacher = planted_teacher(model, [1] * len(model.targets))
+    overrides = {"adapter.method": "adapad", "adapter.r_max": 8, "adapter.grow": False,
+                 "adapter.initial_rank": live_slots, "adapter.rank_budget": 8 * len(model.targets),
+                 "adapter.slot_chunk_size": 1, "checkpoint.every_steps": 0, "mesh.data": 1,
+                 "mesh.components": processes}
+    batches = [toy_batch(model, teacher, i, size["batch_size"], size["seq_len"]) for i in range(repeats + 1)]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, toy_config(**overrides), make_mesh(1, processes), out)
+        trainer.restore_or_init({})
+        live = trainer.live_slots
+        start = time.perf_counter()
+        compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen,
+                                                 trainer._put_batch(batches[0])).compile()
+        compile_s = time.perf_counter() - start
+        collectives = hlo_collectives(compiled.as_text())
+        jax.block_until_ready(trainer.train_step(batches[0]))  # warm-up: first call's allocations
+        times, cpu = [], []
+        for batch in batches[1:]:
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            jax.block_until_ready(trainer.train_step(batch))
+            times.append(time.perf_counter() - start)
+            cpu.append(_cpu_seconds() - cpu_start)
+        comm = _collectives_alone(trainer, repeats) if processes > 1 else [0.0]
+        loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))
+        trainer.close()
+    return {"process_id": process_id, "processes": processes, "core": core, "live_slots": live,
+            "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+            "cpu_median_s": statistics.median(cpu), "compile_s": compile_s,
+            "collectives": collectives, "comm_median_s": statistics.median(comm), "comm_min_s": min(comm),
+            "loss": loss, "device": jax.devices()[0].device_kind}
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+def launch_processes(processes: int, cores: Sequence[int | None], live_slots: int, repeats: int,
+                     size: dict[str, int], timeout_s: float) -> list[dict[str, Any]]:
+    """Start ``processes`` workers (worker i pinned to ``cores[i]``), wait at most ``timeout_s``, return their rows.
+
+    Every worker is killed if any fails or the time runs out; raises RuntimeError naming the failure.
+    """
+    port = free_port()
+    procs = []
+    logs = []
+    try:
+        for process_id in range(processes):
+            args = [sys.executable, "-m", "adapad_jax.training.scaling", json.dumps({
+                "processes": processes, "process_id": process_id, "port": port, "core": cores[process_id],
+                "live_slots": live_slots, "repeats": repeats, "size": size})]
+            log = tempfile.TemporaryFile(mode="w+")
+            logs.append(log)
+            procs.append(subprocess.Popen(args, env=_worker_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                          text=True))
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"scaling run with {processes} processes did not finish within {timeout_s:.0f} s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rows = []
+    for proc, log in zip(procs, logs):
+        log.seek(0)
+        text = log.read()
+        log.close()
+        if proc.returncode != 0:
+            tail = [line for line in text.strip().splitlines() if line.strip()][-1:] or ["no output"]
+            raise RuntimeError(f"scaling worker exited with {proc.returncode}: {tail[0]}")
+        rows.append(json.loads(text.strip().splitlines()[-1]))
+    return rows
+
+
+def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repeats: int = 5, rounds: int = 2,
+                size: dict[str, int] | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+    """T1 (one process, one core) vs TP (P processes, a core each) for each P, alternated over ``rounds``.
+
+    Returns ``{"rows": [...], "runs": [...]}``: per P the best-of-rounds medians, speedup T1/TP, efficiency
+    T1/(P*TP), the collectives' share of the step, and CPU seconds per step summed over processes (with their
+    ratio to one process: the work the split adds, which other load on the machine affects less than wall time).
+    """
+    size = dict(size or DEFAULT_SIZE)
+    cores = sorted(os.sched_getaffinity(0))
+    if max(process_counts) > len(cores):
+        raise ValueError(f"scaling: P={max(process_counts)} processes need as many cores, this process may use "
+                         f"{len(cores)} ({cores})")
+    for count in process_counts:
+        if count < 1 or 8 % count or live_slots % count:
+            raise ValueError(f"scaling: P={count} must divide r_max=8 and L={live_slots}")
+    runs = []
+    for round_index in range(rounds):
+        for count in (1, *[c for c in process_counts if c != 1]):
+            rows = launch_processes(count, cores[:count], live_slots, repeats, size, timeout_s)
+            runs.append({"round": round_index, "processes": count, "workers": rows})
+    table = []
+    best = {}
+    for run in runs:
+        # A step ends when its slowest process ends; the collectives keep them in lock step anyway.
+        step = max(w["median_s"] for w in run["workers"])
+        cpu = sum(w["cpu_median_s"] for w in run["workers"])
+        comm = max(w["comm_median_s"] for w in run["workers"])
+        count = run["processes"]
+        if count not in best or step < best[count]["step_s"]:
+            best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
+    t1 = best[1]["step_s"]
+    for count in sorted(best):
+        entry = best[count]
+        collectives = entry["workers"][0]["collectives"]
+        table.append({
+            "processes": count, "live_slots": entry["workers"][0]["live_slots"], "step_s": entry["step_s"],
+            "speedup": t1 / entry["step_s"], "efficiency": t1 / (count * entry["step_s"]),
+            "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
+            "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
+            "collectives_per_step": len(collectives), "collective_bytes": sum(c["bytes"] for c in collectives),
+            "loss": entry["workers"][0]["loss"],
+        })
+    return {"rows": table, "runs": runs, "size": size, "repeats": repeats, "rounds": rounds}
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(scaling_worker(**spec)), flush=True)

@@ -1,0 +1,103 @@
+"""Packed collectives (against per-leaf lax collectives), HLO collective counting, and the scaling suite's
+two-process smoke run (`launch/benchmark.py --suite scaling --quick`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from adapad_jax.training.collectives import all_gather_packed, psum_packed
+from adapad_jax.training.scaling import hlo_collectives
+from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS, make_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(rng, rows):
+    return {"a": [jnp.asarray(rng.normal(size=(rows, 3)), jnp.float32), jnp.asarray(rng.normal(size=(rows, 5)),
+                                                                                      jnp.float32)],
+            "h": {"w": jnp.asarray(rng.normal(size=(rows, 2, 2)), jnp.bfloat16),
+                  "n": jnp.asarray(rng.integers(0, 9, size=(rows,)), jnp.int32)}}
+
+
+def test_packed_collectives_equal_per_leaf_collectives_and_use_one_op_per_dtype():
+    mesh = make_mesh(2, 4)
+    tree = _tree(np.random.default_rng(0), 8)
+
+    def packed(t):
+        return all_gather_packed(t, COMPONENTS_AXIS), psum_packed(t, (DATA_AXIS, COMPONENTS_AXIS))
+
+    def per_leaf(t):
+        return (jax.tree.map(lambda x: jax.lax.all_gather(x, COMPONENTS_AXIS, tiled=True), t),
+                jax.tree.map(lambda x: jax.lax.psum(x, (DATA_AXIS, COMPONENTS_AXIS)), t))
+
+    def run(fn):
+        sharded = jax.shard_map(fn, mesh=mesh, in_specs=P(COMPONENTS_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
+        return jax.jit(sharded)
+
+    got, want = run(packed)(tree), run(per_leaf)(tree)
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64)),
+                 got, want)
+    ops = hlo_collectives(run(packed).lower(tree).compile().as_text())
+    # three dtypes (f32, bf16, s32): at most one all-gather and one all-reduce each (XLA may fuse further)
+    names = [op["op"] for op in ops]
+    assert 1 <= names.count("all-gather") <= 3 and 1 <= names.count("all-reduce") <= 3, names
+    per_leaf_ops = hlo_collectives(run(per_leaf).lower(tree).compile().as_text())
+    assert len(per_leaf_ops) > len(ops)
+
+
+def test_hlo_collectives_reads_ops_and_result_bytes():
+    text = "\n".join([
+        "  %all-reduce.1 = (f32[8,1024]{1,0}, bf16[4]{0}) all-reduce(%a, %b), replica_groups={{0,1}}",
+        "  %ag = f32[2,10]{1,0} all-gather-start(%c), dimensions={0}",
+        "  %ag.done = f32[2,10]{1,0} all-gather-done(%ag)",
+        "  %dot = f32[8,8]{1,0} dot(%x, %y)",
+    ])
+    assert hlo_collectives(text) == [{"op": "all-reduce", "bytes": 8 * 1024 * 4 + 4 * 2},
+                                     {"op": "all-gather", "bytes": 80}]
+
+
+@pytest.mark.slow
+def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tmp_path):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "benchmark.py"), "--suite", "scaling", "--quick", "--repeats", "2",
+         "--rounds", "1", "--live_slots", "2", "--timeout", "240", "--out", str(out)],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "load average" in proc.stdout and "| 2 |" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = {row["processes"]: row for row in result["rows"]}
+    assert sorted(rows) == [1, 2]
+    for field in ("step_s", "speedup", "efficiency", "comm_s", "comm_share", "collectives_per_step", "cpu_s"):
+        assert all(np.isfinite(row[field]) for row in rows.values()), field
+    assert rows[1]["efficiency"] == 1.0
+    np.testing.assert_allclose(rows[2]["efficiency"], rows[1]["step_s"] / (2 * rows[2]["step_s"]))
+    two = next(run for run in result["runs"] if run["processes"] == 2)["workers"]
+    assert sorted(w["process_id"] for w in two) == [0, 1]
+    assert len({w["core"] for w in two}) == 2  # each pinned to its own core
+    # the split run computes the same step: same loss as one process
+    np.testing.assert_allclose(rows[2]["loss"], rows[1]["loss"], rtol=1e-5)
+    # one packed all-gather of the slots and one packed all-reduce of the gradients cross processes
+    ops = [op["op"] for op in two[0]["collectives"]]
+    assert ops.count("all-gather") == 1, ops
+
+
+def test_scaling_refuses_more_processes_than_cores():
+    from adapad_jax.training.scaling import run_scaling
+
+    with pytest.raises(ValueError, match="need as many cores"):
+        run_scaling((len(__import__("os").sched_getaffinity(0)) + 1,))
