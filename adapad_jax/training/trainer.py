@@ -158,12 +158,17 @@ class Trainer:
         if self.num_slots % self.components:
             return jax.tree.map(lambda _: rep, state)
         sliced = NamedSharding(self.mesh, P(COMPONENTS_AXIS))
+        # Per-slot Adam step counts [M, R] split on their slot axis like the moments they correct, so the update
+        # stays local (replicated, XLA all-gathers them every step).
+        slot_columns = NamedSharding(self.mesh, P(None, COMPONENTS_AXIS))
 
         def choose(path, leaf):
-            names = {getattr(k, "key", None) for k in path}
+            names = {getattr(k, "key", None) or getattr(k, "name", None) for k in path}
             in_slots = "slots" in names or "snapshot" in names
             if in_slots and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == self.num_slots:
                 return sliced
+            if "slot_count" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] == self.num_slots:
+                return slot_columns
             return rep
 
         return jax.tree_util.tree_map_with_path(choose, state)
