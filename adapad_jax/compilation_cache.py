@@ -21,10 +21,11 @@ def default_cache_dir() -> str:
     return os.path.join(root, "adapad_jax", "jax_compilation")
 
 
-def enable_persistent_cache(directory: str) -> bool:
+def enable_persistent_cache(directory: str, *, every_program: bool = False) -> bool:
     """Point JAX's compilation cache at ``directory`` (created if needed); no-op for ""; True when enabled.
 
-    Call before the first compile: JAX reads the setting when it first compiles a program.
+    Call before the first compile: JAX reads the setting when it first compiles a program. ``every_program``
+    also caches programs that compile fast (JAX's default skips those), for tests that build many small ones.
     """
     if not directory:
         return False
@@ -32,4 +33,7 @@ def enable_persistent_cache(directory: str) -> bool:
 
     Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    if every_program:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return True

@@ -385,7 +385,7 @@ def branches_check(demo: ml_collections.ConfigDict, output_dir: Path, log: Calla
     """Train AdaPaD on the planted benchmark's branches task (seed ``demo.seed``) to a plateau; write its
     planted-vs-found agreement to ``planted_vs_found_branches.json`` and return the text report."""
     from adapad_jax.training import planted_study as study
-    from adapad_jax.training.toy import enable_compilation_cache
+    from adapad_jax.testing.toy import enable_compilation_cache
 
     enable_compilation_cache()
     task = study.PlantedTask("branches", study.BRANCHES_PLANTED)

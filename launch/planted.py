@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/planted.py")
     from adapad_jax.training import planted_study as study
     from adapad_jax.training.outputs import write_ranks_json
-    from adapad_jax.training.toy import enable_compilation_cache
+    from adapad_jax.testing.toy import enable_compilation_cache
 
     with config.unlocked():
         if config.quick:

@@ -9,7 +9,7 @@ import pytest
 
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.allocator import AllocatorConfig, init_allocator, masks_from_rank, update_allocator
-from adapad_jax.training.toy import enable_compilation_cache
+from adapad_jax.testing.toy import enable_compilation_cache
 
 enable_compilation_cache()
 
@@ -129,7 +129,7 @@ def test_budget_smaller_than_initial_ranks_is_rejected():
 
 def test_growth_spends_budget_exactly():
     from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
 
     model = make_toy_model(hidden=16)
     teacher = planted_teacher(model, [2, 1, 0, 0])
@@ -152,7 +152,7 @@ def test_growth_spends_budget_exactly():
 
 def test_without_advance_learning_reserve_waits_at_init_until_promoted():
     from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
 
     model = make_toy_model(hidden=16)
     teacher = planted_teacher(model, [2, 1, 0, 0])
@@ -214,7 +214,7 @@ def test_reachable_total_rank_of_the_paper_rte_config():
 def test_trainer_reports_the_rank_schedule(tmp_path):
     from adapad_jax.run import rank_schedule_line
     from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
 
     model = make_toy_model(hidden=16)
     teacher = planted_teacher(model, [2, 1, 0, 0])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from adapad_jax.compilation_cache import CACHE_ENV_VAR, default_cache_dir, enable_persistent_cache
-from adapad_jax.config import ConfigError, base_config, check_fields
+from adapad_jax.config import ConfigError, base_config
+from adapad_jax.validation import check_fields
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -57,7 +57,7 @@ def test_fp32_models_keep_fp32_storage():
 
 def test_trainer_holds_bf16_frozen_weights_and_exports_fp32():
     from adapad_jax.training.sharding import make_mesh
-    from adapad_jax.training.toy import toy_config
+    from adapad_jax.testing.toy import toy_config
     from adapad_jax.training.trainer import Trainer
     import tempfile
 

@@ -18,7 +18,7 @@ import pytest
 
 from adapad_jax.failures import EXIT_PREEMPTED
 from adapad_jax.training import Trainer, make_mesh
-from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
 enable_compilation_cache()
 
@@ -33,7 +33,7 @@ RUNNER = textwrap.dedent(
     import sys, time
     from adapad_jax.cli.errors import user_errors
     from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
     enable_compilation_cache()
     out, total, slow_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 

@@ -28,7 +28,7 @@ from adapad_jax.resume_identity import backbone_fingerprint, check_backbone, wri
 from adapad_jax.run_lock import OutputDirInUse, RunLock
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.recovery import ResumeMismatch
-from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
 enable_compilation_cache()
 

@@ -18,7 +18,7 @@ from adapad_jax.models.registry import load_hf_config, load_model, targets_for_c
 from adapad_jax.testing import tiny
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.outputs import MetricsWriter, label_color, plot_ranks
-from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
 enable_compilation_cache()
 

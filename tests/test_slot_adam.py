@@ -7,7 +7,7 @@ import optax
 
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.slot_adam import SlotAdamState, scale_by_slot_adam
-from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
 enable_compilation_cache()
 

@@ -10,8 +10,8 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import make_mesh
 from adapad_jax.training.step import StepSpec, _adapad_grads, merge_head
-from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_batch
-from adapad_jax.training.toy import enable_compilation_cache
+from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch
+from adapad_jax.testing.toy import enable_compilation_cache
 
 enable_compilation_cache()
 

@@ -12,8 +12,8 @@ import pytest
 from adapad_jax.adapters.slots import masked_lora
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.losses import loss_terms
-from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_batch, toy_config
-from adapad_jax.training.toy import enable_compilation_cache
+from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_batch, toy_config
+from adapad_jax.testing.toy import enable_compilation_cache
 
 enable_compilation_cache()
 

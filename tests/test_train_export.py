@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from adapad_jax.training import Trainer, make_mesh
-from adapad_jax.training.toy import enable_compilation_cache, toy_config
+from adapad_jax.testing.toy import enable_compilation_cache, toy_config
 
 enable_compilation_cache()
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from adapad_jax.training import Trainer, make_mesh
-from adapad_jax.training.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
-from adapad_jax.training.toy import enable_compilation_cache
+from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import enable_compilation_cache
 
 enable_compilation_cache()
 
@@ -27,7 +27,7 @@ RUNNER = textwrap.dedent(
     """
     import sys, time
     from adapad_jax.training import Trainer, make_mesh
-    from adapad_jax.training.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
     enable_compilation_cache()
     out, total, slow_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     overrides = {overrides!r}

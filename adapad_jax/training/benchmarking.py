@@ -11,7 +11,7 @@ import numpy as np
 
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.training.sharding import make_mesh
-from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_batch, toy_config
+from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch, toy_config
 from adapad_jax.training.trainer import Trainer
 
 

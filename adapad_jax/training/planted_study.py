@@ -1,6 +1,6 @@
 """Planted-rank benchmark: AdaPaD against its baselines on teacher tasks where allocation matters.
 
-A task is the toy model (``training/toy.py``) with a teacher that adds a rank-r_m delta to a few modules
+A task is the toy model (``testing/toy.py``) with a teacher that adds a rank-r_m delta to a few modules
 (rank 0 elsewhere); labels are the teacher's outputs (regression). In the ``branches`` layout every
 adapted module reads the pooled input on its own branch and writes its own outputs, so a delta planted
 in one module can only be learnt by that module: the right allocation is known, and a fixed-rank LoRA
@@ -24,7 +24,7 @@ import numpy as np
 
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import make_mesh
-from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_config
+from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_config
 from adapad_jax.training.trainer import Trainer
 
 # The study's adapter and optimiser settings (configs/planted.py; the demo's branches check uses them too).

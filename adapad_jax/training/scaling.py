@@ -117,7 +117,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                    process_id=process_id, initialization_timeout=120)
     from adapad_jax.training.sharding import make_mesh
-    from adapad_jax.training.toy import make_toy_model, planted_teacher, toy_batch, toy_config
+    from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch, toy_config
     from adapad_jax.training.trainer import Trainer
 
     model = make_toy_model(hidden=size["hidden"], num_layers=size["num_layers"], vocab_size=512)
