@@ -44,3 +44,4 @@ class LoadedModel:
     hf_architecture: str  # e.g. "DebertaV2ForSequenceClassification"
     report: LoadReport = dataclasses.field(default_factory=LoadReport)
     uses_token_type_ids: bool = False
+    exports_to_peft: bool = True  # False for stand-ins with no transformers counterpart (the toy model)

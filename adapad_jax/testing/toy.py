@@ -100,6 +100,7 @@ def make_toy_model(
                 targets.append(AdapterTarget(f"toy.layers.{i}.{name}", (f"layers_{i}", name), fan_in, fan_out))
     return LoadedModel(
         family="toy",
+        exports_to_peft=False,
         task=task,
         module=module,
         params=jax.tree.map(np.asarray, params),

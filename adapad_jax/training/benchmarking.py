@@ -79,7 +79,7 @@ def step_memory(
         trainer = Trainer(model, toy_config(**overrides), make_mesh(1, 1), out)
         trainer.restore_or_init({})
         start = time.perf_counter()
-        compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen, trainer._put_batch(batch)).compile()
+        compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen, trainer.put_batch(batch)).compile()
         compile_s = time.perf_counter() - start
         live = trainer.live_slots
         trainer.close()
@@ -125,7 +125,7 @@ def time_real_step(
         trainer.restore_or_init({})
         start = time.perf_counter()
         compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen,
-                                                 trainer._put_batch(batches[0])).compile()
+                                                 trainer.put_batch(batches[0])).compile()
         compile_s = time.perf_counter() - start
         jax.block_until_ready(trainer.train_step(batches[0]))
         times = []

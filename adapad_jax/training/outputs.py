@@ -119,3 +119,12 @@ class MetricsWriter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def write_allocator_json(path: Path, scaling: float, method: str, step: int, alloc: Any) -> None:
+    """The allocator's view at ``step``: the scaling and each module's importance / uncertainty EMAs."""
+    path.write_text(dumps_strict({
+        "scaling": scaling, "method": method, "step": step,
+        "importance_ema": np.asarray(alloc["imp_ema"]).tolist(),
+        "uncertainty_ema": np.asarray(alloc["unc_ema"]).tolist(),
+    }, indent=2) + "\n")

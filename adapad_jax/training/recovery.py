@@ -111,7 +111,7 @@ def _shape_signature(state: Any) -> str:
 
 def identity_meta(trainer: Any) -> dict[str, Any]:
     """Extra checkpoint metadata for resume checks: state shapes and the rank budget in force."""
-    return {"state_shapes": _shape_signature(trainer.state), "rank_budget": int(trainer._budget)}
+    return {"state_shapes": _shape_signature(trainer.state), "rank_budget": trainer.rank_budget}
 
 
 def check_same_shapes(step: int, meta: dict, fresh: Any, directory: Any) -> None:
@@ -128,7 +128,7 @@ def apply_budget_change(trainer: Any, meta: dict, step: int) -> Any:
     """A resumed run with another ``rank_budget``: refuse one below the total rank, else move ``budget_left``."""
     state = trainer.state
     old = meta.get("rank_budget")
-    new = int(trainer._budget)
+    new = trainer.rank_budget
     if old is None or int(old) == new:
         return state
     total = int(np.asarray(jax.device_get(state["alloc"]["rank"])).sum())

@@ -133,7 +133,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
         live = trainer.live_slots
         start = time.perf_counter()
         compiled = trainer.compiled_step().lower(trainer.state, trainer.frozen,
-                                                 trainer._put_batch(batches[0])).compile()
+                                                 trainer.put_batch(batches[0])).compile()
         compile_s = time.perf_counter() - start
         collectives = hlo_collectives(compiled.as_text())
         jax.block_until_ready(trainer.train_step(batches[0]))  # warm-up: first call's allocations

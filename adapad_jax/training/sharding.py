@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -68,3 +68,28 @@ def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
     """``(process_index, process_count)`` to hand the data pipeline: this process's block of every global batch."""
     grid = np.vectorize(lambda device: device.process_index, otypes=[int])(mesh.devices)
     return batch_slice_for_process(grid, jax.process_index())
+
+
+def train_state_shardings(mesh: Mesh, state: Any, num_slots: int) -> Any:
+    """Slot arrays (their snapshot and Adam moments too) split over ``components`` on the slot axis; rest replicated.
+
+    Per-slot Adam step counts [M, R] are split on their slot axis like the moments they correct, so the update
+    stays local (replicated, XLA would all-gather them every step). When ``components`` does not divide the
+    number of slots everything is replicated.
+    """
+    components = mesh.shape[COMPONENTS_AXIS]
+    rep = replicated(mesh)
+    if num_slots % components:
+        return jax.tree.map(lambda _: rep, state)
+    sliced = NamedSharding(mesh, P(COMPONENTS_AXIS))
+    slot_columns = NamedSharding(mesh, P(None, COMPONENTS_AXIS))
+
+    def choose(path, leaf):
+        names = {getattr(k, "key", None) or getattr(k, "name", None) for k in path}
+        if ("slots" in names or "snapshot" in names) and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == num_slots:
+            return sliced
+        if "slot_count" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] == num_slots:
+            return slot_columns
+        return rep
+
+    return jax.tree_util.tree_map_with_path(choose, state)

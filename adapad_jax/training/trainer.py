@@ -10,12 +10,11 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from adapad_jax import progress as progress_lib
 from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
-from adapad_jax.output_set import dumps_strict
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.validation import check_components_divide, check_rank_budget
 from adapad_jax.training.checkpointing import Checkpointer
@@ -23,7 +22,7 @@ from adapad_jax.training import recovery
 from adapad_jax.training.guard import FiniteGuard
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.training.outputs import plot_ranks, write_ranks_json
+from adapad_jax.training.outputs import plot_ranks, write_allocator_json, write_ranks_json
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
@@ -31,6 +30,7 @@ from adapad_jax.training.sharding import (
     batch_sharding,
     process_batch_slice,
     replicated,
+    train_state_shardings,
 )
 from adapad_jax.config import METHODS
 from adapad_jax.training.step import StepSpec, build_eval_forward, build_train_step, head_key, merge_head
@@ -153,25 +153,8 @@ class Trainer:
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: dict[str, Any]) -> Any:
-        """Slot arrays (and their snapshot and Adam moments) split over ``components`` on the slot axis; rest replicated."""
-        rep = replicated(self.mesh)
-        if self.num_slots % self.components:
-            return jax.tree.map(lambda _: rep, state)
-        sliced = NamedSharding(self.mesh, P(COMPONENTS_AXIS))
-        # Per-slot Adam step counts [M, R] split on their slot axis like the moments they correct, so the update
-        # stays local (replicated, XLA all-gathers them every step).
-        slot_columns = NamedSharding(self.mesh, P(None, COMPONENTS_AXIS))
-
-        def choose(path, leaf):
-            names = {getattr(k, "key", None) or getattr(k, "name", None) for k in path}
-            in_slots = "slots" in names or "snapshot" in names
-            if in_slots and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == self.num_slots:
-                return sliced
-            if "slot_count" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] == self.num_slots:
-                return slot_columns
-            return rep
-
-        return jax.tree_util.tree_map_with_path(choose, state)
+        """Where each leaf of the train state lives on the mesh (``sharding.train_state_shardings``)."""
+        return train_state_shardings(self.mesh, state, self.num_slots)
 
     def restore_or_init(self, data_state: dict, step: int | None = None) -> dict:
         """Restore the newest checkpoint in ``output_dir`` (or ``step``), returning its data state; else init.
@@ -217,6 +200,11 @@ class Trainer:
     def step(self) -> int:
         """Number of completed train steps."""
         return int(self.state["step"])
+
+    @property
+    def rank_budget(self) -> int:
+        """The total rank at which growth stops (lora, fixed rank: the modules' total)."""
+        return int(self._budget)
 
     @property
     def live_slots(self) -> int:
@@ -268,7 +256,7 @@ class Trainer:
             self._total_steps = total
             self.tx, self.schedule = make_optimizer(self.config.optim, total)
 
-    def _put_batch(self, batch: dict) -> dict:
+    def put_batch(self, batch: dict) -> dict:
         size = len(next(iter(batch.values()))) * self.batch_slice[1]
         if size % self.data_size:
             raise ValueError(f"batch size {size} is not divisible by mesh.data={self.data_size}")
@@ -287,7 +275,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict:
         """Run one step on ``batch`` and return its metrics (device arrays)."""
-        self.state, metrics = self.compiled_step()(self.state, self.frozen, self._put_batch(batch))
+        self.state, metrics = self.compiled_step()(self.state, self.frozen, self.put_batch(batch))
         return metrics
 
     def train(
@@ -323,7 +311,7 @@ class Trainer:
                     stop, log_every, every) -> None:
         while self.step < num_steps:
             batch = next(batches)
-            self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self._put_batch(batch))
+            self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
             guard.update(metrics)
             step = self.step
             if alloc_lib.is_growth_step(step, self.alloc_config):
@@ -428,18 +416,14 @@ class Trainer:
         ranks = self.ranks()
         write_ranks_json(out / "ranks.json", ranks)
         plot_ranks(out / "ranks.png", ranks, title=f"{self.method}: committed rank (total {sum(ranks.values())})")
-        if self.model.family != "toy":
+        if self.model.exports_to_peft:
             from adapad_jax.models.export import write_peft_adapter
 
             write_peft_adapter(
                 out / "adapter", self.model, params, factors, self.scaling,
                 self.config.model.name_or_path,
             )
-        (out / "allocator.json").write_text(dumps_strict({
-            "scaling": self.scaling, "method": self.method, "step": self.step,
-            "importance_ema": np.asarray(self.state["alloc"]["imp_ema"]).tolist(),
-            "uncertainty_ema": np.asarray(self.state["alloc"]["unc_ema"]).tolist(),
-        }, indent=2) + "\n")
+        write_allocator_json(out / "allocator.json", self.scaling, self.method, self.step, self.state["alloc"])
         return out
 
     def close(self) -> None:
