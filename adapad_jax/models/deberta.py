@@ -257,17 +257,13 @@ def load(
     adapter_dropout: float = 0.0,
     classifier_dropout: float | None = None,
     seed: int = 0,
-    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Build the Flax DeBERTa for ``task`` and load ``checkpoint_dir`` (None: random init as transformers).
-
-    ``gradient_checkpointing`` recomputes each encoder layer in the backward pass (same numbers, less memory).
     """
     config, num_labels = _task_config(hf_config, task, num_labels, classifier_dropout)
     spec = spec_from_config(config, classifier_dropout)
     module = DebertaForTask(
         spec, task=task, num_labels=num_labels, dtype=dtype, adapter_dropout=adapter_dropout,
-        remat=bool(gradient_checkpointing),
     )
     targets = adapter_targets(spec, target_names)
     params = init_params(module, spec, seed)

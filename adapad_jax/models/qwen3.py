@@ -185,11 +185,8 @@ def load(
     adapter_dropout: float = 0.0,
     classifier_dropout: float | None = None,
     seed: int = 0,
-    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Build the Flax Qwen3 for ``task`` and fill it from ``checkpoint_dir`` (None: random init like transformers).
-
-    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass (same numbers, less memory).
     """
     if task not in _TASKS:
         raise ValueError(f"task '{task}' is not supported by Qwen3 (supported: {', '.join(_TASKS)})")
@@ -210,7 +207,6 @@ def load(
         dtype=compute_dtype,
         adapter_dropout=float(adapter_dropout),
         classifier_dropout=float(classifier_dropout or 0.0),
-        remat=bool(gradient_checkpointing),
     )
     backbone_rows = _weight_table(spec, task)
     head_rows = _head_table(spec, task)
