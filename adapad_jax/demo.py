@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from adapad_jax.data.tasks import TaskSpec
+from adapad_jax.task_hooks import TaskHooks
 
 # Several classes, so the labels see several output directions of the deltas: with one readout direction
 # (a binary label), a rank-r delta acts on the label only through one linear functional, to first order,
@@ -442,3 +443,6 @@ def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], 
         log(branches)
         text = text + "\n" + branches
     return text
+
+
+TASK_HOOKS = TaskHooks(task_spec=DEMO_TASK, prepare_config=prepare_config, report=report)

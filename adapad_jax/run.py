@@ -22,10 +22,11 @@ import numpy as np
 
 from adapad_jax import progress as progress_lib
 from adapad_jax.config import ConfigError
-from adapad_jax.validation import CheckedRun, check_resume, validate_config
 from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
+from adapad_jax.task_hooks import hooks_for
+from adapad_jax.validation import CheckedRun, check_resume, validate_config
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -267,11 +268,10 @@ def _run(
     """``run`` inside its progress reporter."""
     from adapad_jax.validation import check_fields
 
-    check_fields(config)  # cheap field checks first, before the demo builds anything
-    if config.task == "demo":
-        from adapad_jax import demo
-
-        demo.prepare_config(config, log=log)
+    check_fields(config)  # cheap field checks first, before a registered task (the demo) builds anything
+    hooks = hooks_for(config.task)
+    if hooks is not None:
+        hooks.prepare_config(config, log=log)
     checked = check(config)
     from adapad_jax.compilation_cache import enable_persistent_cache
 

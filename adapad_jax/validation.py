@@ -327,11 +327,9 @@ def validate_config(
 
 
 def task_spec_for(config: ml_collections.ConfigDict) -> Any:
-    """The data pipeline's TaskSpec for ``config.task`` (the demo is single-sentence binary classification)."""
+    """The data pipeline's TaskSpec for ``config.task``, or a registered task's own (``task_hooks``)."""
     from adapad_jax.data.tasks import get_task
+    from adapad_jax.task_hooks import hooks_for
 
-    if config.task == "demo":
-        from adapad_jax.demo import DEMO_TASK
-
-        return DEMO_TASK
-    return get_task(config.task)
+    hooks = hooks_for(config.task)
+    return hooks.task_spec if hooks is not None else get_task(config.task)

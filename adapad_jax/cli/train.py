@@ -61,10 +61,11 @@ def _main(argv: list[str]) -> None:
         from adapad_jax.run import run
 
         result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
-        if config.task == "demo":
-            from adapad_jax import demo
+        from adapad_jax.task_hooks import hooks_for
 
-            demo.report(config, result)
+        hooks = hooks_for(config.task)
+        if hooks is not None:
+            hooks.report(config, result)
 
 
 def main() -> None:
