@@ -20,6 +20,8 @@ stand in for a planted one, and the found ranks need not follow the planted ones
 planted benchmark's ``residual`` task). So the demo then also runs AdaPaD on the planted benchmark's
 ``branches`` task (``demo.branches_check``, a toy model where each planted delta can only be learnt by its own
 module, about a minute) and prints that table and agreement too (``planted_vs_found_branches.json``).
+
+Over 400 lines because the demo's assets, its teacher construction and its report belong to one command.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The Appendix F studies: experiment specs from a config, runs over seeds, analyses and the summary table."""
+"""The Appendix F studies: experiment specs from a config, runs over seeds, analyses and the summary table.
+
+Over 400 lines because it holds one short function per study (seven of them) side by side, each the same shape:
+run over seeds, reduce, tabulate; the engine they call is ``deflation.py``.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Module and parameter names mirror the transformers module tree (``deberta/encoder/layer_0/attention/self/
 query_proj``...), so the weight mapping in ``deberta.py`` is a renaming plus a kernel transpose. Every linear
 layer inside the encoder layers is an ``AdaptedDense`` and can carry adapter slots from the ``lora`` collection.
+Over 400 lines because the module tree is one unit (disentangled attention and its relative-position helpers are
+shared by every layer); splitting it would split the names the weight mapping mirrors.
 """
 
 from __future__ import annotations

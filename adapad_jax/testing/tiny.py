@@ -3,6 +3,7 @@
 Nothing here touches the network. The synthetic GLUE and SQuAD rows are generated from small word lists
 with labels that follow simple rules, so a model can learn them; the same word lists feed the tokenizer
 training corpus, so the tiny tokenizers cover the datasets' words.
+Over 400 lines because the stand-ins share their word lists and tokenizer corpus; they are test scaffolding.
 """
 
 from __future__ import annotations

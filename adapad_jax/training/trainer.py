@@ -1,4 +1,9 @@
-"""The training loop: state init/restore, compiled steps cached by L, logging, checkpoints, export."""
+"""The training loop: state init/restore, compiled steps cached by L, logging, checkpoints, export.
+
+One class over ~400 lines because it owns one object's lifecycle (state, compiled steps, checkpointer, sinks);
+the rules it applies live elsewhere: the step (``step.py``), sharding (``sharding.py``), growth
+(``allocator.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), outputs (``outputs.py``).
+"""
 
 from __future__ import annotations
 
