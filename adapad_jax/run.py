@@ -113,11 +113,11 @@ def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> An
     """The Flax model for the config's task, with the checkpoint's weights."""
     import jax.numpy as jnp
 
+    from adapad_jax.models.base import ModelOptions
     from adapad_jax.models.registry import load_model
 
     spec = checked.task_spec
-    return load_model(
-        str(checked.checkpoint_dir),
+    options = ModelOptions(
         task=_model_task(spec.kind),
         num_labels=spec.num_labels,
         dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
@@ -125,8 +125,8 @@ def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> An
         adapter_dropout=float(config.adapter.dropout),
         classifier_dropout=float(config.model.classifier_dropout),
         seed=int(config.seed),
-        config_overrides=model_config_overrides(checked),
     )
+    return load_model(str(checked.checkpoint_dir), options, config_overrides=model_config_overrides(checked))
 
 
 def load_data_for(config: ml_collections.ConfigDict, checked: CheckedRun, model: Any, include_train: bool) -> Any:

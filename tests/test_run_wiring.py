@@ -202,3 +202,17 @@ def test_plot_ranks_writes_a_png_without_warnings(tmp_path, layers, types):
         plot_ranks(tmp_path / "ranks.png", ranks, title="adapad: committed rank (total 123)")
     assert [str(w.message) for w in caught] == []
     assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_options_object_and_keywords_build_the_same_model(tmp_path):
+    from adapad_jax.models.base import ModelOptions
+
+    ckpt = tiny.build_tiny_qwen3(tmp_path / "ckpt", task="classification", seed=2)
+    by_object = load_model(str(ckpt), ModelOptions(task="classification", adapter_dropout=0.1, seed=3))
+    by_keywords = load_model(str(ckpt), task="classification", adapter_dropout=0.1, seed=3)
+    assert by_object.module == by_keywords.module
+    assert [t.hf_path for t in by_object.targets] == [t.hf_path for t in by_keywords.targets]
+    for x, y in zip(jax.tree.leaves(by_object.params), jax.tree.leaves(by_keywords.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(TypeError, match="not both"):
+        load_model(str(ckpt), ModelOptions(task="classification"), seed=1)

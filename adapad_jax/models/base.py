@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.adapters.target import AdapterTarget, FlaxPath  # noqa: F401 - part of the model contract
 
 Task = Literal["classification", "regression", "qa", "lm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How to build a model: the task head, compute dtype, adapted layers, dropouts and the head's init seed.
+
+    Every loader (``registry.load_model``, ``registry.model_from_config``, each family's ``load``) takes these
+    either as one object or as the same keyword arguments.
+    """
+
+    task: Task
+    num_labels: int = 2
+    dtype: Any = jnp.float32  # compute dtype: float32, bfloat16 or float16
+    target_names: Sequence[str] | str | None = None  # None: the family's default targets
+    adapter_dropout: float = 0.0
+    classifier_dropout: float | None = None
+    seed: int = 0
+
+
+def model_options(options: ModelOptions | None, fields: dict[str, Any]) -> ModelOptions:
+    """``options`` itself, or one built from keyword ``fields``; not both."""
+    if options is None:
+        return ModelOptions(**fields)
+    if fields:
+        raise TypeError(f"give either ModelOptions or keyword options, not both ({sorted(fields)})")
+    return options
 
 
 @dataclasses.dataclass

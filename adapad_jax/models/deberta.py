@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapad_jax.models.base import AdapterTarget, FlaxPath, LoadedModel, LoadReport, Task
+from adapad_jax.models.base import (
+    AdapterTarget,
+    FlaxPath,
+    LoadedModel,
+    LoadReport,
+    ModelOptions,
+    Task,
+    model_options,
+)
 from adapad_jax.models.checkpoint_io import CheckpointError, read_state_dict
 from adapad_jax.models.deberta_modules import DebertaForTask, DebertaSpec, spec_from_config
 
@@ -247,19 +255,12 @@ def init_params(module: DebertaForTask, spec: DebertaSpec, seed: int) -> dict[st
 
 
 def load(
-    checkpoint_dir: Path | None,
-    hf_config: Any,
-    *,
-    task: Task,
-    num_labels: int = 2,
-    dtype: Any = jnp.float32,
-    target_names: Sequence[str] | str | None = None,
-    adapter_dropout: float = 0.0,
-    classifier_dropout: float | None = None,
-    seed: int = 0,
+    checkpoint_dir: Path | None, hf_config: Any, options: ModelOptions | None = None, **fields: Any
 ) -> LoadedModel:
-    """Build the Flax DeBERTa for ``task`` and load ``checkpoint_dir`` (None: random init as transformers).
-    """
+    """Build the Flax DeBERTa for ``task`` and load ``checkpoint_dir`` (None: random init as transformers)."""
+    o = model_options(options, fields)
+    task, num_labels, dtype, target_names = o.task, o.num_labels, o.dtype, o.target_names
+    adapter_dropout, classifier_dropout, seed = o.adapter_dropout, o.classifier_dropout, o.seed
     config, num_labels = _task_config(hf_config, task, num_labels, classifier_dropout)
     spec = spec_from_config(config, classifier_dropout)
     module = DebertaForTask(

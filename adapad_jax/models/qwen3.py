@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapad_jax.models.base import AdapterTarget, FlaxPath, LoadedModel, LoadReport, Task
+from adapad_jax.models.base import (
+    AdapterTarget,
+    FlaxPath,
+    LoadedModel,
+    LoadReport,
+    ModelOptions,
+    Task,
+    model_options,
+)
 from adapad_jax.models.checkpoint_io import CheckpointError, read_state_dict
 from adapad_jax.models.qwen3_modules import (
     DEFAULT_TARGETS,
@@ -175,19 +183,12 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 
 def load(
-    checkpoint_dir: Path | None,
-    hf_config: Any,
-    *,
-    task: Task,
-    num_labels: int = 2,
-    dtype: Any = jnp.float32,
-    target_names: Sequence[str] | None = None,
-    adapter_dropout: float = 0.0,
-    classifier_dropout: float | None = None,
-    seed: int = 0,
+    checkpoint_dir: Path | None, hf_config: Any, options: ModelOptions | None = None, **fields: Any
 ) -> LoadedModel:
-    """Build the Flax Qwen3 for ``task`` and fill it from ``checkpoint_dir`` (None: random init like transformers).
-    """
+    """Build the Flax Qwen3 for ``task`` and fill it from ``checkpoint_dir`` (None: random init like transformers)."""
+    o = model_options(options, fields)
+    task, num_labels, dtype, target_names = o.task, o.num_labels, o.dtype, o.target_names
+    adapter_dropout, classifier_dropout, seed = o.adapter_dropout, o.classifier_dropout, o.seed
     if task not in _TASKS:
         raise ValueError(f"task '{task}' is not supported by Qwen3 (supported: {', '.join(_TASKS)})")
     if task == "regression":

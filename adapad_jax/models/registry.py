@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
-from adapad_jax.models.base import AdapterTarget, LoadedModel, Task
+from adapad_jax.models.base import AdapterTarget, LoadedModel, ModelOptions, Task, model_options
 from adapad_jax.models.checkpoint_io import CheckpointError, resolve_checkpoint_dir
 
 # HF model_type -> module in adapad_jax.models that implements `load(...)` and `targets_for_config(...)`.
@@ -53,48 +53,28 @@ def targets_for_config(hf_config: Any, task: Task, target_names: Sequence[str] |
     return family.targets_for_config(hf_config, task, target_names)
 
 
-def _build(checkpoint_dir: Path | None, hf_config: Any, **options: Any) -> LoadedModel:
-    """The family's ``load(checkpoint_dir, hf_config, **options)`` for ``hf_config.model_type``."""
-    return _family_module(hf_config.model_type).load(checkpoint_dir, hf_config, **options)
+def _build(checkpoint_dir: Path | None, hf_config: Any, options: ModelOptions) -> LoadedModel:
+    """The family's ``load(checkpoint_dir, hf_config, options)`` for ``hf_config.model_type``."""
+    return _family_module(hf_config.model_type).load(checkpoint_dir, hf_config, options)
 
 
 def load_model(
     name_or_path: str,
+    options: ModelOptions | None = None,
     *,
-    task: Task,
-    num_labels: int = 2,
-    dtype: Any = jnp.float32,
-    target_names: Sequence[str] | None = None,
-    adapter_dropout: float = 0.0,
-    classifier_dropout: float | None = None,
-    seed: int = 0,
     config_overrides: Mapping[str, Any] | None = None,
+    **fields: Any,
 ) -> LoadedModel:
-    """Load a Hugging Face checkpoint (local dir or cached hub id) as a Flax model with adapter targets.
+    """Load a Hugging Face checkpoint (local dir or hub id) as a Flax model with adapter targets.
 
-    ``config_overrides`` are set on the checkpoint's config before the model is built; the model's
+    ``options`` (or the same fields as keywords: ``task``, ``num_labels``, ``dtype``, ...) say how to build it;
+    ``config_overrides`` are set on the checkpoint's config before the model is built, and the model's
     ``hf_config`` (and so an exported merged checkpoint) keeps them.
     """
     checkpoint_dir, hf_config = load_hf_config(name_or_path, config_overrides)
-    return _build(
-        checkpoint_dir, hf_config, task=task, num_labels=num_labels, dtype=dtype, target_names=target_names,
-        adapter_dropout=adapter_dropout, classifier_dropout=classifier_dropout, seed=seed,
-    )
+    return _build(checkpoint_dir, hf_config, model_options(options, fields))
 
 
-def model_from_config(
-    hf_config: Any,
-    *,
-    task: Task,
-    num_labels: int = 2,
-    dtype: Any = jnp.float32,
-    target_names: Sequence[str] | None = None,
-    adapter_dropout: float = 0.0,
-    classifier_dropout: float | None = None,
-    seed: int = 0,
-) -> LoadedModel:
+def model_from_config(hf_config: Any, options: ModelOptions | None = None, **fields: Any) -> LoadedModel:
     """Build a randomly initialised model from a transformers config (benchmarks, demos)."""
-    return _build(
-        None, hf_config, task=task, num_labels=num_labels, dtype=dtype, target_names=target_names,
-        adapter_dropout=adapter_dropout, classifier_dropout=classifier_dropout, seed=seed,
-    )
+    return _build(None, hf_config, model_options(options, fields))
