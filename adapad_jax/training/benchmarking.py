@@ -60,21 +60,9 @@ def step_memory(
                  "adapter.lora_rank": live_slots, "adapter.initial_rank": live_slots,
                  "adapter.rank_budget": 8 * len(model.targets), "adapter.slot_chunk_size": slot_chunk_size,
                  "adapter.remat": remat, "checkpoint.every_steps": 0}
-    rng = np.random.default_rng(0)
-    batch = {
-        "input_ids": rng.integers(5, 1000, size=(batch_size, seq_len)).astype(np.int32),
-        "attention_mask": np.ones((batch_size, seq_len), np.int32),
-        "example_weight": np.ones((batch_size,), np.float32),
-    }
-    if model.task == "qa":
-        batch["start_positions"] = rng.integers(0, seq_len, size=(batch_size,)).astype(np.int32)
-        batch["end_positions"] = batch["start_positions"]
-    elif model.task == "classification":
-        batch["labels"] = rng.integers(0, 2, size=(batch_size,)).astype(np.int32)
-    else:
+    if model.task not in ("qa", "classification"):
         raise ValueError(f"step_memory supports qa and classification models, got task {model.task!r}")
-    if model.uses_token_type_ids:
-        batch["token_type_ids"] = np.zeros((batch_size, seq_len), np.int32)
+    batch = random_batch(model, batch_size, seq_len)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, toy_config(**overrides), make_mesh(1, 1), out)
         trainer.restore_or_init({})
