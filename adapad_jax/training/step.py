@@ -96,8 +96,11 @@ def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.A
     return total / max(2 * num_modules, 1)
 
 
-def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator):
-    """This data shard's share of the loss; ``rng`` is the step's (and slot's) dropout key."""
+def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator, first_row=None):
+    """This data shard's share of the loss; ``rng`` is the step's (and slot's) dropout key.
+
+    ``first_row``: the global batch row of ``batch``'s first example (default: this ``data`` shard's first row).
+    """
     variables = {"params": merge_head(frozen, head), "lora": lora}
     inputs = {k: batch[k] for k in spec.input_keys}
     if not spec.use_dropout:
@@ -106,7 +109,7 @@ def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denomina
         # One dropout key per example from its row in the global batch, so the masks (and the run) do not depend
         # on how the batch is split over `data` devices or processes.
         rows = next(iter(inputs.values())).shape[0]
-        first = jax.lax.axis_index(DATA_AXIS) * rows
+        first = jax.lax.axis_index(DATA_AXIS) * rows if first_row is None else first_row
         keys = jax.vmap(lambda row: jax.random.fold_in(rng, row))(first + jnp.arange(rows))
 
         def one_example(example, key):
@@ -178,12 +181,20 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
         live_grads = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "head": grads["head"]}
         live_grads, all_losses = psum_packed((live_grads, all_losses), (DATA_AXIS, COMPONENTS_AXIS))
         slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), live_grads["slots"])
-        model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
-                                                      step_rng, denominator)
-        model_loss = jax.lax.psum(model_loss, DATA_AXIS)
-        head = live_grads["head"]
-        if head_grads is not None:  # every `components` device ran the same committed forward on its data shard
-            head = jax.lax.psum(head_grads, DATA_AXIS)
+        # The committed forward is the same on every `components` device: each runs it on its share of the rows.
+        shard_rows = next(iter(batch.values())).shape[0]
+        if components > 1 and shard_rows % components == 0:
+            piece = shard_rows // components
+            start = jax.lax.axis_index(COMPONENTS_AXIS) * piece
+            rows_part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, piece, axis=0), batch)
+            first_row = jax.lax.axis_index(DATA_AXIS) * shard_rows + start
+            committed_axes = (DATA_AXIS, COMPONENTS_AXIS)
+        else:
+            rows_part, first_row, committed_axes = batch, None, DATA_AXIS
+        model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, rows_part,
+                                                      step_rng, denominator, first_row)
+        model_loss = jax.lax.psum(model_loss, committed_axes)
+        head = live_grads["head"] if head_grads is None else jax.lax.psum(head_grads, committed_axes)
         return {"slots": slot_grads, "head": head}, all_losses, model_loss
 
     trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
@@ -211,7 +222,8 @@ def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, A
     return {"slots": grads["slots"], "head": jax.tree.map(lambda g: g / live_slots, grads["head"])}
 
 
-def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, frozen, batch, rng, denominator):
+def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, frozen, batch, rng, denominator,
+                         first_row=None):
     """This data shard's loss of the committed-slot forward (what is evaluated) and its head gradient or None.
 
     The loss is the quantity the lora / joint baselines log (their one train forward), so training losses compare
@@ -222,7 +234,7 @@ def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, 
     lora = masked_lora(targets, jax.lax.stop_gradient(trainable["slots"]), committed, spec.scaling, spec.padded_slots)
 
     def loss_fn(head):
-        return _model_loss(module, spec, frozen, head, lora, batch, rng, denominator)
+        return _model_loss(module, spec, frozen, head, lora, batch, rng, denominator, first_row)
 
     if spec.head_gradient == "committed":
         return jax.value_and_grad(loss_fn)(trainable["head"])
