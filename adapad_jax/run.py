@@ -9,6 +9,10 @@ Several processes (``distributed.initialize_distributed``): every process runs t
 block of every global batch, evaluation outputs are gathered to every process, and only process 0 writes files
 and logs. Reading a run directory back (export, predict) is ``saved_run``; the commands' error lines are
 ``cli/errors``.
+
+Imports of JAX, ``datasets`` and the data / models / training / metrics packages are function-local on purpose:
+a bad config is reported before any of them loads (well under a second), and JAX's multi-process runtime is
+started by the command before anything imports JAX.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import ml_collections
 import numpy as np
 
 from adapad_jax import progress as progress_lib
+from adapad_jax.compilation_cache import enable_persistent_cache
 from adapad_jax.config import ConfigError
 from adapad_jax.distributed import is_main_process
+from adapad_jax.failures import OutputWriteError, describe_os_error
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
+from adapad_jax.run_lock import acquire_for_all_processes, refuse_if_held
 from adapad_jax.task_hooks import hooks_for
-from adapad_jax.validation import CheckedRun, check_resume, validate_config
+from adapad_jax.validation import CheckedRun, check_fields, check_resume, validate_config
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -233,8 +240,6 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
-    from adapad_jax.run_lock import refuse_if_held
-
     refuse_if_held(output_dir)  # before loading anything; the lock itself is taken before the first write
     if has_checkpoints(output_dir) and (output_dir / CONFIG_FILE).is_file():
         same_backbone = check_backbone(output_dir, checked.checkpoint_dir, config.model.name_or_path)
@@ -266,15 +271,11 @@ def _run(
     keep_trainer: bool = False,
 ) -> RunResult:
     """``run`` inside its progress reporter."""
-    from adapad_jax.validation import check_fields
-
     check_fields(config)  # cheap field checks first, before a registered task (the demo) builds anything
     hooks = hooks_for(config.task)
     if hooks is not None:
         hooks.prepare_config(config, log=log)
     checked = check(config)
-    from adapad_jax.compilation_cache import enable_persistent_cache
-
     enable_persistent_cache(config.compilation_cache_dir)  # before this run's first compile
     main_process = is_main_process()
     if not main_process:
@@ -309,8 +310,6 @@ def _run(
         trainer = Trainer(model, config, mesh, output_dir)
     except OSError as err:
         _release(lock)
-        from adapad_jax.failures import OutputWriteError, describe_os_error
-
         raise OutputWriteError(describe_os_error(err, output_dir)) from None
     except BaseException:
         _release(lock)
@@ -377,9 +376,6 @@ def _run(
 
 def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:
     """Create ``output_dir`` and take its run lock (process 0); OS errors become one line."""
-    from adapad_jax.failures import OutputWriteError, describe_os_error
-    from adapad_jax.run_lock import acquire_for_all_processes
-
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         return acquire_for_all_processes(output_dir)

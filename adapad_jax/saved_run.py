@@ -1,7 +1,8 @@
 """A finished (or running) run's directory read back: its config, one restored checkpoint, and export from it.
 
 Everything here only reads the run directory; export writes into ``--out`` (default ``<run_dir>/export-step<N>``)
-through ``output_set.publish_set``.
+through ``output_set.publish_set``. Imports of JAX and the models / training / data packages are function-local,
+as in ``run.py``: a bad run directory or ``--step`` is reported before any of them loads.
 """
 
 from __future__ import annotations
