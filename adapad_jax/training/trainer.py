@@ -307,48 +307,42 @@ class Trainer:
         last_time = time.perf_counter()
         guard = FiniteGuard(self.step)
         with stop_requests() as stop:
-            self._train_loop(batches, num_steps, data_state_fn, eval_fn, eval_every, bar, live, last_time, guard,
-                             stop, log_every, every)
-        if bar is not None:
-            bar.close()
-
-    def _train_loop(self, batches, num_steps, data_state_fn, eval_fn, eval_every, bar, live, last_time, guard,
-                    stop, log_every, every) -> None:
-        while self.step < num_steps:
-            batch = next(batches)
-            self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
-            guard.update(metrics)
-            step = self.step
-            if alloc_lib.is_growth_step(step, self.alloc_config):
-                live = self.live_slots
-            if step % log_every == 0 or step == num_steps:
-                guard.check(self.checkpointer.latest_step())
-                host = jax.device_get(metrics)
-                now = time.perf_counter()
-                record = {
-                    "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
-                    "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
-                    "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / log_every,
-                }
-                last_time = now
-                self.metrics.write(record)
-                self.metrics.write_ranks(step, self.ranks())
-                bar.logged(record)
-            bar.advance(1)
-            evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
-            if evaluated:
-                self.metrics.write({"step": step, "eval": eval_fn(self)})
-                bar.evaluated(step, self.metrics.last_eval)
-            saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
-            if saving:
-                guard.check(self.checkpointer.latest_step())
-                self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
-            if recovery.stop_agreed(stop.requested, step % log_every == 0 or step == num_steps):
-                guard.check(self.checkpointer.latest_step())
-                if not saving:
-                    self.save(data_state_fn())
-                recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
-        guard.check(self.checkpointer.latest_step())
+            while self.step < num_steps:
+                batch = next(batches)
+                self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
+                guard.update(metrics)
+                step = self.step
+                if alloc_lib.is_growth_step(step, self.alloc_config):
+                    live = self.live_slots
+                if step % log_every == 0 or step == num_steps:
+                    guard.check(self.checkpointer.latest_step())
+                    host = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+                        "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
+                        "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / log_every,
+                    }
+                    last_time = now
+                    self.metrics.write(record)
+                    self.metrics.write_ranks(step, self.ranks())
+                    bar.logged(record)
+                bar.advance(1)
+                evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
+                if evaluated:
+                    self.metrics.write({"step": step, "eval": eval_fn(self)})
+                    bar.evaluated(step, self.metrics.last_eval)
+                saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
+                if saving:
+                    guard.check(self.checkpointer.latest_step())
+                    self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
+                if recovery.stop_agreed(stop.requested, step % log_every == 0 or step == num_steps):
+                    guard.check(self.checkpointer.latest_step())
+                    if not saving:
+                        self.save(data_state_fn())
+                    recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
+            guard.check(self.checkpointer.latest_step())
+        bar.close()
 
     def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
         """Evaluate after ``step``? Every ``eval_every`` steps before the end; at the end when selecting the best."""
