@@ -44,6 +44,30 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{when}"
 
 
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The pid/host record in an open lock file ({} when empty or unreadable)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace").strip()
+    try:
+        holder = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_or_refuse(fd: int, path: Path) -> None:
+    """Take the exclusive lock on ``fd`` without waiting; ``OutputDirInUse`` naming the holder when a run has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise OutputDirInUse(
+            f"output_dir '{path.parent}' is in use by another run ({_describe(_read_holder(fd))}); wait for it "
+            "to finish or choose another output_dir"
+        ) from None
+
+
 class RunLock:
     """``with RunLock(output_dir): ...``; ``acquire`` raises ``OutputDirInUse`` when another run holds it."""
 
@@ -52,30 +76,12 @@ class RunLock:
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self._fd: int | None = None
 
-    def _read_holder(self, fd: int) -> dict[str, Any]:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 4096).decode(errors="replace").strip()
-        try:
-            holder = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
     def acquire(self) -> None:
         """Take the lock or raise ``OutputDirInUse`` (one line naming the holder)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = self._read_holder(fd)
-                raise OutputDirInUse(
-                    f"output_dir '{self.path.parent}' is in use by another run ({_describe(holder)}); wait for it "
-                    "to finish or choose another output_dir"
-                ) from None
-            holder = self._read_holder(fd)
+            _lock_or_refuse(fd, self.path)
+            holder = _read_holder(fd)
             host, pid = socket.gethostname(), os.getpid()
             if holder.get("pid") and holder.get("pid") != pid:
                 same_host = holder.get("host") == host
@@ -125,15 +131,9 @@ def refuse_if_held(output_dir: str | os.PathLike) -> None:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return
-            holder = RunLock(output_dir)._read_holder(fd)
-            raise OutputDirInUse(
-                f"output_dir '{path.parent}' is in use by another run ({_describe(holder)}); wait for it to finish "
-                "or choose another output_dir"
-            ) from None
+            _lock_or_refuse(fd, path)
+        except OSError:
+            return  # a lock file this process cannot lock is left to the real acquire to report
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
