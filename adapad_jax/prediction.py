@@ -153,7 +153,8 @@ def predict(
     """
     from adapad_jax.validation import task_spec_for
     from adapad_jax.data.loading import split_validation_files
-    from adapad_jax.output_set import write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from adapad_jax.failures import OutputWriteError, describe_os_error
+    from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
     from adapad_jax.saved_run import load_run_config
 
     run_dir = Path(run_dir)
@@ -213,16 +214,22 @@ def predict(
                 written[GLUE_SUBMISSION_FILES[(spec.name, split)]] = "\n".join(glue_submission_lines(spec, rows)) + "\n"
         if not is_main_process():
             return out
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in written.items():
-            if isinstance(content, str):
-                write_text_atomic(out / name, content)
-            else:
-                write_json_atomic(out / name, content)
-        write_jsonl_atomic(out / "predictions.jsonl", all_rows)
         if metrics:
-            write_json_atomic(out / "metrics.json", {"task": spec.name, "step": step, "test_file": test_file,
-                                                     "metrics": metrics})
+            written["metrics.json"] = {"task": spec.name, "step": step, "test_file": test_file, "metrics": metrics}
+
+        def write(staging: Path) -> None:
+            for name, content in written.items():
+                if isinstance(content, str):
+                    write_text_atomic(staging / name, content)
+                else:
+                    write_json_atomic(staging / name, content)
+            write_jsonl_atomic(staging / "predictions.jsonl", all_rows)
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputWriteError(describe_os_error(err, out)) from None
+        publish_set(out, [*written, "predictions.jsonl"], write)  # the files describe one step, or none is replaced
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
     log(f"predicted {len(all_rows)} rows with step {step} of {run_dir} into {out}"
         + (f"; {summary}" if summary else " (no labels: no metrics)"))
