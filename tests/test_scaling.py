@@ -54,15 +54,30 @@ def test_packed_collectives_equal_per_leaf_collectives_and_use_one_op_per_dtype(
     assert len(per_leaf_ops) > len(ops)
 
 
-def test_hlo_collectives_reads_ops_and_result_bytes():
+def test_hlo_collectives_reads_ops_result_bytes_and_which_run_only_in_a_branch():
     text = "\n".join([
+        "%gather_it (p.1: f32[1,10]) -> f32[2,10] {",
+        "  %p.1 = f32[1,10]{1,0} parameter(0)",
+        "  ROOT %g = f32[2,10]{1,0} all-gather(%p.1), dimensions={0}",
+        "}",
+        "%sync_branch (p.2: f32[1,10]) -> f32[2,10] {",
+        "  %p.2 = f32[1,10]{1,0} parameter(0)",
+        "  ROOT %c = f32[2,10]{1,0} call(%p.2), to_apply=%gather_it",
+        "}",
+        "%keep_branch (p.3: f32[1,10]) -> f32[2,10] {",
+        "  ROOT %k = f32[2,10]{1,0} broadcast(%p.3), dimensions={1}",
+        "}",
+        "ENTRY %main (a: f32[8,1024], b: bf16[4], x: f32[1,10], flag: pred[]) -> f32[2,10] {",
         "  %all-reduce.1 = (f32[8,1024]{1,0}, bf16[4]{0}) all-reduce(%a, %b), replica_groups={{0,1}}",
-        "  %ag = f32[2,10]{1,0} all-gather-start(%c), dimensions={0}",
+        "  %ag = f32[2,10]{1,0} all-gather-start(%x), dimensions={0}",
         "  %ag.done = f32[2,10]{1,0} all-gather-done(%ag)",
         "  %dot = f32[8,8]{1,0} dot(%x, %y)",
+        "  ROOT %cond = f32[2,10]{1,0} conditional(%flag, %x, %x), branch_computations={%sync_branch, %keep_branch}",
+        "}",
     ])
-    assert hlo_collectives(text) == [{"op": "all-reduce", "bytes": 8 * 1024 * 4 + 4 * 2},
-                                     {"op": "all-gather", "bytes": 80}]
+    assert hlo_collectives(text) == [{"op": "all-gather", "bytes": 80, "conditional": True},
+                                     {"op": "all-reduce", "bytes": 8 * 1024 * 4 + 4 * 2, "conditional": False},
+                                     {"op": "all-gather", "bytes": 80, "conditional": False}]
 
 
 @pytest.mark.slow
@@ -86,14 +101,25 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
         assert all(np.isfinite(row[field]) for row in rows.values()), field
     assert rows[1]["efficiency"] == 1.0
     np.testing.assert_allclose(rows[2]["efficiency"], rows[1]["step_s"] / (2 * rows[2]["step_s"]))
+    # the hardware ceiling: two independent one-process copies, one per core, run beside each other
+    copies = [run for run in result["runs"] if run.get("independent")]
+    assert [run["processes"] for run in copies] == [2] and len(copies[0]["workers"]) == 2
+    one = next(run for run in result["runs"] if run["processes"] == 1)["workers"][0]
+    assert all(w["processes"] == 1 and w["collectives"] == one["collectives"] for w in copies[0]["workers"])
+    np.testing.assert_allclose(rows[2]["ceiling"],
+                               rows[1]["step_s"] / max(w["median_s"] for w in copies[0]["workers"]))
+    np.testing.assert_allclose(rows[2]["of_ceiling"], rows[2]["efficiency"] / rows[2]["ceiling"])
     two = next(run for run in result["runs"] if run["processes"] == 2)["workers"]
     assert sorted(w["process_id"] for w in two) == [0, 1]
     assert len({w["core"] for w in two}) == 2  # each pinned to its own core
     # the split run computes the same step: same loss as one process
     np.testing.assert_allclose(rows[2]["loss"], rows[1]["loss"], rtol=1e-5)
-    # one packed all-gather of the slots and one packed all-reduce of the gradients cross processes
-    ops = [op["op"] for op in two[0]["collectives"]]
+    # every step: one packed all-gather of the slots and one packed all-reduce of the gradients cross processes;
+    # the snapshot's all-gather sits in the sync branch only
+    ops = [op["op"] for op in two[0]["collectives"] if not op["conditional"]]
     assert ops.count("all-gather") == 1, ops
+    assert [op["op"] for op in two[0]["collectives"] if op["conditional"]] == ["all-gather"]
+    assert rows[2]["sync_collectives"] == 1
 
 
 def test_scaling_refuses_more_processes_than_cores():

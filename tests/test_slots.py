@@ -95,10 +95,11 @@ def test_sharded_step_slot_gradients_are_the_per_slot_gradients():
     trainable = {"slots": slots, "head": head}
     for mesh, chunk in ((make_mesh(1, 1), 0), (make_mesh(2, 4), 0), (make_mesh(1, 2), 1)):
         spec_m = spec.__class__(**{**spec.__dict__, "slot_chunk_size": chunk, "remat": chunk > 0})
-        grads, loss, slot_losses = jax.jit(
+        grads, loss, slot_losses, _, importance = jax.jit(
             lambda tr: _adapad_grads(model.module, model.targets, spec_m, mesh, tr, snapshot, alloc,
                                      jax.tree.map(jnp.asarray, model.params), batch, jax.random.PRNGKey(0))
         )(trainable)
+        ref_grads = {"a": [np.zeros_like(a) for a in slots["a"]], "b": [np.zeros_like(b) for b in slots["b"]]}
         for k in range(R_MAX):
             a_k = [slots["a"][m][k] for m in range(4)]
             b_k = [slots["b"][m][k] for m in range(4)]
@@ -109,6 +110,9 @@ def test_sharded_step_slot_gradients_are_the_per_slot_gradients():
             for m in range(4):
                 np.testing.assert_allclose(grads["slots"]["a"][m][k], ga[m], rtol=1e-4, atol=1e-5)
                 np.testing.assert_allclose(grads["slots"]["b"][m][k], gb[m], rtol=1e-4, atol=1e-5)
+                ref_grads["a"][m][k], ref_grads["b"][m][k] = ga[m], gb[m]
+        # the allocator's importance, computed inside the sharded body, is |theta * grad| of the reference gradients
+        np.testing.assert_allclose(importance, alloc_lib.module_importance(slots, ref_grads, committed), rtol=1e-4)
 
 
 def test_eval_forward_uses_committed_slots_only():
@@ -143,7 +147,7 @@ def test_head_gets_the_mean_of_per_slot_head_gradients_and_loss_is_the_committed
                     use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg)
     head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
     frozen = jax.tree.map(jnp.asarray, model.params)
-    grads, loss, _ = jax.jit(
+    grads, loss, *_ = jax.jit(
         lambda tr: _adapad_grads(model.module, model.targets, spec, make_mesh(1, 2), tr, snapshot, alloc, frozen,
                                  batch, jax.random.PRNGKey(0))
     )({"slots": slots, "head": head})
@@ -192,9 +196,9 @@ def test_committed_head_gradient_is_the_committed_forward_gradient_and_slots_kee
         return num / den
 
     ref_loss, ref_head = jax.value_and_grad(committed_loss)(head)
-    mean_grads, _, _ = run(mean_spec, make_mesh(1, 1))
+    mean_grads, *_ = run(mean_spec, make_mesh(1, 1))
     for mesh in (make_mesh(1, 1), make_mesh(2, 2)):
-        grads, loss, _ = run(spec, mesh)
+        grads, loss, *_ = run(spec, mesh)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         for got, want, mean in zip(jax.tree.leaves(grads["head"]), jax.tree.leaves(ref_head),
                                    jax.tree.leaves(mean_grads["head"])):

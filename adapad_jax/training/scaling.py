@@ -37,10 +37,30 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s
                 "s64": 8, "u64": 8}
 
 
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_HLO_BRANCHES = re.compile(r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)"
+                           r"|false_computation=%?([\w.\-]+))")
+_HLO_REFERENCE = re.compile(r"%([\w.\-]+)")
+
+
 def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """Every cross-device collective in an HLO module's text: ``{"op", "bytes"}`` (result bytes) per instruction."""
-    found = []
+    """Every cross-device collective in an HLO module's text: ``{"op", "bytes", "conditional"}`` per instruction.
+
+    ``bytes`` counts the result; ``conditional`` says the collective sits in a branch of a ``conditional`` (or in a
+    computation such a branch calls), so it runs only on the steps that take that branch.
+    """
+    found, computation, calls, branches = [], None, {}, set()
     for line in hlo_text.splitlines():
+        header = _HLO_COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            calls[computation] = set()
+            continue
+        if computation is not None:
+            calls[computation].update(_HLO_REFERENCE.findall(line.split("metadata=")[0]))
+        for match in _HLO_BRANCHES.finditer(line):
+            names = match.group(1) or match.group(2) or match.group(3)
+            branches.update(name.strip().lstrip("%") for name in names.split(","))
         match = _HLO_COLLECTIVE.search(line)
         if not match or "-done" in line.split("=")[-1].split("(")[0]:
             continue
@@ -50,8 +70,14 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
             for dim in filter(None, dims.split(",")):
                 count *= int(dim)
             size += count * _DTYPE_BYTES[dtype]
-        found.append({"op": match.group(2), "bytes": size})
-    return found
+        found.append({"op": match.group(2), "bytes": size, "computation": computation})
+    conditional, frontier = set(), set(branches)
+    while frontier:
+        name = frontier.pop()
+        if name not in conditional:
+            conditional.add(name)
+            frontier |= calls.get(name, set()) & calls.keys()
+    return [{"op": c["op"], "bytes": c["bytes"], "conditional": c["computation"] in conditional} for c in found]
 
 
 def free_port() -> int:
@@ -81,7 +107,8 @@ def _cpu_seconds() -> float:
 
 def _collectives_alone(trainer, repeats: int) -> list[float]:
     """Time the step's cross-device traffic alone, done as the step does it (``training/collectives.py``): the
-    all-gather of the sliced slot arrays at the shard_map entry and the gradient psum, on arrays of the real shapes."""
+    all-gather of the sliced slot arrays at the shard_map entry and the gradient psum, on arrays of the real shapes.
+    (The snapshot's gather at a sync, once every ``sync_every`` steps, is not in it.)"""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -90,7 +117,7 @@ def _collectives_alone(trainer, repeats: int) -> list[float]:
     from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
 
     state = trainer.state
-    sliced = {"slots": state["trainable"]["slots"], "snapshot": state["snapshot"]}
+    sliced = state["trainable"]["slots"]
     grads_like = jax.tree.map(jnp.zeros_like, state["trainable"])
 
     def body(sliced, grads):
@@ -107,13 +134,19 @@ def _collectives_alone(trainer, repeats: int) -> list[float]:
 
 
 def scaling_worker(processes: int, process_id: int, port: int, core: int | None, live_slots: int, repeats: int,
-                   size: dict[str, int]) -> dict[str, Any]:
-    """One process of a scaling run: pin to ``core``, join the others, time the train step; returns a JSON row."""
+                   size: dict[str, int], independent: bool = False) -> dict[str, Any]:
+    """One process of a scaling run: pin to ``core``, join the others, time the train step; returns a JSON row.
+
+    ``independent``: do not join; run the one-process step (``mesh.components = 1``) beside the other workers, to
+    time what running ``processes`` copies at once costs the hardware (shared caches, memory bandwidth).
+    """
     if core is not None:
         os.sched_setaffinity(0, {core})
     import jax
 
-    if processes > 1:
+    if independent:
+        processes = 1
+    elif processes > 1:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                    process_id=process_id, initialization_timeout=120)
     from adapad_jax.training.sharding import make_mesh
@@ -165,7 +198,7 @@ def _worker_env() -> dict[str, str]:
 
 
 def launch_processes(processes: int, cores: Sequence[int | None], live_slots: int, repeats: int,
-                     size: dict[str, int], timeout_s: float) -> list[dict[str, Any]]:
+                     size: dict[str, int], timeout_s: float, independent: bool = False) -> list[dict[str, Any]]:
     """Start ``processes`` workers (worker i pinned to ``cores[i]``), wait at most ``timeout_s``, return their rows.
 
     Every worker is killed if any fails or the time runs out; raises RuntimeError naming the failure.
@@ -177,7 +210,7 @@ def launch_processes(processes: int, cores: Sequence[int | None], live_slots: in
         for process_id in range(processes):
             args = [sys.executable, "-m", "adapad_jax.training.scaling", json.dumps({
                 "processes": processes, "process_id": process_id, "port": port, "core": cores[process_id],
-                "live_slots": live_slots, "repeats": repeats, "size": size})]
+                "live_slots": live_slots, "repeats": repeats, "size": size, "independent": independent})]
             log = tempfile.TemporaryFile(mode="w+")
             logs.append(log)
             procs.append(subprocess.Popen(args, env=_worker_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -211,6 +244,11 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
     Returns ``{"rows": [...], "runs": [...]}``: per P the best-of-rounds medians, speedup T1/TP, efficiency
     T1/(P*TP), the collectives' share of the step, and CPU seconds per step summed over processes (with their
     ratio to one process: the work the split adds, which other load on the machine affects less than wall time).
+
+    Each round also runs P independent one-process copies at once, one per core, with no communication: the
+    ``ceiling`` T1 / T(copies) is the efficiency the cores reach when nothing is shared but the hardware (caches,
+    memory bandwidth; on a VM, maybe a physical core), and ``of_ceiling`` = efficiency / ceiling is the part the
+    split itself loses.
     """
     size = dict(size or DEFAULT_SIZE)
     cores = sorted(os.sched_getaffinity(0))
@@ -225,9 +263,16 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
         for count in (1, *[c for c in process_counts if c != 1]):
             rows = launch_processes(count, cores[:count], live_slots, repeats, size, timeout_s)
             runs.append({"round": round_index, "processes": count, "workers": rows})
+            if count > 1:
+                rows = launch_processes(count, cores[:count], live_slots, repeats, size, timeout_s, independent=True)
+                runs.append({"round": round_index, "processes": count, "independent": True, "workers": rows})
     table = []
-    best = {}
+    best, copies = {}, {1: None}
     for run in runs:
+        if run.get("independent"):
+            step = max(w["median_s"] for w in run["workers"])
+            copies[run["processes"]] = min(step, copies.get(run["processes"]) or step)
+            continue
         # A step ends when its slowest process ends; the collectives keep them in lock step anyway.
         step = max(w["median_s"] for w in run["workers"])
         cpu = sum(w["cpu_median_s"] for w in run["workers"])
@@ -236,15 +281,19 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
         if count not in best or step < best[count]["step_s"]:
             best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
     t1 = best[1]["step_s"]
+    copies[1] = t1
     for count in sorted(best):
         entry = best[count]
-        collectives = entry["workers"][0]["collectives"]
+        every_step = [c for c in entry["workers"][0]["collectives"] if not c.get("conditional")]
+        at_sync = [c for c in entry["workers"][0]["collectives"] if c.get("conditional")]
         table.append({
             "processes": count, "live_slots": entry["workers"][0]["live_slots"], "step_s": entry["step_s"],
             "speedup": t1 / entry["step_s"], "efficiency": t1 / (count * entry["step_s"]),
+            "ceiling": t1 / copies[count], "of_ceiling": t1 / (count * entry["step_s"]) / (t1 / copies[count]),
             "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
-            "collectives_per_step": len(collectives), "collective_bytes": sum(c["bytes"] for c in collectives),
+            "collectives_per_step": len(every_step), "collective_bytes": sum(c["bytes"] for c in every_step),
+            "sync_collectives": len(at_sync), "sync_collective_bytes": sum(c["bytes"] for c in at_sync),
             "loss": entry["workers"][0]["loss"],
         })
     return {"rows": table, "runs": runs, "size": size, "repeats": repeats, "rounds": rounds}

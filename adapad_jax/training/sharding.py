@@ -71,7 +71,11 @@ def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
 
 
 def train_state_shardings(mesh: Mesh, state: Any, num_slots: int) -> Any:
-    """Slot arrays (their snapshot and Adam moments too) split over ``components`` on the slot axis; rest replicated.
+    """Slot arrays (and their Adam moments) split over ``components`` on the slot axis; the rest replicated.
+
+    The stop-gradient snapshot is replicated: every slot's deflated forward reads all the rows below it, and the
+    snapshot only changes at a sync (``step.refresh_snapshot`` gathers the slots then), so holding it whole
+    saves a gather of it in every step: the paper's one all-gather per round.
 
     Per-slot Adam step counts [M, R] are split on their slot axis like the moments they correct, so the update
     stays local (replicated, XLA would all-gather them every step). When ``components`` does not divide the
@@ -86,7 +90,7 @@ def train_state_shardings(mesh: Mesh, state: Any, num_slots: int) -> Any:
 
     def choose(path, leaf):
         names = {getattr(k, "key", None) or getattr(k, "name", None) for k in path}
-        if ("slots" in names or "snapshot" in names) and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == num_slots:
+        if "slots" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == num_slots:
             return sliced
         if "slot_count" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] == num_slots:
             return slot_columns

@@ -1,7 +1,7 @@
 """The train step (deflated slots for ``adapad``, one forward for ``joint``/``lora``) and the eval forward.
 
-Train state (a dict pytree; slot arrays, their snapshot and Adam moments sharded over ``components`` on the
-slot axis, the rest replicated: ``Trainer.state_shardings``):
+Train state (a dict pytree; slot arrays and their Adam moments sharded over ``components`` on the slot axis,
+the rest, the snapshot included, replicated: ``Trainer.state_shardings``):
 ``step`` int32, ``rng`` uint32[2], ``trainable`` = ``{"slots": {"a": [...], "b": [...]}, "head": {name: subtree}}``,
 ``opt_state``, ``snapshot`` (stop-gradient copy of the slots), ``alloc`` (see ``allocator.py``).
 
@@ -96,6 +96,19 @@ def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.A
     return total / max(2 * num_modules, 1)
 
 
+def penalty_and_importance(spec: StepSpec, slots: Any, grads: Mapping[str, Any], committed: jax.Array
+                           ) -> tuple[dict[str, Any], jax.Array, jax.Array]:
+    """Gradients with the orthogonality penalty's added, the penalty, and the allocator's module importance."""
+    if spec.orth_reg > 0:
+        penalty, penalty_grads = jax.value_and_grad(
+            lambda s: spec.orth_reg * orthogonality_penalty(s, committed)
+        )(slots)
+        grads = {"slots": jax.tree.map(jnp.add, grads["slots"], penalty_grads), "head": grads["head"]}
+    else:
+        penalty = jnp.zeros((), jnp.float32)
+    return grads, penalty, alloc_lib.module_importance(slots, grads["slots"], committed)
+
+
 def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator, first_row=None):
     """This data shard's share of the loss; ``rng`` is the step's (and slot's) dropout key.
 
@@ -136,14 +149,14 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
 
     components = mesh.shape[COMPONENTS_AXIS]
     num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
-    # Slot arrays arrive split over `components` (as the state holds them) and are gathered in one collective.
-    split_slots = all(x.shape[0] % components == 0 for x in jax.tree.leaves(trainable["slots"]))
+    # Slot arrays arrive split over `components` (as the state holds them) and are gathered in one collective;
+    # the snapshot arrives whole (it is replicated, see `refresh_snapshot`).
+    split_slots = _slots_split(trainable["slots"], components)
     slot_spec = P(COMPONENTS_AXIS) if split_slots else P()
 
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
         if split_slots:
-            gathered = all_gather_packed({"slots": trainable["slots"], "snapshot": snapshot}, COMPONENTS_AXIS)
-            trainable, snapshot = {"slots": gathered["slots"], "head": trainable["head"]}, gathered["snapshot"]
+            trainable = {"slots": all_gather_packed(trainable["slots"], COMPONENTS_AXIS), "head": trainable["head"]}
         denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def slot_loss(trainable, slot):
@@ -195,21 +208,45 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
                                                       step_rng, denominator, first_row)
         model_loss = jax.lax.psum(model_loss, committed_axes)
         head = live_grads["head"] if head_grads is None else jax.lax.psum(head_grads, committed_axes)
-        return {"slots": slot_grads, "head": head}, all_losses, model_loss
+        # On the whole (gathered) slots, so neither needs a collective of its own.
+        grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], {"slots": slot_grads, "head": head},
+                                                            committed)
+        return grads, all_losses, model_loss, penalty, importance
 
     trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(trainable_spec, slot_spec, P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
-        out_specs=(P(), P(), P()),
+        in_specs=(trainable_spec, P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
+        out_specs=(P(), P(), P(), P(), P()),
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
-    grads, slot_losses, loss = sharded(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng)
-    if spec.head_gradient == "committed":
-        return grads, loss, slot_losses
-    return mean_head_gradient(grads, spec.live_slots), loss, slot_losses
+    grads, slot_losses, loss, penalty, importance = sharded(trainable, snapshot, committed, live, frozen, batch,
+                                                            slot_ids, step_rng)
+    if spec.head_gradient == "mean":
+        grads = mean_head_gradient(grads, spec.live_slots)
+    return grads, loss, slot_losses, penalty, importance
+
+
+def _slots_split(slots: Any, components: int) -> bool:
+    """Whether the state holds the slot arrays split over ``components`` (``sharding.train_state_shardings``)."""
+    return components > 1 and all(x.shape[0] % components == 0 for x in jax.tree.leaves(slots))
+
+
+def refresh_snapshot(mesh: Mesh, slots: Any, snapshot: Any, refresh: jax.Array) -> Any:
+    """The snapshot after a step: ``slots`` (gathered whole) where ``refresh``, else ``snapshot`` unchanged.
+
+    The gather sits inside the taken branch of a ``cond``, so a step that does not sync sends nothing.
+    """
+    if not _slots_split(slots, mesh.shape[COMPONENTS_AXIS]):
+        return jax.tree.map(lambda new, old: jnp.where(refresh, new, old), slots, snapshot)
+
+    def body(slots, snapshot, refresh):
+        return jax.lax.cond(refresh, lambda: all_gather_packed(slots, COMPONENTS_AXIS), lambda: snapshot)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(COMPONENTS_AXIS), P(), P()), out_specs=P(),
+                         check_vma=False)(slots, snapshot, refresh)
 
 
 def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, Any]:
@@ -301,20 +338,14 @@ def build_train_step(
         trainable, alloc = state["trainable"], state["alloc"]
         step_rng = jax.random.fold_in(state["rng"], state["step"])
         if spec.method == "adapad":
-            grads, loss, slot_losses = _adapad_grads(
+            grads, loss, slot_losses, penalty, importance = _adapad_grads(
                 module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng
             )
         else:
             grads, loss, slot_losses = _single_forward_grads(
                 module, targets, spec, mesh, trainable, alloc, frozen, batch, step_rng
             )
-        if spec.orth_reg > 0:
-            penalty, penalty_grads = jax.value_and_grad(
-                lambda s: spec.orth_reg * orthogonality_penalty(s, alloc["committed"])
-            )(trainable["slots"])
-            grads = {"slots": jax.tree.map(jnp.add, grads["slots"], penalty_grads), "head": grads["head"]}
-        else:
-            penalty = jnp.zeros((), jnp.float32)
+            grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], grads, alloc["committed"])
 
         live = alloc_lib.live_mask(alloc, spec.advance_learning)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable, live=live)
@@ -325,14 +356,11 @@ def build_train_step(
         new_trainable = optax.apply_updates(trainable, updates)
 
         step = state["step"] + 1
-        importance = alloc_lib.module_importance(trainable["slots"], grads["slots"], alloc["committed"])
         new_alloc, grew = alloc_lib.update_allocator(
             alloc, importance, step, spec.alloc, jax.random.fold_in(step_rng, 0x5EED)
         )
         refresh = (step % spec.sync_every == 0) | grew
-        snapshot = jax.tree.map(
-            lambda new, old: jnp.where(refresh, new, old), new_trainable["slots"], state["snapshot"]
-        )
+        snapshot = refresh_snapshot(mesh, new_trainable["slots"], state["snapshot"], refresh)
         new_state = {
             "step": step,
             "rng": state["rng"],
