@@ -305,13 +305,16 @@ class Trainer:
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         last_time = time.perf_counter()
-        guard = FiniteGuard(self.step)
+        step = self.step
+        guard = FiniteGuard(step)
         with stop_requests() as stop:
-            while self.step < num_steps:
+            # The step count is kept on the host: reading it from the state would wait for every step to finish
+            # before the next is dispatched.
+            while step < num_steps:
                 batch = next(batches)
                 self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
                 guard.update(metrics)
-                step = self.step
+                step += 1
                 if alloc_lib.is_growth_step(step, self.alloc_config):
                     live = self.live_slots
                 if step % log_every == 0 or step == num_steps:
