@@ -26,6 +26,40 @@ import jax.numpy as jnp
 LORA_COLLECTION = "lora"
 
 
+@jax.custom_vjp
+def low_rank_delta(x: jax.Array, a: jax.Array, b: jax.Array, coef: jax.Array) -> jax.Array:
+    """``((x a^T) * coef) b``: x [..., in], a [R, in], b [R, out], coef [R] -> [..., out].
+
+    The same numbers as the two einsums; the backward is written out so that the output gradient is
+    materialised once, in its own layout, before the adapter's factor gradients read it. Left to autodiff, XLA
+    fuses the producer of that gradient (e.g. the GELU backward of a feed-forward block) into a transposed copy
+    for ``b``'s gradient and computes it twice, once in a cache-hostile order: 0.8 of a 3.8 s DeBERTaV3-base
+    forward+backward on one CPU core (``launch/benchmark.py --suite models``).
+    """
+    return jnp.einsum("...r,ro->...o", jnp.einsum("...i,ri->...r", x, a) * coef, b)
+
+
+def _low_rank_delta_fwd(x, a, b, coef):
+    projected = jnp.einsum("...i,ri->...r", x, a)
+    return jnp.einsum("...r,ro->...o", projected * coef, b), (x, a, b, coef, projected)
+
+
+def _low_rank_delta_bwd(residuals, grad_out):
+    x, a, b, coef, projected = residuals
+    grad_out = jax.lax.optimization_barrier(grad_out)
+    grad_h = jnp.einsum("...o,ro->...r", grad_out, b)
+    batch_axes = tuple(range(grad_out.ndim - 1))
+    grad_b = jnp.tensordot(projected * coef, grad_out, axes=(batch_axes, batch_axes))
+    grad_coef = jnp.sum(grad_h * projected, axis=batch_axes)
+    grad_projected = grad_h * coef
+    grad_x = jnp.einsum("...r,ri->...i", grad_projected, a)
+    grad_a = jnp.tensordot(grad_projected, x, axes=(batch_axes, batch_axes))
+    return grad_x, grad_a, grad_b, grad_coef
+
+
+low_rank_delta.defvjp(_low_rank_delta_fwd, _low_rank_delta_bwd)
+
+
 class AdaptedDense(nn.Module):
     """A dense layer (``kernel`` [in, out]) that adds rank-1 adapter slots from the ``lora`` collection."""
 
@@ -50,6 +84,5 @@ class AdaptedDense(nn.Module):
             b = self.get_variable(LORA_COLLECTION, "b").astype(self.dtype)
             coef = self.get_variable(LORA_COLLECTION, "coef").astype(self.dtype)
             x_in = nn.Dropout(rate=self.adapter_dropout)(x, deterministic=deterministic)
-            h = jnp.einsum("...i,ri->...r", x_in, a) * coef
-            y = y + jnp.einsum("...r,ro->...o", h, b)
+            y = y + low_rank_delta(x_in, a, b, coef)
         return y
