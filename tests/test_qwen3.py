@@ -418,7 +418,8 @@ def test_no_lora_and_zero_coef_are_the_base_model():
     ids, mask = padded_batch(10)
     base = jax_outputs(loaded, ids, mask)
     zero = jax_outputs(loaded, ids, mask, lora=random_lora(loaded, 3, 0, lambda m: np.zeros(3)))
-    assert max_diff(base, zero) == 0.0
+    # adding an exact zero; the two programs are fused differently by XLA, so allow float32 rounding
+    assert max_diff(base, zero) <= 1e-6
     live = jax_outputs(loaded, ids, mask, lora=random_lora(loaded, 3, 0, lambda m: np.ones(3)))
     assert max_diff(base, live) > 1e-3
 

@@ -64,7 +64,8 @@ class Qwen3Spec:
     rope_inv_freq: tuple[float, ...]  # [head_dim // 2] inverse frequencies (fp32 values)
     rope_attention_scaling: float  # factor on cos/sin (1.0 except yarn / longrope style types)
     # "einsum": scores, mask, softmax, weights written out; "dot_product": jax.nn.dot_product_attention (cuDNN
-    # flash attention on a GPU where it applies, XLA elsewhere); "auto": dot_product on a GPU, einsum elsewhere.
+    # flash attention on a GPU where it applies, XLA elsewhere); "auto" = dot_product, which is also the faster
+    # on a CPU (Qwen3-0.6B forward+backward at 4 x 128 on one core: 12.0 s against 13.8 s for einsum).
     # Attention dropout in training always takes the einsum path (dot_product_attention has no dropout).
     attention_impl: str = "auto"
 
@@ -207,7 +208,7 @@ def _use_dot_product(spec: Qwen3Spec, deterministic: bool) -> bool:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {spec.attention_impl!r}")
     if spec.attention_dropout > 0.0 and not deterministic:
         return False
-    return spec.attention_impl == "dot_product" or (spec.attention_impl == "auto" and jax.default_backend() == "gpu")
+    return spec.attention_impl in ("dot_product", "auto")
 
 
 def with_attention_impl(module: nn.Module, impl: str) -> nn.Module:
