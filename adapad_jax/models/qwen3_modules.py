@@ -174,9 +174,16 @@ class Qwen3RMSNorm(nn.Module):
         return weight.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` (transformers' form), computed on the two halves of the last axis.
+
+    ``cos`` / ``sin`` [S, d] repeat their first half (``rotary_cos_sin``), so each output half needs only one
+    half of each: one pass over ``x`` and a concatenation, instead of materialising ``rotate_half(x)``.
+    """
     half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    first, second = x[..., :half], x[..., half:]
+    cos_h, sin_h = cos[None, :, None, :half], sin[None, :, None, :half]
+    return jnp.concatenate([first * cos_h - second * sin_h, second * cos_h + first * sin_h], axis=-1)
 
 
 def rotary_cos_sin(spec: Qwen3Spec, seq_len: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -248,9 +255,8 @@ class Qwen3Attention(nn.Module):
         q = Qwen3RMSNorm(spec.rms_norm_eps, self.dtype, name="q_norm")(q.reshape(batch, seq_len, -1, spec.head_dim))
         k = Qwen3RMSNorm(spec.rms_norm_eps, self.dtype, name="k_norm")(k.reshape(batch, seq_len, -1, spec.head_dim))
         v = v.reshape(batch, seq_len, spec.num_kv_heads, spec.head_dim)
-        cos_b, sin_b = cos[None, :, None, :], sin[None, :, None, :]
-        q = q * cos_b + _rotate_half(q) * sin_b
-        k = k * cos_b + _rotate_half(k) * sin_b
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if _use_dot_product(spec, deterministic):
             # [B, S, N, d] queries against [B, S, K, d] keys/values: query head h reads kv head h // groups.
             out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, :, 0], scale=spec.head_dim**-0.5)
