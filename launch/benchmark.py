@@ -629,7 +629,7 @@ def suite_scaling(args) -> dict:
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print("| processes (cores) | step | speedup | efficiency T1/(P TP) | ceiling (P independent copies) | "
-          "efficiency / ceiling | collectives / step | bytes | at a sync only | collectives alone | share of step | "
+          "efficiency / ceiling | collectives / step | bytes | at a sync only | in collectives (profiled) | share of step | "
           "CPU s / step (all processes) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:

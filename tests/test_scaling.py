@@ -75,9 +75,10 @@ def test_hlo_collectives_reads_ops_result_bytes_and_which_run_only_in_a_branch()
         "  ROOT %cond = f32[2,10]{1,0} conditional(%flag, %x, %x), branch_computations={%sync_branch, %keep_branch}",
         "}",
     ])
-    assert hlo_collectives(text) == [{"op": "all-gather", "bytes": 80, "conditional": True},
-                                     {"op": "all-reduce", "bytes": 8 * 1024 * 4 + 4 * 2, "conditional": False},
-                                     {"op": "all-gather", "bytes": 80, "conditional": False}]
+    assert hlo_collectives(text) == [{"op": "all-gather", "bytes": 80, "conditional": True, "name": "g"},
+                                     {"op": "all-reduce", "bytes": 8 * 1024 * 4 + 4 * 2, "conditional": False,
+                                      "name": "all-reduce.1"},
+                                     {"op": "all-gather", "bytes": 80, "conditional": False, "name": "ag"}]
 
 
 @pytest.mark.slow
@@ -99,6 +100,8 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     assert sorted(rows) == [1, 2]
     for field in ("step_s", "speedup", "efficiency", "comm_s", "comm_share", "collectives_per_step", "cpu_s"):
         assert all(np.isfinite(row[field]) for row in rows.values()), field
+    # the profiled time in the step's collectives is part of the step
+    assert 0 < rows[2]["comm_s"] < rows[2]["step_s"] * 1.5
     assert rows[1]["efficiency"] == 1.0
     np.testing.assert_allclose(rows[2]["efficiency"], rows[1]["step_s"] / (2 * rows[2]["step_s"]))
     # the hardware ceiling: two independent one-process copies, one per core, run beside each other

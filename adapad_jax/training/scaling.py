@@ -5,9 +5,9 @@ component parallelism on a CPU. Processes pinned to one core each can: ``run_sca
 train step (``L`` live slots, ``slot_chunk_size`` 1) as one process on one core with ``mesh.components = 1``,
 and as ``P`` processes on ``P`` cores with ``mesh.components = P``, same model and global batch.
 
-Each worker also times the step's cross-process collectives on their own (the same all-gathers and
-all-reduces, read from the compiled step's HLO, run in a program that does nothing else), so the report can
-say what share of a step they take. Run it with ``python launch/benchmark.py --suite scaling``.
+Each worker also profiles its steps and sums the time spent in the step's own collectives (the instructions
+read from the compiled step's HLO; waiting for the other processes included), so the report can say what share
+of a step they take. Run it with ``python launch/benchmark.py --suite scaling``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ _HLO_REFERENCE = re.compile(r"%([\w.\-]+)")
 
 
 def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """Every cross-device collective in an HLO module's text: ``{"op", "bytes", "conditional"}`` per instruction.
+    """Every cross-device collective in an HLO module's text: ``{"op", "bytes", "conditional", "name"}`` each.
 
-    ``bytes`` counts the result; ``conditional`` says the collective sits in a branch of a ``conditional`` (or in a
+    ``name`` is the instruction's (what a profile of the program calls it); ``bytes`` counts the result; ``conditional`` says the collective sits in a branch of a ``conditional`` (or in a
     computation such a branch calls), so it runs only on the steps that take that branch.
     """
     found, computation, calls, branches = [], None, {}, set()
@@ -70,14 +70,16 @@ def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
             for dim in filter(None, dims.split(",")):
                 count *= int(dim)
             size += count * _DTYPE_BYTES[dtype]
-        found.append({"op": match.group(2), "bytes": size, "computation": computation})
+        name = line.split("=")[0].strip().removeprefix("ROOT ").lstrip("%")
+        found.append({"op": match.group(2), "bytes": size, "computation": computation, "name": name})
     conditional, frontier = set(), set(branches)
     while frontier:
         name = frontier.pop()
         if name not in conditional:
             conditional.add(name)
             frontier |= calls.get(name, set()) & calls.keys()
-    return [{"op": c["op"], "bytes": c["bytes"], "conditional": c["computation"] in conditional} for c in found]
+    return [{"op": c["op"], "bytes": c["bytes"], "conditional": c["computation"] in conditional, "name": c["name"]}
+            for c in found]
 
 
 def free_port() -> int:
@@ -105,32 +107,24 @@ def _cpu_seconds() -> float:
     return time.process_time()  # every thread of the process
 
 
-def _collectives_alone(trainer, repeats: int) -> list[float]:
-    """Time the step's cross-device traffic alone, done as the step does it (``training/collectives.py``): the
-    all-gather of the sliced slot arrays at the shard_map entry and the gradient psum, on arrays of the real shapes.
-    (The snapshot's gather at a sync, once every ``sync_every`` steps, is not in it.)"""
+def _collective_seconds_in_steps(trainer, batches: list, collectives: list[dict[str, Any]]) -> list[float]:
+    """Seconds per step the compiled step spends in its own collectives, waiting for the peers included.
+
+    Runs the steps under ``jax.profiler`` and sums the events named after the step's collective instructions.
+    """
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
+    from jax.profiler import ProfileData
 
-    from adapad_jax.training.collectives import all_gather_packed, psum_packed
-    from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
-
-    state = trainer.state
-    sliced = state["trainable"]["slots"]
-    grads_like = jax.tree.map(jnp.zeros_like, state["trainable"])
-
-    def body(sliced, grads):
-        gathered = all_gather_packed(sliced, COMPONENTS_AXIS)
-        summed = psum_packed(grads, (DATA_AXIS, COMPONENTS_AXIS))
-        # Reduce to a scalar so nothing but the collectives costs time.
-        return sum(jnp.sum(x[:1]) for x in jax.tree.leaves((gathered, summed)))
-
-    sliced_specs = jax.tree.map(lambda _: P(COMPONENTS_AXIS), sliced)
-    fn = jax.jit(jax.shard_map(body, mesh=trainer.mesh, in_specs=(sliced_specs, P()), out_specs=P(),
-                               check_vma=False))
-    jax.block_until_ready(fn(sliced, grads_like))
-    return _time_calls(lambda: fn(sliced, grads_like), repeats)
+    names = {c["name"] for c in collectives}
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for batch in batches:
+                jax.block_until_ready(trainer.train_step(batch))
+        trace = next(Path(trace_dir).rglob("*.xplane.pb"))
+        profile = ProfileData.from_file(str(trace))
+        total = sum(event.duration_ns for plane in profile.planes for line in plane.lines for event in line.events
+                    if event.name.removeprefix("end: ") in names)
+    return [total / 1e9 / len(batches)]
 
 
 def scaling_worker(processes: int, process_id: int, port: int, core: int | None, live_slots: int, repeats: int,
@@ -176,8 +170,8 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
             jax.block_until_ready(trainer.train_step(batch))
             times.append(time.perf_counter() - start)
             cpu.append(_cpu_seconds() - cpu_start)
-        comm = _collectives_alone(trainer, repeats) if processes > 1 else [0.0]
-        loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))
+        loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))  # same steps in every setup
+        comm = _collective_seconds_in_steps(trainer, batches[1:], collectives) if processes > 1 else [0.0]
         trainer.close()
     return {"process_id": process_id, "processes": processes, "core": core, "live_slots": live,
             "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
