@@ -60,8 +60,9 @@ def test_models_suite_alternates_sides_and_swaps_who_goes_first():
 
         def ask(self, command):
             calls.append((self.name, command))
-            return {"s": float(len(calls))}
+            return {"s": float(len(calls)), "page_faults": 10 * len(calls)}
 
-    times = bench.alternate_rounds({"jax": Fake("jax"), "torch": Fake("torch")}, 3)
+    times, faults = bench.alternate_rounds({"jax": Fake("jax"), "torch": Fake("torch")}, 3)
     assert [name for name, _ in calls] == ["jax", "torch", "torch", "jax", "jax", "torch"]
     assert times == {"jax": [1.0, 4.0, 5.0], "torch": [2.0, 3.0, 6.0]}
+    assert faults == {"jax": [10, 40, 50], "torch": [20, 30, 60]}
