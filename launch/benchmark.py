@@ -326,12 +326,15 @@ def _fmt(x: float | None, unit: str = "") -> str:
 class _Server:
     """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
 
-    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1):
+    def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1,
+                 preload: str = ""):
         self.timeout_s = timeout_s
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)}
+        if preload:
+            env["LD_PRELOAD"] = preload
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
 
     def ask(self, command: str | None = None) -> dict:
@@ -382,7 +385,8 @@ def suite_models(args) -> list[dict]:
             servers = {}
             try:
                 for fw in ("jax", "torch"):  # set up one after the other so compiles do not overlap
-                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout, args.pin_core)
+                    servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout, args.pin_core,
+                                          args.preload)
                     servers[fw].first = servers[fw].ask()["first_call_s"]
                 times, faults = alternate_rounds(servers, args.repeats)
                 peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
@@ -707,10 +711,15 @@ def main() -> None:
                         help="models: run both sides on this one core with one thread each (default: all cores)")
     parser.add_argument("--budget", type=float, default=420.0,
                         help="gpu: seconds after which the adapad grid skips its remaining cells")
+    parser.add_argument("--preload", default="",
+                        help="models: a shared library preloaded (LD_PRELOAD) into both sides' workers, e.g. "
+                             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
+    if args.preload and not Path(args.preload).is_file():
+        parser.error(f"--preload {args.preload}: no such file")
     if args.suite == "gpu":
         rows = suite_gpu(args)
     elif args.suite == "scaling":
@@ -718,6 +727,8 @@ def main() -> None:
     elif args.suite == "models":
         args.batch, args.seq = args.batch or 4, args.seq or 128
         pinned = f"both pinned to core {args.pin_core}, one thread each" if args.pin_core >= 0 else "all cores"
+        if args.preload:
+            pinned += f"; both with LD_PRELOAD={args.preload}"
         print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
               f"order swapped every round) after a warm-up call; {pinned}; {load_average()} before")
         print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "

@@ -35,6 +35,29 @@ def test_gpu_suite_fails_fast_with_one_line_without_a_gpu(tmp_path):
     assert not (tmp_path / "gpu.json").exists() and not (tmp_path / "gpu.md").exists()
 
 
+def test_models_suite_refuses_a_missing_preload_library_before_any_work(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--suite", "models", "--preload",
+                           str(tmp_path / "missing.so"), "--out", str(tmp_path / "m.json")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--preload" in proc.stderr and "no such file" in proc.stderr, proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "m.json").exists()
+
+
+def test_models_suite_workers_get_the_preloaded_library(monkeypatch):
+    bench = _benchmark_module()
+    seen = {}
+
+    def fake_popen(args, **kwargs):
+        seen.update(kwargs["env"])
+        raise OSError("not started")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", fake_popen)
+    with pytest.raises(OSError):
+        bench._Server("jax", "deberta-v3-base", "fwd", 4, 128, 10.0, core=1, preload="/lib/libfast.so")
+    assert seen["LD_PRELOAD"] == "/lib/libfast.so" and seen["ADAPAD_BENCH_CORE"] == "1"
+
+
 def test_peak_flops_by_device_kind():
     bench = _benchmark_module()
     assert bench.peak_flops("NVIDIA H200", "bfloat16") == 989e12
