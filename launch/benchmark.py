@@ -649,15 +649,15 @@ def suite_scaling(args) -> dict:
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print("| processes (cores) | step | speedup | efficiency T1/(P TP) | ceiling (P independent copies) | "
-          "efficiency / ceiling | collectives / step | bytes | at a sync only | in collectives (profiled) | share of step | "
-          "CPU s / step (all processes) |")
+          "efficiency / ceiling | collectives / step | bytes | at a sync only | in collectives (profiled) | "
+          "share of step | CPU s / step (all processes) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['processes']} | {row['step_s']:.3f} s | {row['speedup']:.2f} | {row['efficiency']:.2f} | "
               f"{row['ceiling']:.2f} | {row['of_ceiling']:.2f} | "
               f"{row['collectives_per_step']} | {row['collective_bytes'] / 2**20:.2f} MiB | "
-              f"{row['sync_collectives']} ({row['sync_collective_bytes'] / 2**20:.2f} MiB) | {row['comm_s'] * 1e3:.1f} ms "
-              f"| {row['comm_share']:.1%} | {row['cpu_s']:.2f} |", flush=True)
+              f"{row['sync_collectives']} ({row['sync_collective_bytes'] / 2**20:.2f} MiB) | "
+              f"{row['comm_s'] * 1e3:.1f} ms | {row['comm_share']:.1%} | {row['cpu_s']:.2f} |", flush=True)
     print(f"{load_average()} after")
     result["load_after"] = os.getloadavg()
     return result

@@ -46,8 +46,9 @@ _HLO_REFERENCE = re.compile(r"%([\w.\-]+)")
 def hlo_collectives(hlo_text: str) -> list[dict[str, Any]]:
     """Every cross-device collective in an HLO module's text: ``{"op", "bytes", "conditional", "name"}`` each.
 
-    ``name`` is the instruction's (what a profile of the program calls it); ``bytes`` counts the result; ``conditional`` says the collective sits in a branch of a ``conditional`` (or in a
-    computation such a branch calls), so it runs only on the steps that take that branch.
+    ``name`` is the instruction's (what a profile of the program calls it); ``bytes`` counts the result;
+    ``conditional`` says the collective sits in a branch of a ``conditional`` (or in a computation such a branch
+    calls), so it runs only on the steps that take that branch.
     """
     found, computation, calls, branches = [], None, {}, set()
     for line in hlo_text.splitlines():
@@ -92,23 +93,13 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def _time_calls(fn, repeats: int) -> list[float]:
-    import jax
-
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _cpu_seconds() -> float:
     return time.process_time()  # every thread of the process
 
 
-def _collective_seconds_in_steps(trainer, batches: list, collectives: list[dict[str, Any]]) -> list[float]:
-    """Seconds per step the compiled step spends in its own collectives, waiting for the peers included.
+def _collective_seconds_in_steps(trainer, batches: list, collectives: list[dict[str, Any]]) -> tuple[float, float]:
+    """Seconds per step the compiled step spends in its own collectives (waiting for the peers included), and
+    the profiled steps' own seconds per step (tracing slows them, so the share is taken against unprofiled steps).
 
     Runs the steps under ``jax.profiler`` and sums the events named after the step's collective instructions.
     """
@@ -118,13 +109,15 @@ def _collective_seconds_in_steps(trainer, batches: list, collectives: list[dict[
     names = {c["name"] for c in collectives}
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
             for batch in batches:
                 jax.block_until_ready(trainer.train_step(batch))
+            step_s = (time.perf_counter() - start) / len(batches)
         trace = next(Path(trace_dir).rglob("*.xplane.pb"))
         profile = ProfileData.from_file(str(trace))
         total = sum(event.duration_ns for plane in profile.planes for line in plane.lines for event in line.events
                     if event.name.removeprefix("end: ") in names)
-    return [total / 1e9 / len(batches)]
+    return total / 1e9 / len(batches), step_s
 
 
 def scaling_worker(processes: int, process_id: int, port: int, core: int | None, live_slots: int, repeats: int,
@@ -171,12 +164,13 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
             times.append(time.perf_counter() - start)
             cpu.append(_cpu_seconds() - cpu_start)
         loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))  # same steps in every setup
-        comm = _collective_seconds_in_steps(trainer, batches[1:], collectives) if processes > 1 else [0.0]
+        comm, profiled_s = (_collective_seconds_in_steps(trainer, batches[1:], collectives) if processes > 1
+                            else (0.0, 0.0))
         trainer.close()
     return {"process_id": process_id, "processes": processes, "core": core, "live_slots": live,
             "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
             "cpu_median_s": statistics.median(cpu), "compile_s": compile_s,
-            "collectives": collectives, "comm_median_s": statistics.median(comm), "comm_min_s": min(comm),
+            "collectives": collectives, "comm_s": comm, "profiled_step_s": profiled_s,
             "loss": loss, "device": jax.devices()[0].device_kind}
 
 
@@ -261,17 +255,16 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
                 rows = launch_processes(count, cores[:count], live_slots, repeats, size, timeout_s, independent=True)
                 runs.append({"round": round_index, "processes": count, "independent": True, "workers": rows})
     table = []
-    best, copies = {}, {1: None}
+    best, copies = {}, {}
     for run in runs:
-        if run.get("independent"):
-            step = max(w["median_s"] for w in run["workers"])
-            copies[run["processes"]] = min(step, copies.get(run["processes"]) or step)
-            continue
         # A step ends when its slowest process ends; the collectives keep them in lock step anyway.
         step = max(w["median_s"] for w in run["workers"])
-        cpu = sum(w["cpu_median_s"] for w in run["workers"])
-        comm = max(w["comm_median_s"] for w in run["workers"])
         count = run["processes"]
+        if run.get("independent"):
+            copies[count] = min(step, copies.get(count, step))
+            continue
+        cpu = sum(w["cpu_median_s"] for w in run["workers"])
+        comm = max(w["comm_s"] for w in run["workers"])
         if count not in best or step < best[count]["step_s"]:
             best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
     t1 = best[1]["step_s"]
@@ -280,10 +273,11 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
         entry = best[count]
         every_step = [c for c in entry["workers"][0]["collectives"] if not c.get("conditional")]
         at_sync = [c for c in entry["workers"][0]["collectives"] if c.get("conditional")]
+        efficiency, ceiling = t1 / (count * entry["step_s"]), t1 / copies[count]
         table.append({
             "processes": count, "live_slots": entry["workers"][0]["live_slots"], "step_s": entry["step_s"],
-            "speedup": t1 / entry["step_s"], "efficiency": t1 / (count * entry["step_s"]),
-            "ceiling": t1 / copies[count], "of_ceiling": t1 / (count * entry["step_s"]) / (t1 / copies[count]),
+            "speedup": t1 / entry["step_s"], "efficiency": efficiency, "ceiling": ceiling,
+            "of_ceiling": efficiency / ceiling,
             "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
             "collectives_per_step": len(every_step), "collective_bytes": sum(c["bytes"] for c in every_step),

@@ -209,8 +209,8 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
         model_loss = jax.lax.psum(model_loss, committed_axes)
         head = live_grads["head"] if head_grads is None else jax.lax.psum(head_grads, committed_axes)
         # On the whole (gathered) slots, so neither needs a collective of its own.
-        grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], {"slots": slot_grads, "head": head},
-                                                            committed)
+        grads = {"slots": slot_grads, "head": head}
+        grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], grads, committed)
         return grads, all_losses, model_loss, penalty, importance
 
     trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
