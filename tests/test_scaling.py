@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from adapad_jax.training.collectives import all_gather_packed, psum_packed
+from adapad_jax.training.collectives import psum_packed
 from adapad_jax.training.scaling import hlo_collectives
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS, make_mesh
 
@@ -28,16 +28,15 @@ def _tree(rng, rows):
                   "n": jnp.asarray(rng.integers(0, 9, size=(rows,)), jnp.int32)}}
 
 
-def test_packed_collectives_equal_per_leaf_collectives_and_use_one_op_per_dtype():
+def test_packed_psum_equals_per_leaf_psums_and_uses_one_op_per_dtype():
     mesh = make_mesh(2, 4)
     tree = _tree(np.random.default_rng(0), 8)
 
     def packed(t):
-        return all_gather_packed(t, COMPONENTS_AXIS), psum_packed(t, (DATA_AXIS, COMPONENTS_AXIS))
+        return psum_packed(t, (DATA_AXIS, COMPONENTS_AXIS))
 
     def per_leaf(t):
-        return (jax.tree.map(lambda x: jax.lax.all_gather(x, COMPONENTS_AXIS, tiled=True), t),
-                jax.tree.map(lambda x: jax.lax.psum(x, (DATA_AXIS, COMPONENTS_AXIS)), t))
+        return jax.tree.map(lambda x: jax.lax.psum(x, (DATA_AXIS, COMPONENTS_AXIS)), t)
 
     def run(fn):
         sharded = jax.shard_map(fn, mesh=mesh, in_specs=P(COMPONENTS_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
@@ -47,11 +46,9 @@ def test_packed_collectives_equal_per_leaf_collectives_and_use_one_op_per_dtype(
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64)),
                  got, want)
     ops = hlo_collectives(run(packed).lower(tree).compile().as_text())
-    # three dtypes (f32, bf16, s32): at most one all-gather and one all-reduce each (XLA may fuse further)
+    # three dtypes (f32, bf16, s32): at most one all-reduce each (XLA may fuse further)
     names = [op["op"] for op in ops]
-    assert 1 <= names.count("all-gather") <= 3 and 1 <= names.count("all-reduce") <= 3, names
-    per_leaf_ops = hlo_collectives(run(per_leaf).lower(tree).compile().as_text())
-    assert len(per_leaf_ops) > len(ops)
+    assert set(names) == {"all-reduce"} and 1 <= len(names) <= 3, names
 
 
 def test_hlo_collectives_reads_ops_result_bytes_and_which_run_only_in_a_branch():
@@ -118,12 +115,10 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     assert len({w["core"] for w in two}) == 2  # each pinned to its own core
     # the split run computes the same step: same loss as one process
     np.testing.assert_allclose(rows[2]["loss"], rows[1]["loss"], rtol=1e-5)
-    # every step: one packed all-gather of the slots and one packed all-reduce of the gradients cross processes;
-    # the snapshot's all-gather sits in the sync branch only
-    ops = [op["op"] for op in two[0]["collectives"] if not op["conditional"]]
-    assert ops.count("all-gather") == 1, ops
-    assert [op["op"] for op in two[0]["collectives"] if op["conditional"]] == ["all-gather"]
-    assert rows[2]["sync_collectives"] == 1
+    # every step crosses processes once: one packed all-reduce (gradients, slot losses, committed loss); the
+    # snapshot refresh at a sync is a local copy
+    assert [op["op"] for op in two[0]["collectives"]] == ["all-reduce"], two[0]["collectives"]
+    assert rows[2]["collectives_per_step"] == 1 and rows[2]["sync_collectives"] == 0
 
 
 def test_scaling_refuses_more_processes_than_cores():

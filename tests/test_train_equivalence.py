@@ -108,9 +108,9 @@ def test_mesh_run_matches_single_device(toy):
         with tempfile.TemporaryDirectory() as out:
             trainer = _run(model, teacher, cfg, make_mesh(data, components), 5, out)
             slot_a = trainer.state["trainable"]["slots"]["a"][0]
-            assert slot_a.sharding.spec == jax.sharding.PartitionSpec("components")
+            # the slots are replicated: every device builds its slots' deflated forwards from its own copy
+            assert slot_a.sharding.is_fully_replicated
             assert len({shard.device for shard in slot_a.addressable_shards}) == data * components
-            assert slot_a.addressable_shards[0].data.shape[0] == 4 // components
             results.append((jax.device_get(trainer.state), _losses(out), sorted(trainer._steps)))
             trainer.close()
     (single, single_losses, single_steps), (mesh, mesh_losses, mesh_steps) = results

@@ -1,8 +1,9 @@
-"""Few, large collectives inside ``shard_map``: a pytree's leaves packed into one buffer per dtype.
+"""One large collective inside ``shard_map``: a pytree's leaves packed into one buffer per dtype.
 
-Across processes every collective pays a fixed latency (about 5 ms per all-reduce between two CPU processes
-on this machine under load), and XLA:CPU does not combine them; a step that reduces each gradient leaf on its
-own pays it dozens of times (``launch/benchmark.py --suite scaling`` reports the count).
+Across processes every collective is a point where each process waits for the slowest, plus a fixed latency.
+XLA's all-reduce combiner may merge per-leaf reductions, but whether it does depends on its thresholds and
+the schedule; packing makes it one all-reduce per dtype regardless (``launch/benchmark.py --suite scaling``
+reports the count of the compiled step).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 
 def _pack(tree: Any) -> tuple[dict[Any, jax.Array], Callable[[dict[Any, jax.Array]], Any]]:
@@ -38,18 +40,16 @@ def _pack(tree: Any) -> tuple[dict[Any, jax.Array], Callable[[dict[Any, jax.Arra
     return buffers, unpack
 
 
+def spanning(mesh: Mesh, *axis_names: str) -> tuple[str, ...]:
+    """The named mesh axes that span more than one device: a collective over the others moves nothing, but
+    XLA still emits it (with one-device groups)."""
+    return tuple(name for name in axis_names if mesh.shape[name] > 1)
+
+
 def psum_packed(tree: Any, axis_name: Any) -> Any:
-    """``jax.lax.psum(tree, axis_name)`` as one all-reduce per dtype."""
-    if not jax.tree.leaves(tree):
+    """``jax.lax.psum(tree, axis_name)`` as one all-reduce per dtype (none for ``axis_name=()``)."""
+    if not jax.tree.leaves(tree) or axis_name == ():
         return tree
     buffers, unpack = _pack(tree)
     return unpack({dtype: jax.lax.psum(buffer, axis_name) for dtype, buffer in buffers.items()})
 
-
-def all_gather_packed(tree: Any, axis_name: str) -> Any:
-    """``all_gather(x, axis_name, tiled=True)`` of every leaf (concatenated on axis 0), as one all-gather per dtype."""
-    if not jax.tree.leaves(tree):
-        return tree
-    buffers, unpack = _pack(tree)
-    gathered = unpack({dtype: jax.lax.all_gather(buffer, axis_name) for dtype, buffer in buffers.items()})
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), gathered)

@@ -70,30 +70,15 @@ def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
     return batch_slice_for_process(grid, jax.process_index())
 
 
-def train_state_shardings(mesh: Mesh, state: Any, num_slots: int) -> Any:
-    """Slot arrays (and their Adam moments) split over ``components`` on the slot axis; the rest replicated.
+def train_state_shardings(mesh: Mesh, state: Any) -> Any:
+    """Every leaf of the train state replicated.
 
-    The stop-gradient snapshot is replicated: every slot's deflated forward reads all the rows below it, and the
-    snapshot only changes at a sync (``step.refresh_snapshot`` gathers the slots then), so holding it whole
-    saves a gather of it in every step: the paper's one all-gather per round.
-
-    Per-slot Adam step counts [M, R] are split on their slot axis like the moments they correct, so the update
-    stays local (replicated, XLA would all-gather them every step). When ``components`` does not divide the
-    number of slots everything is replicated.
+    The slots are small next to the backbone every device holds anyway (r_max rank-1 pairs per module), and
+    with every device holding all of them a step needs no gather: each device builds its slots' deflated
+    forwards from its own copy, the summed gradients arrive in the step's one all-reduce, and every device
+    applies the same update. The snapshot refresh at a sync is a local copy. (Slots split over ``components``
+    cost a gather of the slots in every step and a second one at each sync, for a memory saving of
+    ``(1 - 1/components)`` of the slots and their Adam moments.)
     """
-    components = mesh.shape[COMPONENTS_AXIS]
     rep = replicated(mesh)
-    if num_slots % components:
-        return jax.tree.map(lambda _: rep, state)
-    sliced = NamedSharding(mesh, P(COMPONENTS_AXIS))
-    slot_columns = NamedSharding(mesh, P(None, COMPONENTS_AXIS))
-
-    def choose(path, leaf):
-        names = {getattr(k, "key", None) or getattr(k, "name", None) for k in path}
-        if "slots" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] == num_slots:
-            return sliced
-        if "slot_count" in names and getattr(leaf, "ndim", 0) == 2 and leaf.shape[1] == num_slots:
-            return slot_columns
-        return rep
-
-    return jax.tree_util.tree_map_with_path(choose, state)
+    return jax.tree.map(lambda _: rep, state)

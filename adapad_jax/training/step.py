@@ -1,13 +1,13 @@
 """The train step (deflated slots for ``adapad``, one forward for ``joint``/``lora``) and the eval forward.
 
-Train state (a dict pytree; slot arrays and their Adam moments sharded over ``components`` on the slot axis,
-the rest, the snapshot included, replicated: ``Trainer.state_shardings``):
+Train state (a dict pytree, replicated on every device: ``Trainer.state_shardings``):
 ``step`` int32, ``rng`` uint32[2], ``trainable`` = ``{"slots": {"a": [...], "b": [...]}, "head": {name: subtree}}``,
 ``opt_state``, ``snapshot`` (stop-gradient copy of the slots), ``alloc`` (see ``allocator.py``).
 
-For ``adapad`` the per-slot losses run inside ``jax.shard_map``: slots split over the mesh axis
-``components``, batch over ``data``, backbone and trainables replicated; per-device gradients are
-summed with one ``psum`` over both axes (one all-reduce per dtype, see ``collectives.py``).
+For ``adapad`` the per-slot losses run inside ``jax.shard_map``: the slots' forward/backward passes split over
+the mesh axis ``components``, the batch over ``data``. Each device reads the slots it trains (and the snapshot
+below them) from its own copy, so a step crosses devices once: one ``psum`` of the gradients, slot losses and
+committed loss over both axes (one all-reduce per dtype, see ``collectives.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from adapad_jax.adapters.slots import deflated_lora, masked_lora
 from adapad_jax.adapters.target import AdapterTarget
 from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.training.collectives import all_gather_packed, psum_packed
+from adapad_jax.training.collectives import psum_packed, spanning
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
 
@@ -149,15 +149,9 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
 
     components = mesh.shape[COMPONENTS_AXIS]
     num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
-    # Slot arrays arrive split over `components` (as the state holds them) and are gathered in one collective;
-    # the snapshot arrives whole (it is replicated, see `refresh_snapshot`).
-    split_slots = _slots_split(trainable["slots"], components)
-    slot_spec = P(COMPONENTS_AXIS) if split_slots else P()
 
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
-        if split_slots:
-            trainable = {"slots": all_gather_packed(trainable["slots"], COMPONENTS_AXIS), "head": trainable["head"]}
-        denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
+        denominator = jnp.maximum(psum_packed(_weight_sum(batch), spanning(mesh, DATA_AXIS)), 1e-12)
 
         def slot_loss(trainable, slot):
             lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
@@ -186,14 +180,9 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             zeros = jax.tree.map(jnp.zeros_like, trainable)
             grads, losses = jax.lax.scan(scan_body, zeros, slot_ids.reshape(-1, chunk))
             losses = losses.reshape(-1)
-        # Every slot's loss in its row of a full-length vector, so one all-reduce returns gradients and losses.
+        # Every slot's loss in its row of a full-length vector, so the one all-reduce below returns them all.
         all_losses = jnp.zeros((num_rows,), losses.dtype).at[jax.lax.axis_index(COMPONENTS_AXIS) * local
                                                               + jnp.arange(local)].set(losses)
-        # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
-        rows = spec.live_slots
-        live_grads = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "head": grads["head"]}
-        live_grads, all_losses = psum_packed((live_grads, all_losses), (DATA_AXIS, COMPONENTS_AXIS))
-        slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), live_grads["slots"])
         # The committed forward is the same on every `components` device: each runs it on its share of the rows.
         shard_rows = next(iter(batch.values())).shape[0]
         if components > 1 and shard_rows % components == 0:
@@ -201,23 +190,29 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             start = jax.lax.axis_index(COMPONENTS_AXIS) * piece
             rows_part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, piece, axis=0), batch)
             first_row = jax.lax.axis_index(DATA_AXIS) * shard_rows + start
-            committed_axes = (DATA_AXIS, COMPONENTS_AXIS)
-        else:
-            rows_part, first_row, committed_axes = batch, None, DATA_AXIS
-        model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, rows_part,
-                                                      step_rng, denominator, first_row)
-        model_loss = jax.lax.psum(model_loss, committed_axes)
-        head = live_grads["head"] if head_grads is None else jax.lax.psum(head_grads, committed_axes)
-        # On the whole (gathered) slots, so neither needs a collective of its own.
-        grads = {"slots": slot_grads, "head": head}
+            model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen,
+                                                          rows_part, step_rng, denominator, first_row)
+        else:  # every `components` device computes the whole shard: count it once
+            model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
+                                                          step_rng, denominator)
+            model_loss, head_grads = jax.tree.map(lambda x: x / components, (model_loss, head_grads))
+        # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
+        rows = spec.live_slots
+        summed = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "losses": all_losses,
+                  "model_loss": model_loss,
+                  "head": grads["head"] if head_grads is None else head_grads}
+        # The step's only collective: slot and head gradients, slot losses and the committed loss, in one all-reduce.
+        summed = psum_packed(summed, spanning(mesh, DATA_AXIS, COMPONENTS_AXIS))
+        slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), summed["slots"])
+        # On the whole slots (every device holds them), so neither needs a collective of its own.
+        grads = {"slots": slot_grads, "head": summed["head"]}
         grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], grads, committed)
-        return grads, all_losses, model_loss, penalty, importance
+        return grads, summed["losses"], summed["model_loss"], penalty, importance
 
-    trainable_spec = {"slots": jax.tree.map(lambda _: slot_spec, trainable["slots"]), "head": P()}
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(trainable_spec, P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
+        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
         out_specs=(P(), P(), P(), P(), P()),
         check_vma=False,
     )
@@ -229,24 +224,9 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     return grads, loss, slot_losses, penalty, importance
 
 
-def _slots_split(slots: Any, components: int) -> bool:
-    """Whether the state holds the slot arrays split over ``components`` (``sharding.train_state_shardings``)."""
-    return components > 1 and all(x.shape[0] % components == 0 for x in jax.tree.leaves(slots))
-
-
-def refresh_snapshot(mesh: Mesh, slots: Any, snapshot: Any, refresh: jax.Array) -> Any:
-    """The snapshot after a step: ``slots`` (gathered whole) where ``refresh``, else ``snapshot`` unchanged.
-
-    The gather sits inside the taken branch of a ``cond``, so a step that does not sync sends nothing.
-    """
-    if not _slots_split(slots, mesh.shape[COMPONENTS_AXIS]):
-        return jax.tree.map(lambda new, old: jnp.where(refresh, new, old), slots, snapshot)
-
-    def body(slots, snapshot, refresh):
-        return jax.lax.cond(refresh, lambda: all_gather_packed(slots, COMPONENTS_AXIS), lambda: snapshot)
-
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(COMPONENTS_AXIS), P(), P()), out_specs=P(),
-                         check_vma=False)(slots, snapshot, refresh)
+def refresh_snapshot(slots: Any, snapshot: Any, refresh: jax.Array) -> Any:
+    """The snapshot after a step: a copy of ``slots`` where ``refresh``, else ``snapshot`` unchanged."""
+    return jax.tree.map(lambda new, old: jnp.where(refresh, new, old), slots, snapshot)
 
 
 def mean_head_gradient(grads: Mapping[str, Any], live_slots: int) -> dict[str, Any]:
@@ -299,14 +279,14 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     weights = single_forward_weights(alloc, spec.advance_learning)
 
     def body(trainable, weights, frozen, batch, step_rng):
-        denominator = jnp.maximum(jax.lax.psum(_weight_sum(batch), DATA_AXIS), 1e-12)
+        denominator = jnp.maximum(psum_packed(_weight_sum(batch), spanning(mesh, DATA_AXIS)), 1e-12)
 
         def objective(trainable):
             lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
             return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
-        return psum_packed((grads, loss), DATA_AXIS)
+        return psum_packed((grads, loss), spanning(mesh, DATA_AXIS))
 
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
@@ -360,7 +340,7 @@ def build_train_step(
             alloc, importance, step, spec.alloc, jax.random.fold_in(step_rng, 0x5EED)
         )
         refresh = (step % spec.sync_every == 0) | grew
-        snapshot = refresh_snapshot(mesh, new_trainable["slots"], state["snapshot"], refresh)
+        snapshot = refresh_snapshot(new_trainable["slots"], state["snapshot"], refresh)
         new_state = {
             "step": step,
             "rng": state["rng"],

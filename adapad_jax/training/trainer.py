@@ -159,7 +159,7 @@ class Trainer:
 
     def state_shardings(self, state: dict[str, Any]) -> Any:
         """Where each leaf of the train state lives on the mesh (``sharding.train_state_shardings``)."""
-        return train_state_shardings(self.mesh, state, self.num_slots)
+        return train_state_shardings(self.mesh, state)
 
     def restore_or_init(self, data_state: dict, step: int | None = None) -> dict:
         """Restore the newest checkpoint in ``output_dir`` (or ``step``), returning its data state; else init.
