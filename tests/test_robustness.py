@@ -543,3 +543,31 @@ def test_a_metrics_write_error_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", full)
     with pytest.raises(OutputWriteError, match="metrics not logged: no space left on the device writing .*metrics"):
         writer.write({"step": 1})
+
+
+@pytest.mark.parametrize("package, logged", [("orbax", False), ("elsewhere", True)])
+def test_orphaned_orbax_read_tasks_are_not_logged_but_other_task_errors_are(tmp_path, caplog, package, logged):
+    """A damaged checkpoint fails several orbax reads at once; the ones nobody awaits must not print tracebacks
+    (asyncio's "Task exception was never retrieved"), while task errors from any other code still do."""
+    import asyncio
+    import gc
+    import importlib.util
+
+    from adapad_jax.training import recovery
+
+    (tmp_path / package).mkdir()
+    source = tmp_path / package / "reads.py"
+    source.write_text("async def read():\n    raise ValueError('truncated data file')\n")
+    spec = importlib.util.spec_from_file_location(f"_fake_{package}_reads", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recovery.read_or_damaged(1, lambda: None)  # installs the filter, as every checkpoint read does
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(module.read())
+        loop.run_until_complete(asyncio.wait([task]))
+        del task
+        gc.collect()
+    finally:
+        loop.close()
+    assert ("Task exception was never retrieved" in caplog.text) == logged, caplog.text

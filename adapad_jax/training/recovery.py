@@ -9,7 +9,10 @@ Damaged checkpoints: restoring the newest step is attempted; if it cannot be rea
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,9 +59,24 @@ def _quiet_closed_loop_errors() -> None:
     sys.unraisablehook = hook
 
 
+class _OrphanedOrbaxReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax read tasks: when one read of a damaged
+    checkpoint fails, its sibling reads fail too and are never awaited; the first failure is already reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+_ORPHANED_READS = _OrphanedOrbaxReads()
+
+
 def read_or_damaged(step: int, read: Callable[[], Any]) -> Any:
     """``read()``, with any failure to read the files turned into ``CheckpointDamaged``."""
     _quiet_closed_loop_errors()
+    logging.getLogger("asyncio").addFilter(_ORPHANED_READS)  # once: a filter already present is not added again
     try:
         return read()
     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
