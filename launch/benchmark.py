@@ -25,9 +25,11 @@ Suites:
           train step (L live slots, slot_chunk_size 1) as one process
           pinned to one core (mesh.components=1) and as P processes pinned
           to a core each, joined with jax.distributed on 127.0.0.1
-          (mesh.components=P), same global batch; step time, speedup,
-          efficiency T1/(P*TP), the collectives' share of the step (timed
-          alone), CPU seconds per step. --quick: a tiny model (tests).
+          (mesh.components=P), same global batch, and P independent copies
+          (the hardware's ceiling); step time, speedup, efficiency
+          T1/(P*TP), the collectives' profiled share of the step, CPU
+          seconds per step. Toy model of DeBERTaV3-base's width and depth
+          unless --shape HIDDEN,LAYERS,BATCH,SEQ; --quick: a tiny model.
 
   gpu     on a GPU machine: JAX lora train step vs PyTorch+PEFT LoRA step
           (DeBERTaV3-base 32x128 fp32 and bf16, Qwen3-0.6B 16x384 bf16),
@@ -639,7 +641,8 @@ def suite_scaling(args) -> dict:
     from adapad_jax.training import scaling
 
     counts = sorted({int(c) for c in args.processes.split(",")})
-    size = scaling.QUICK_SIZE if args.quick else scaling.DEFAULT_SIZE
+    size = scaling.QUICK_SIZE if args.quick else (scaling.parse_shape(args.shape) if args.shape
+                                                   else scaling.DEFAULT_SIZE)
     print(f"toy model hidden {size['hidden']} x {size['num_layers']} layers, batch {size['batch_size']} x "
           f"{size['seq_len']}, adapad L = {args.live_slots}, slot_chunk_size 1; median of {args.repeats} steps, "
           f"best of {args.rounds} alternating rounds; {load_average()} before")
@@ -707,6 +710,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="scaling, models: seconds a worker may take for one answer before it is killed")
     parser.add_argument("--quick", action="store_true", help="scaling: a tiny model, for a smoke test")
+    parser.add_argument("--shape", default="",
+                        help="scaling: toy model HIDDEN,LAYERS,BATCH,SEQ (default 768,12,128,16: DeBERTaV3-base's "
+                             "width and depth)")
     parser.add_argument("--pin_core", type=int, default=-1,
                         help="models: run both sides on this one core with one thread each (default: all cores)")
     parser.add_argument("--budget", type=float, default=420.0,
@@ -720,6 +726,13 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
     if args.preload and not Path(args.preload).is_file():
         parser.error(f"--preload {args.preload}: no such file")
+    if args.shape:
+        from adapad_jax.training.scaling import parse_shape
+
+        try:
+            parse_shape(args.shape)
+        except ValueError as err:
+            parser.error(str(err))
     if args.suite == "gpu":
         rows = suite_gpu(args)
     elif args.suite == "scaling":

@@ -114,7 +114,8 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     assert sorted(w["process_id"] for w in two) == [0, 1]
     assert len({w["core"] for w in two}) == 2  # each pinned to its own core
     # the split run computes the same step: same loss as one process
-    np.testing.assert_allclose(rows[2]["loss"], rows[1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(rows[2]["slot_losses"], rows[1]["slot_losses"], rtol=1e-5)
+    assert len(rows[1]["slot_losses"]) == 2
     # every step crosses processes once: one packed all-reduce (gradients, slot losses, committed loss); the
     # snapshot refresh at a sync is a local copy
     assert [op["op"] for op in two[0]["collectives"]] == ["all-reduce"], two[0]["collectives"]
@@ -126,3 +127,16 @@ def test_scaling_refuses_more_processes_than_cores():
 
     with pytest.raises(ValueError, match="need as many cores"):
         run_scaling((len(__import__("os").sched_getaffinity(0)) + 1,))
+
+
+def test_scaling_shape_is_four_positive_integers_or_one_clear_error():
+    from adapad_jax.training.scaling import DEFAULT_SIZE, parse_shape
+
+    assert parse_shape("768, 12,128,16") == DEFAULT_SIZE
+    for bad in ("768,12,128", "768,12,0,16", "768,x,128,16", ""):
+        with pytest.raises(ValueError, match="four positive integers HIDDEN,LAYERS,BATCH,SEQ"):
+            parse_shape(bad)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--suite", "scaling", "--shape",
+                           "768,12"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "four positive integers" in proc.stderr.splitlines()[-1]
+    assert "toy model" not in proc.stdout  # refused before any work

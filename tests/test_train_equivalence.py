@@ -125,6 +125,34 @@ def test_mesh_run_matches_single_device(toy):
 
 
 
+@pytest.mark.parametrize("mesh", [(1, 1), (1, 2)])
+def test_adapad_computes_the_committed_loss_only_on_logged_steps(toy, mesh):
+    """The committed forward (the logged ``loss``) runs on log steps and the last step only; the run is the
+    same as logging every step (same state, same logged losses), and the other steps report NaN."""
+    model, teacher = toy
+    common = {"adapter.r_max": 4, "adapter.rank_budget": 9, "adapter.top_k": 2, "adapter.growth_interval": 2,
+              "adapter.init_std": 0.1, "checkpoint.every_steps": 0}
+    runs = {}
+    for every in (1, 3):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _run(model, teacher, toy_config(**common, **{"train.log_every_steps": every}),
+                           make_mesh(*mesh), 7, out)
+            records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+            # one more step outside train(): step 8 is neither a multiple of 3 nor the last step
+            extra = jax.device_get(trainer.train_step(next(ToyBatches(model, teacher, 16, start=7))))
+            runs[every] = (jax.device_get(trainer.state["trainable"]), losses, extra)
+            trainer.close()
+    (every_step, all_losses, extra_1), (sparse, logged, extra_3) = runs[1], runs[3]
+    assert sorted(logged) == [3, 6, 7] and sorted(all_losses) == list(range(1, 8))
+    for step, loss in logged.items():
+        np.testing.assert_allclose(loss, all_losses[step], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(every_step), jax.tree.leaves(sparse)):
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+    assert np.isfinite(extra_1["loss"]) and np.isnan(extra_3["loss"])
+    np.testing.assert_allclose(extra_3["slot_losses"], extra_1["slot_losses"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["adapad", "lora"])
 def test_dropout_masks_do_not_depend_on_the_data_split(method):
     """Dropout keys come from each example's global row: a (data=2, components=2) run equals one device's."""

@@ -1,5 +1,8 @@
 """Non-finite guard: a device-side record of the first step whose loss or gradients were NaN/inf.
 
+The loss watched is ``slot_losses`` (every slot's training loss; the one loss for ``lora`` / ``joint``): it is
+computed in every step, where ``loss`` (AdaPaD's committed model) only is on the steps the trainer logs.
+
 The record is updated by a tiny jitted function after every step (no host sync); the host reads it only where
 it already syncs (log steps) and before every checkpoint save or export, so a diverged state is never written.
 """
@@ -15,8 +18,8 @@ import numpy as np
 from adapad_jax.failures import Diverged
 
 # Quantities watched, in the order of the record's columns after the step counter.
-WATCHED = ("loss", "grad_norm")
-_NAMES = {"loss": "the loss", "grad_norm": "the gradient norm"}
+WATCHED = ("slot_losses", "grad_norm")
+_NAMES = {"slot_losses": "the loss", "grad_norm": "the gradient norm"}
 
 
 @jax.jit
@@ -42,7 +45,7 @@ class FiniteGuard:
 
     def update(self, metrics: dict[str, Any]) -> None:
         """Fold one step's metrics into the record (asynchronous)."""
-        self.record = _update(self.record, metrics["loss"], metrics["grad_norm"])
+        self.record = _update(self.record, metrics["slot_losses"], metrics["grad_norm"])
 
     def check(self, saved_step: int | None = None) -> None:
         """Raise ``Diverged`` naming the first bad step and quantity, if any; ``saved_step``: newest checkpoint."""

@@ -3,7 +3,8 @@
 XLA:CPU spreads one device's matmuls over every core, so simulated host devices cannot show the paper's
 component parallelism on a CPU. Processes pinned to one core each can: ``run_scaling`` times the real AdaPaD
 train step (``L`` live slots, ``slot_chunk_size`` 1) as one process on one core with ``mesh.components = 1``,
-and as ``P`` processes on ``P`` cores with ``mesh.components = P``, same model and global batch.
+and as ``P`` processes on ``P`` cores with ``mesh.components = P``, same model and global batch. The timed
+steps are ones the trainer does not log (``benchmarking.UNLOGGED_STEPS``), as nine in ten steps of a real run.
 
 Each worker also profiles its steps and sums the time spent in the step's own collectives (the instructions
 read from the compiled step's HLO; waiting for the other processes included), so the report can say what share
@@ -26,9 +27,21 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The toy model size for which one step takes about 0.8 CPU-seconds at L = 4 on this machine (>= 0.5 s on one core).
-DEFAULT_SIZE = {"hidden": 1024, "num_layers": 4, "batch_size": 256, "seq_len": 16}
+# DeBERTaV3-base's width and depth (12 blocks of 768), at a batch where one step takes about 0.75 CPU-seconds at
+# L = 4 on this machine (>= 0.5 s on one core). The depth matters: the embedding and the first block's frozen
+# projection do not depend on the adapters, so every process computes them (1 / (2 * layers) of a forward).
+DEFAULT_SIZE = {"hidden": 768, "num_layers": 12, "batch_size": 128, "seq_len": 16}
 QUICK_SIZE = {"hidden": 64, "num_layers": 1, "batch_size": 8, "seq_len": 4}
+SIZE_FIELDS = ("hidden", "num_layers", "batch_size", "seq_len")
+
+
+def parse_shape(text: str) -> dict[str, int]:
+    """``"HIDDEN,LAYERS,BATCH,SEQ"`` (e.g. ``"768,12,128,16"``) as a size dict; ValueError naming the problem."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != len(SIZE_FIELDS) or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"--shape {text!r}: expected four positive integers HIDDEN,LAYERS,BATCH,SEQ, "
+                         f"e.g. 768,12,128,16")
+    return dict(zip(SIZE_FIELDS, map(int, parts)))
 
 _HLO_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
                              r"(?:-start)?\(")
@@ -136,6 +149,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
     elif processes > 1:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                    process_id=process_id, initialization_timeout=120)
+    from adapad_jax.training.benchmarking import UNLOGGED_STEPS
     from adapad_jax.training.sharding import make_mesh
     from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch, toy_config
     from adapad_jax.training.trainer import Trainer
@@ -145,7 +159,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
     overrides = {"adapter.method": "adapad", "adapter.r_max": 8, "adapter.grow": False,
                  "adapter.initial_rank": live_slots, "adapter.rank_budget": 8 * len(model.targets),
                  "adapter.slot_chunk_size": 1, "checkpoint.every_steps": 0, "mesh.data": 1,
-                 "mesh.components": processes}
+                 "mesh.components": processes, **UNLOGGED_STEPS}
     batches = [toy_batch(model, teacher, i, size["batch_size"], size["seq_len"]) for i in range(repeats + 1)]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, toy_config(**overrides), make_mesh(1, processes), out)
@@ -163,7 +177,8 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
             jax.block_until_ready(trainer.train_step(batch))
             times.append(time.perf_counter() - start)
             cpu.append(_cpu_seconds() - cpu_start)
-        loss = float(jax.device_get(trainer.train_step(batches[0])["loss"]))  # same steps in every setup
+        # the same steps in every setup: the same slot losses
+        slot_losses = [float(x) for x in jax.device_get(trainer.train_step(batches[0])["slot_losses"])[:live]]
         comm, profiled_s = (_collective_seconds_in_steps(trainer, batches[1:], collectives) if processes > 1
                             else (0.0, 0.0))
         trainer.close()
@@ -171,7 +186,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
             "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
             "cpu_median_s": statistics.median(cpu), "compile_s": compile_s,
             "collectives": collectives, "comm_s": comm, "profiled_step_s": profiled_s,
-            "loss": loss, "device": jax.devices()[0].device_kind}
+            "slot_losses": slot_losses, "device": jax.devices()[0].device_kind}
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -282,7 +297,7 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
             "collectives_per_step": len(every_step), "collective_bytes": sum(c["bytes"] for c in every_step),
             "sync_collectives": len(at_sync), "sync_collective_bytes": sum(c["bytes"] for c in at_sync),
-            "loss": entry["workers"][0]["loss"],
+            "slot_losses": entry["workers"][0]["slot_losses"],
         })
     return {"rows": table, "runs": runs, "size": size, "repeats": repeats, "rounds": rounds}
 

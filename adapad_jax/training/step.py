@@ -47,6 +47,10 @@ class StepSpec:
     input_keys: tuple[str, ...]
     alloc: alloc_lib.AllocatorConfig
     head_gradient: str = "mean"  # adapad: "mean" over the L slot losses, or "committed" (committed_model_loss's)
+    # adapad with head_gradient "mean": the committed forward only yields the logged loss, so it runs on the steps
+    # the trainer logs (multiples of log_every, and step num_steps); the others report loss NaN.
+    log_every: int = 1
+    num_steps: int = 0
 
 
 def set_subtrees(params: Mapping[str, Any], subtrees: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -141,7 +145,8 @@ def _weight_sum(batch) -> jax.Array:
     return jnp.asarray(next(iter(batch.values())).shape[0], jnp.float32)
 
 
-def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng):
+def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng,
+                  logged):
     """Per-slot deflated losses (sharded over ``components``) and the summed gradient."""
     committed = alloc["committed"]
     live = alloc_lib.live_mask(alloc, spec.advance_learning)
@@ -150,7 +155,7 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     components = mesh.shape[COMPONENTS_AXIS]
     num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
 
-    def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng):
+    def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng, logged):
         denominator = jnp.maximum(psum_packed(_weight_sum(batch), spanning(mesh, DATA_AXIS)), 1e-12)
 
         def slot_loss(trainable, slot):
@@ -189,13 +194,20 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             piece = shard_rows // components
             start = jax.lax.axis_index(COMPONENTS_AXIS) * piece
             rows_part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, piece, axis=0), batch)
-            first_row = jax.lax.axis_index(DATA_AXIS) * shard_rows + start
-            model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen,
-                                                          rows_part, step_rng, denominator, first_row)
+            first_row, share = jax.lax.axis_index(DATA_AXIS) * shard_rows + start, 1.0
         else:  # every `components` device computes the whole shard: count it once
-            model_loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, batch,
-                                                          step_rng, denominator)
-            model_loss, head_grads = jax.tree.map(lambda x: x / components, (model_loss, head_grads))
+            rows_part, first_row, share = batch, None, 1.0 / components
+
+        def committed_forward():
+            loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, rows_part,
+                                                    step_rng, denominator, first_row)
+            return jax.tree.map(lambda x: x * share, (loss, head_grads))
+
+        if spec.head_gradient == "committed" or spec.log_every == 1:
+            model_loss, head_grads = committed_forward()
+        else:
+            model_loss = jax.lax.cond(logged, lambda: committed_forward()[0], lambda: jnp.full((), jnp.nan))
+            head_grads = None
         # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
         rows = spec.live_slots
         summed = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "losses": all_losses,
@@ -212,13 +224,13 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P()),
+        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(COMPONENTS_AXIS), P(), P()),
         out_specs=(P(), P(), P(), P(), P()),
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
     grads, slot_losses, loss, penalty, importance = sharded(trainable, snapshot, committed, live, frozen, batch,
-                                                            slot_ids, step_rng)
+                                                            slot_ids, step_rng, logged)
     if spec.head_gradient == "mean":
         grads = mean_head_gradient(grads, spec.live_slots)
     return grads, loss, slot_losses, penalty, importance
@@ -317,9 +329,11 @@ def build_train_step(
     def train_step(state, frozen, batch):
         trainable, alloc = state["trainable"], state["alloc"]
         step_rng = jax.random.fold_in(state["rng"], state["step"])
+        step = state["step"] + 1
         if spec.method == "adapad":
+            logged = (step % spec.log_every == 0) | (step == spec.num_steps)
             grads, loss, slot_losses, penalty, importance = _adapad_grads(
-                module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng
+                module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng, logged
             )
         else:
             grads, loss, slot_losses = _single_forward_grads(
@@ -335,7 +349,6 @@ def build_train_step(
         }
         new_trainable = optax.apply_updates(trainable, updates)
 
-        step = state["step"] + 1
         new_alloc, grew = alloc_lib.update_allocator(
             alloc, importance, step, spec.alloc, jax.random.fold_in(step_rng, 0x5EED)
         )

@@ -117,6 +117,8 @@ class Trainer:
         # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
         self.advance_learning = bool(adapter.advance_learning) and self.method != "lora"
         self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
+        # Steps whose metrics the trainer writes; AdaPaD computes the committed loss only on those (`StepSpec`).
+        self.log_every = max(int(config.train.get("log_every_steps", 10)), 1)
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
         self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
         # bf16 models keep their frozen kernels and embeddings in bf16 on the devices (same numbers, half the memory)
@@ -238,7 +240,7 @@ class Trainer:
             advance_learning=self.advance_learning, orth_reg=float(adapter.orth_reg), sync_every=self.sync_every,
             slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
-            head_gradient=str(adapter.head_gradient),
+            head_gradient=str(adapter.head_gradient), log_every=self.log_every, num_steps=self._total_steps,
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
@@ -300,7 +302,7 @@ class Trainer:
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
-        log_every = max(int(self.config.train.get("log_every_steps", 10)), 1)
+        log_every = self.log_every
         every = int(self.config.checkpoint.every_steps)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
