@@ -44,6 +44,23 @@ def test_models_suite_refuses_a_missing_preload_library_before_any_work(tmp_path
     assert proc.stdout == "" and not (tmp_path / "m.json").exists()
 
 
+
+def test_slots_suite_refuses_a_log_every_below_one_before_any_work(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "benchmark.py"), "--suite", "slots", "--log_every",
+                           "0", "--out", str(tmp_path / "s.json")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--log_every must be >= 1, got 0" in proc.stderr.splitlines()[-1], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "s.json").exists()
+
+
+def test_slots_suite_passes_log_every_to_its_workers(monkeypatch):
+    bench = _benchmark_module()
+    calls = []
+    monkeypatch.setattr(bench, "_run_worker", lambda args: calls.append(args) or {"median_s": 1.0})
+    rows = bench.suite_slots(type("Args", (), {"repeats": 3, "log_every": 1})(), [0])
+    assert calls and all(call[0] == "slots" and call[-1] == "1" for call in calls)
+    assert [row["live_slots"] for row in rows] == [1, 1, 2, 4, 8]
+
 def test_models_suite_workers_get_the_preloaded_library(monkeypatch):
     bench = _benchmark_module()
     seen = {}

@@ -22,18 +22,20 @@ UNLOGGED_STEPS = {"train.log_every_steps": 10}
 def time_train_step(
     method: str = "adapad", live_slots: int = 1, repeats: int = 5, hidden: int = 256, num_layers: int = 2,
     batch_size: int = 512, seq_len: int = 16, data: int = 1, components: int = 1, slot_chunk_size: int = 0,
+    log_every: int = UNLOGGED_STEPS["train.log_every_steps"],
 ) -> dict:
     """Median wall time of the compiled train step with ``live_slots`` live slots (adapad) or rank 1 (lora).
 
     ``slot_chunk_size`` is ``adapter.slot_chunk_size``: 0 runs every live slot in one vmapped pass, c > 0 runs
-    c slots at a time under ``lax.scan``.
+    c slots at a time under ``lax.scan``. ``log_every`` is ``train.log_every_steps``: with 1 every timed step
+    is a logged one (adapad then also runs the committed forward).
     """
     model = make_toy_model(hidden=hidden, num_layers=num_layers, vocab_size=512)
     teacher = planted_teacher(model, [1] * len(model.targets))
     overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False, "adapter.lora_rank": 1,
                  "adapter.initial_rank": live_slots, "adapter.rank_budget": 8 * len(model.targets),
                  "checkpoint.every_steps": 0, "mesh.data": data, "mesh.components": components,
-                 "adapter.slot_chunk_size": slot_chunk_size, **UNLOGGED_STEPS}
+                 "adapter.slot_chunk_size": slot_chunk_size, "train.log_every_steps": log_every}
     batches = [toy_batch(model, teacher, i, batch_size, seq_len) for i in range(repeats + 1)]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, toy_config(**overrides), make_mesh(data, components), out)
@@ -50,7 +52,7 @@ def time_train_step(
         trainer.close()
     return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
             "live_slots": trainer.live_slots, "device": jax.devices()[0].device_kind, "hidden": hidden,
-            "batch_size": batch_size, "slot_chunk_size": slot_chunk_size}
+            "batch_size": batch_size, "slot_chunk_size": slot_chunk_size, "log_every": log_every}
 
 
 def step_memory(
