@@ -97,7 +97,8 @@ def test_sharded_step_slot_gradients_are_the_per_slot_gradients():
         spec_m = spec.__class__(**{**spec.__dict__, "slot_chunk_size": chunk, "remat": chunk > 0})
         grads, loss, slot_losses, _, importance = jax.jit(
             lambda tr: _adapad_grads(model.module, model.targets, spec_m, mesh, tr, snapshot, alloc,
-                                     jax.tree.map(jnp.asarray, model.params), batch, jax.random.PRNGKey(0))
+                                     jax.tree.map(jnp.asarray, model.params), batch, jax.random.PRNGKey(0),
+                                     logged=jnp.asarray(True))
         )(trainable)
         ref_grads = {"a": [np.zeros_like(a) for a in slots["a"]], "b": [np.zeros_like(b) for b in slots["b"]]}
         for k in range(R_MAX):
@@ -149,7 +150,7 @@ def test_head_gets_the_mean_of_per_slot_head_gradients_and_loss_is_the_committed
     frozen = jax.tree.map(jnp.asarray, model.params)
     grads, loss, *_ = jax.jit(
         lambda tr: _adapad_grads(model.module, model.targets, spec, make_mesh(1, 2), tr, snapshot, alloc, frozen,
-                                 batch, jax.random.PRNGKey(0))
+                                 batch, jax.random.PRNGKey(0), logged=jnp.asarray(True))
     )({"slots": slots, "head": head})
 
     def slot_loss(head_, k):
@@ -185,7 +186,7 @@ def test_committed_head_gradient_is_the_committed_forward_gradient_and_slots_kee
     def run(spec_, mesh):
         return jax.jit(
             lambda tr: _adapad_grads(model.module, model.targets, spec_, mesh, tr, snapshot, alloc, frozen, batch,
-                                     jax.random.PRNGKey(0))
+                                     jax.random.PRNGKey(0), logged=jnp.asarray(True))
         )({"slots": slots, "head": head})
 
     def committed_loss(head_):
