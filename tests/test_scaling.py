@@ -102,6 +102,7 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     assert all(0 < w["comm_s"] < w["profiled_step_s"] for w in two_workers["workers"])
     assert rows[1]["efficiency"] == 1.0
     np.testing.assert_allclose(rows[2]["efficiency"], rows[1]["step_s"] / (2 * rows[2]["step_s"]))
+    np.testing.assert_allclose(rows[2]["round_efficiencies"], [rows[2]["efficiency"]])  # one round
     # the hardware ceiling: two independent one-process copies, one per core, run beside each other
     copies = [run for run in result["runs"] if run.get("independent")]
     assert [run["processes"] for run in copies] == [2] and len(copies[0]["workers"]) == 2
@@ -140,3 +141,25 @@ def test_scaling_shape_is_four_positive_integers_or_one_clear_error():
                            "768,12"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "four positive integers" in proc.stderr.splitlines()[-1]
     assert "toy model" not in proc.stdout  # refused before any work
+
+
+def test_scaling_summary_keeps_the_best_round_of_each_setup_and_every_rounds_own_efficiency():
+    from adapad_jax.training.scaling import summarize_runs
+
+    def run(round_index, processes, medians, independent=False):
+        workers = [{"median_s": m, "cpu_median_s": m, "comm_s": 0.01 * (processes > 1), "live_slots": 4,
+                    "collectives": [{"op": "all-reduce", "bytes": 8, "conditional": False, "name": "x"}],
+                    "slot_losses": [1.0]} for m in medians]
+        return {"round": round_index, "processes": processes, "workers": workers,
+                **({"independent": True} if independent else {})}
+
+    runs = [run(0, 1, [1.0]), run(0, 2, [0.55, 0.60]), run(0, 2, [1.1, 1.05], independent=True),
+            run(1, 1, [0.9]), run(1, 2, [0.50, 0.52]), run(1, 2, [0.95, 1.0], independent=True)]
+    one, two = summarize_runs(runs)
+    assert one["step_s"] == 0.9 and one["round_efficiencies"] == [1.0, 1.0]
+    # the slowest process ends a step; best of rounds: 0.52 (round 1) against T1 = 0.9 (round 1)
+    assert two["step_s"] == 0.52
+    np.testing.assert_allclose(two["efficiency"], 0.9 / (2 * 0.52))
+    np.testing.assert_allclose(two["round_efficiencies"], [1.0 / (2 * 0.60), 0.9 / (2 * 0.52)])
+    np.testing.assert_allclose(two["ceiling"], 0.9 / 1.0)  # best copies round: the slower copy, 1.0 s
+    assert two["collectives_per_step"] == 1 and two["comm_s"] == 0.01

@@ -269,6 +269,11 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
             if count > 1:
                 rows = launch_processes(count, cores[:count], live_slots, repeats, size, timeout_s, independent=True)
                 runs.append({"round": round_index, "processes": count, "independent": True, "workers": rows})
+    return {"rows": summarize_runs(runs), "runs": runs, "size": size, "repeats": repeats, "rounds": rounds}
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table rows of ``run_scaling`` from its runs (``{"round", "processes", "independent"?, "workers"}``)."""
     table = []
     best, copies = {}, {}
     for run in runs:
@@ -284,6 +289,12 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
             best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
     t1 = best[1]["step_s"]
     copies[1] = t1
+    # Each round's own efficiency (its P-process step against its one-process step): the spread says how much
+    # of a difference between two invocations is the machine's noise.
+    per_round: dict[int, dict[int, float]] = {}
+    for run in runs:
+        if not run.get("independent"):
+            per_round.setdefault(run["round"], {})[run["processes"]] = max(w["median_s"] for w in run["workers"])
     for count in sorted(best):
         entry = best[count]
         every_step = [c for c in entry["workers"][0]["collectives"] if not c.get("conditional")]
@@ -293,13 +304,14 @@ def run_scaling(process_counts: Sequence[int] = (2,), live_slots: int = 4, repea
             "processes": count, "live_slots": entry["workers"][0]["live_slots"], "step_s": entry["step_s"],
             "speedup": t1 / entry["step_s"], "efficiency": efficiency, "ceiling": ceiling,
             "of_ceiling": efficiency / ceiling,
+            "round_efficiencies": [steps[1] / (count * steps[count]) for _, steps in sorted(per_round.items())],
             "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
             "collectives_per_step": len(every_step), "collective_bytes": sum(c["bytes"] for c in every_step),
             "sync_collectives": len(at_sync), "sync_collective_bytes": sum(c["bytes"] for c in at_sync),
             "slot_losses": entry["workers"][0]["slot_losses"],
         })
-    return {"rows": table, "runs": runs, "size": size, "repeats": repeats, "rounds": rounds}
+    return table
 
 
 if __name__ == "__main__":
