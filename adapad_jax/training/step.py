@@ -147,7 +147,10 @@ def _weight_sum(batch) -> jax.Array:
 
 def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng,
                   logged):
-    """Per-slot deflated losses (sharded over ``components``) and the summed gradient."""
+    """Per-slot deflated losses (sharded over ``components``) and the summed gradient.
+
+    ``logged`` (a traced bool): whether the committed forward runs for the reported loss (``StepSpec.log_every``).
+    """
     committed = alloc["committed"]
     live = alloc_lib.live_mask(alloc, spec.advance_learning)
     num_rows = spec.padded_slots
