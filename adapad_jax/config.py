@@ -144,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 64
     # Evaluate every N steps during training (0 = only at the end).
     config.train.eval_every_steps = 0
-    # A metrics.jsonl record and a progress line every N steps.
+    # A metrics.jsonl record and a progress line every N steps (and at the last); adapad runs the forward behind
+    # the logged loss (the committed model's) on these steps only.
     config.train.log_every_steps = 10
     # select_best: evaluate every eval_every_steps (and at the end), keep the checkpoint with the best main metric
     # (adapad_jax.metrics.main_metric) out of the checkpoint rotation, and export the adapter from it.
