@@ -163,3 +163,19 @@ def test_scaling_summary_keeps_the_best_round_of_each_setup_and_every_rounds_own
     np.testing.assert_allclose(two["round_efficiencies"], [1.0 / (2 * 0.60), 0.9 / (2 * 0.52)])
     np.testing.assert_allclose(two["ceiling"], 0.9 / 1.0)  # best copies round: the slower copy, 1.0 s
     assert two["collectives_per_step"] == 1 and two["comm_s"] == 0.01
+
+
+def test_packed_psum_over_one_device_axes_emits_nothing():
+    mesh = make_mesh(1, 2)
+    tree = _tree(np.random.default_rng(1), 4)
+
+    def run(axes):
+        return jax.jit(jax.shard_map(lambda t: psum_packed(t, axes), mesh=mesh, in_specs=P(COMPONENTS_AXIS),
+                                     out_specs=P(COMPONENTS_AXIS), check_vma=False))
+
+    alone = run(DATA_AXIS)  # data spans one device
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64)),
+                 alone(tree), tree)
+    assert hlo_collectives(alone.lower(tree).compile().as_text()) == []
+    both = hlo_collectives(run((DATA_AXIS, COMPONENTS_AXIS)).lower(tree).compile().as_text())
+    assert both and {op["op"] for op in both} == {"all-reduce"}

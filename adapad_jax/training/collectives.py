@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 
 def _pack(tree: Any) -> tuple[dict[Any, jax.Array], Callable[[dict[Any, jax.Array]], Any]]:
@@ -40,16 +39,12 @@ def _pack(tree: Any) -> tuple[dict[Any, jax.Array], Callable[[dict[Any, jax.Arra
     return buffers, unpack
 
 
-def spanning(mesh: Mesh, *axis_names: str) -> tuple[str, ...]:
-    """The named mesh axes that span more than one device: a collective over the others moves nothing, but
-    XLA still emits it (with one-device groups)."""
-    return tuple(name for name in axis_names if mesh.shape[name] > 1)
-
-
-def psum_packed(tree: Any, axis_name: Any) -> Any:
-    """``jax.lax.psum(tree, axis_name)`` as one all-reduce per dtype (none for ``axis_name=()``)."""
-    if not jax.tree.leaves(tree) or axis_name == ():
+def psum_packed(tree: Any, axis_name: str | tuple[str, ...]) -> Any:
+    """``jax.lax.psum(tree, axis_name)`` as one all-reduce per dtype, over the named axes that span more than
+    one device: a reduction over the others moves nothing, but XLA would still emit it (with one-device groups)."""
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    names = tuple(name for name in names if jax.lax.axis_size(name) > 1)
+    if not jax.tree.leaves(tree) or not names:
         return tree
     buffers, unpack = _pack(tree)
-    return unpack({dtype: jax.lax.psum(buffer, axis_name) for dtype, buffer in buffers.items()})
-
+    return unpack({dtype: jax.lax.psum(buffer, names) for dtype, buffer in buffers.items()})

@@ -276,6 +276,9 @@ def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The table rows of ``run_scaling`` from its runs (``{"round", "processes", "independent"?, "workers"}``)."""
     table = []
     best, copies = {}, {}
+    # Each round's own steps: their efficiencies' spread says how much of a difference between two invocations
+    # is the machine's noise.
+    per_round: dict[int, dict[int, float]] = {}
     for run in runs:
         # A step ends when its slowest process ends; the collectives keep them in lock step anyway.
         step = max(w["median_s"] for w in run["workers"])
@@ -283,18 +286,13 @@ def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if run.get("independent"):
             copies[count] = min(step, copies.get(count, step))
             continue
+        per_round.setdefault(run["round"], {})[count] = step
         cpu = sum(w["cpu_median_s"] for w in run["workers"])
         comm = max(w["comm_s"] for w in run["workers"])
         if count not in best or step < best[count]["step_s"]:
             best[count] = {"step_s": step, "cpu_s": cpu, "comm_s": comm, "workers": run["workers"]}
     t1 = best[1]["step_s"]
     copies[1] = t1
-    # Each round's own efficiency (its P-process step against its one-process step): the spread says how much
-    # of a difference between two invocations is the machine's noise.
-    per_round: dict[int, dict[int, float]] = {}
-    for run in runs:
-        if not run.get("independent"):
-            per_round.setdefault(run["round"], {})[run["processes"]] = max(w["median_s"] for w in run["workers"])
     for count in sorted(best):
         entry = best[count]
         every_step = [c for c in entry["workers"][0]["collectives"] if not c.get("conditional")]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from adapad_jax.adapters.slots import deflated_lora, masked_lora
 from adapad_jax.adapters.target import AdapterTarget
 from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.training.collectives import psum_packed, spanning
+from adapad_jax.training.collectives import psum_packed
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
 
@@ -51,6 +51,12 @@ class StepSpec:
     # the trainer logs (multiples of log_every, and step num_steps); the others report loss NaN.
     log_every: int = 1
     num_steps: int = 0
+
+
+def is_log_step(step: Any, log_every: int, num_steps: int) -> Any:
+    """Whether the trainer logs after completed step ``step`` (1-based): every ``log_every`` steps and the last.
+    Works on Python ints and traced arrays alike."""
+    return (step % log_every == 0) | (step == num_steps)
 
 
 def set_subtrees(params: Mapping[str, Any], subtrees: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -159,7 +165,7 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     num_slots = jax.tree.leaves(trainable["slots"])[0].shape[0]
 
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng, logged):
-        denominator = jnp.maximum(psum_packed(_weight_sum(batch), spanning(mesh, DATA_AXIS)), 1e-12)
+        denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def slot_loss(trainable, slot):
             lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
@@ -217,7 +223,7 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
                   "model_loss": model_loss,
                   "head": grads["head"] if head_grads is None else head_grads}
         # The step's only collective: slot and head gradients, slot losses and the committed loss, in one all-reduce.
-        summed = psum_packed(summed, spanning(mesh, DATA_AXIS, COMPONENTS_AXIS))
+        summed = psum_packed(summed, (DATA_AXIS, COMPONENTS_AXIS))
         slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), summed["slots"])
         # On the whole slots (every device holds them), so neither needs a collective of its own.
         grads = {"slots": slot_grads, "head": summed["head"]}
@@ -294,14 +300,14 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     weights = single_forward_weights(alloc, spec.advance_learning)
 
     def body(trainable, weights, frozen, batch, step_rng):
-        denominator = jnp.maximum(psum_packed(_weight_sum(batch), spanning(mesh, DATA_AXIS)), 1e-12)
+        denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def objective(trainable):
             lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
             return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
-        return psum_packed((grads, loss), spanning(mesh, DATA_AXIS))
+        return psum_packed((grads, loss), DATA_AXIS)
 
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
@@ -334,7 +340,7 @@ def build_train_step(
         step_rng = jax.random.fold_in(state["rng"], state["step"])
         step = state["step"] + 1
         if spec.method == "adapad":
-            logged = (step % spec.log_every == 0) | (step == spec.num_steps)
+            logged = is_log_step(step, spec.log_every, spec.num_steps)
             grads, loss, slot_losses, penalty, importance = _adapad_grads(
                 module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng, logged
             )

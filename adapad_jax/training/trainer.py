@@ -38,7 +38,9 @@ from adapad_jax.training.sharding import (
     train_state_shardings,
 )
 from adapad_jax.config import METHODS
-from adapad_jax.training.step import StepSpec, build_eval_forward, build_train_step, head_key, merge_head
+from adapad_jax.training.step import (
+    StepSpec, build_eval_forward, build_train_step, head_key, is_log_step, merge_head,
+)
 from adapad_jax.training.tracking import open_run_log
 
 
@@ -302,7 +304,6 @@ class Trainer:
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
-        log_every = self.log_every
         every = int(self.config.checkpoint.every_steps)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
@@ -319,14 +320,14 @@ class Trainer:
                 step += 1
                 if alloc_lib.is_growth_step(step, self.alloc_config):
                     live = self.live_slots
-                if step % log_every == 0 or step == num_steps:
+                if is_log_step(step, self.log_every, num_steps):
                     guard.check(self.checkpointer.latest_step())
                     host = jax.device_get(metrics)
                     now = time.perf_counter()
                     record = {
                         "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
                         "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
-                        "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / log_every,
+                        "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / self.log_every,
                     }
                     last_time = now
                     self.metrics.write(record)
@@ -341,7 +342,7 @@ class Trainer:
                 if saving:
                     guard.check(self.checkpointer.latest_step())
                     self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
-                if recovery.stop_agreed(stop.requested, step % log_every == 0 or step == num_steps):
+                if recovery.stop_agreed(stop.requested, is_log_step(step, self.log_every, num_steps)):
                     guard.check(self.checkpointer.latest_step())
                     if not saving:
                         self.save(data_state_fn())
