@@ -332,11 +332,17 @@ class _Server:
     """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
 
     def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1,
-                 preload: str = ""):
+                 preload: str = "", malloc: str = "tuned"):
+        from adapad_jax.host_malloc import OPT_OUT, tuned_environment
+
         self.timeout_s = timeout_s
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)}
         if preload:
             env["LD_PRELOAD"] = preload
+        if malloc == "tuned":  # what adapad-train runs under (adapad_jax/host_malloc.py)
+            env = tuned_environment(env, glibc=True, accelerator=False) or env
+        else:
+            env = {**env, OPT_OUT: "system"}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -391,7 +397,7 @@ def suite_models(args) -> list[dict]:
             try:
                 for fw in ("jax", "torch"):  # set up one after the other so compiles do not overlap
                     servers[fw] = _Server(fw, name, mode, args.batch, args.seq, args.timeout, args.pin_core,
-                                          args.preload)
+                                          args.preload, args.malloc)
                     servers[fw].first = servers[fw].ask()["first_call_s"]
                 times, faults = alternate_rounds(servers, args.repeats)
                 peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
@@ -728,6 +734,9 @@ def main() -> None:
     parser.add_argument("--preload", default="",
                         help="models: a shared library preloaded (LD_PRELOAD) into both sides' workers, e.g. "
                              "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    parser.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
+                        help="models: both sides under the glibc malloc settings adapad-train uses (tuned, default; "
+                             "adapad_jax/host_malloc.py) or glibc's defaults (system)")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
@@ -752,6 +761,7 @@ def main() -> None:
         pinned = f"both pinned to core {args.pin_core}, one thread each" if args.pin_core >= 0 else "all cores"
         if args.preload:
             pinned += f"; both with LD_PRELOAD={args.preload}"
+        pinned += f"; malloc {args.malloc}"
         print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
               f"order swapped every round) after a warm-up call; {pinned}; {load_average()} before")
         print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "

@@ -75,6 +75,30 @@ def test_models_suite_workers_get_the_preloaded_library(monkeypatch):
     assert seen["LD_PRELOAD"] == "/lib/libfast.so" and seen["ADAPAD_BENCH_CORE"] == "1"
 
 
+@pytest.mark.parametrize("malloc", ["tuned", "system"])
+def test_models_suite_runs_both_sides_under_the_training_commands_malloc(monkeypatch, malloc):
+    from adapad_jax.host_malloc import OPT_OUT, TUNABLES
+
+    bench = _benchmark_module()
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    envs = []
+
+    def fake_popen(args, **kwargs):
+        envs.append(kwargs["env"])
+        raise OSError("not started")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", fake_popen)
+    for fw in ("jax", "torch"):
+        with pytest.raises(OSError):
+            bench._Server(fw, "deberta-v3-base", "fwd", 4, 128, 10.0, malloc=malloc)
+    for env in envs:
+        if malloc == "tuned":
+            assert env["GLIBC_TUNABLES"] == ":".join(TUNABLES)
+        else:
+            assert "GLIBC_TUNABLES" not in env and env[OPT_OUT] == "system"
+
+
 def test_peak_flops_by_device_kind():
     bench = _benchmark_module()
     assert bench.peak_flops("NVIDIA H200", "bfloat16") == 989e12

@@ -69,7 +69,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (``adapad-train``)."""
+    """Parse ``sys.argv`` and run the command in this process."""
     try:
         sys.argv = expand_preset(sys.argv)
     except ValueError as err:
@@ -77,5 +77,13 @@ def main() -> None:
     run_app(_main, __name__)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Process entry point (``adapad-train``, ``python -m``, ``launch/train.py``): tune malloc, then :func:`main`."""
+    from adapad_jax.host_malloc import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
     main()
+
+
+if __name__ == "__main__":
+    console_main()
