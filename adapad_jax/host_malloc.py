@@ -53,6 +53,11 @@ def tuned_environment(environ: Mapping[str, str], glibc: bool, accelerator: bool
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [existing, *TUNABLES]))}
 
 
+def cpu_worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with the tunables a training run gets, for a child process that runs JAX on the CPU."""
+    return tuned_environment(environ, _glibc(), accelerator=False) or dict(environ)
+
+
 def reexec_with_tuned_malloc() -> None:
     """Replace this process by the same command under :data:`TUNABLES` (returns only when nothing is to change).
 

@@ -333,14 +333,14 @@ class _Server:
 
     def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1,
                  preload: str = "", malloc: str = "tuned"):
-        from adapad_jax.host_malloc import OPT_OUT, tuned_environment
+        from adapad_jax.host_malloc import OPT_OUT, cpu_worker_environment
 
         self.timeout_s = timeout_s
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)}
         if preload:
             env["LD_PRELOAD"] = preload
         if malloc == "tuned":  # what adapad-train runs under (adapad_jax/host_malloc.py)
-            env = tuned_environment(env, glibc=True, accelerator=False) or env
+            env = cpu_worker_environment(env)
         else:
             env = {**env, OPT_OUT: "system"}
         self.proc = subprocess.Popen(
@@ -662,8 +662,8 @@ def suite_scaling(args) -> dict:
         raise SystemExit(f"error: {err}") from None
     print("| processes (cores) | step | speedup | efficiency T1/(P TP) | per round | ceiling (P independent copies) "
           "| efficiency / ceiling | collectives / step | bytes | at a sync only | in collectives (profiled) | "
-          "share of step | CPU s / step (all processes) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "share of step | CPU s / step (all processes) | page faults / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         spread = row["round_efficiencies"]
         print(f"| {row['processes']} | {row['step_s']:.3f} s | {row['speedup']:.2f} | {row['efficiency']:.2f} | "
@@ -671,7 +671,8 @@ def suite_scaling(args) -> dict:
               f"{row['ceiling']:.2f} | {row['of_ceiling']:.2f} | "
               f"{row['collectives_per_step']} | {row['collective_bytes'] / 2**20:.2f} MiB | "
               f"{row['sync_collectives']} ({row['sync_collective_bytes'] / 2**20:.2f} MiB) | "
-              f"{row['comm_s'] * 1e3:.1f} ms | {row['comm_share']:.1%} | {row['cpu_s']:.2f} |", flush=True)
+              f"{row['comm_s'] * 1e3:.1f} ms | {row['comm_share']:.1%} | {row['cpu_s']:.2f} | "
+              f"{row['page_faults']:.0f} |", flush=True)
     print(f"{load_average()} after")
     result["load_after"] = os.getloadavg()
     return result

@@ -121,6 +121,12 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     # snapshot refresh at a sync is a local copy
     assert [op["op"] for op in two[0]["collectives"]] == ["all-reduce"], two[0]["collectives"]
     assert rows[2]["collectives_per_step"] == 1 and rows[2]["sync_collectives"] == 0
+    # timed as adapad-train runs: under its malloc tunables (0 page faults per step once warm)
+    from adapad_jax.host_malloc import TUNABLES
+
+    if "malloc" not in os.environ.get("LD_PRELOAD", "") and "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", ""):
+        assert all(w["glibc_tunables"].endswith(":".join(TUNABLES)) for run in result["runs"] for w in run["workers"])
+    assert all(row["page_faults"] >= 0 for row in rows.values())
 
 
 def test_scaling_refuses_more_processes_than_cores():

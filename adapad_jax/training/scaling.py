@@ -110,6 +110,12 @@ def _cpu_seconds() -> float:
     return time.process_time()  # every thread of the process
 
 
+def _page_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _collective_seconds_in_steps(trainer, batches: list, collectives: list[dict[str, Any]]) -> tuple[float, float]:
     """Seconds per step the compiled step spends in its own collectives (waiting for the peers included), and
     the profiled steps' own seconds per step (tracing slows them, so the share is taken against unprofiled steps).
@@ -171,12 +177,13 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
         compile_s = time.perf_counter() - start
         collectives = hlo_collectives(compiled.as_text())
         jax.block_until_ready(trainer.train_step(batches[0]))  # warm-up: first call's allocations
-        times, cpu = [], []
+        times, cpu, faults = [], [], []
         for batch in batches[1:]:
-            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            start, cpu_start, faults_start = time.perf_counter(), _cpu_seconds(), _page_faults()
             jax.block_until_ready(trainer.train_step(batch))
             times.append(time.perf_counter() - start)
             cpu.append(_cpu_seconds() - cpu_start)
+            faults.append(_page_faults() - faults_start)
         # the same steps in every setup: the same slot losses
         slot_losses = [float(x) for x in jax.device_get(trainer.train_step(batches[0])["slot_losses"])[:live]]
         comm, profiled_s = (_collective_seconds_in_steps(trainer, batches[1:], collectives) if processes > 1
@@ -184,20 +191,25 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
         trainer.close()
     return {"process_id": process_id, "processes": processes, "core": core, "live_slots": live,
             "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-            "cpu_median_s": statistics.median(cpu), "compile_s": compile_s,
+            "cpu_median_s": statistics.median(cpu), "page_faults": statistics.median(faults), "compile_s": compile_s,
             "collectives": collectives, "comm_s": comm, "profiled_step_s": profiled_s,
-            "slot_losses": slot_losses, "device": jax.devices()[0].device_kind}
+            "slot_losses": slot_losses, "device": jax.devices()[0].device_kind,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 # ---------------------------------------------------------------------------------------------- launcher
 
 
 def _worker_env() -> dict[str, str]:
+    """The workers' environment: one CPU device each, no inherited multi-process settings, and the malloc
+    settings ``adapad-train`` runs under (``host_malloc``), so the step is timed as a training run takes it."""
+    from adapad_jax.host_malloc import cpu_worker_environment
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
-    return env
+    return cpu_worker_environment(env)
 
 
 def launch_processes(processes: int, cores: Sequence[int | None], live_slots: int, repeats: int,
@@ -303,6 +315,7 @@ def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "speedup": t1 / entry["step_s"], "efficiency": efficiency, "ceiling": ceiling,
             "of_ceiling": efficiency / ceiling,
             "round_efficiencies": [steps[1] / (count * steps[count]) for _, steps in sorted(per_round.items())],
+            "page_faults": max(w.get("page_faults", 0) for w in entry["workers"]),
             "cpu_s": entry["cpu_s"], "cpu_efficiency": best[1]["cpu_s"] / max(entry["cpu_s"], 1e-9),
             "comm_s": entry["comm_s"], "comm_share": entry["comm_s"] / entry["step_s"],
             "collectives_per_step": len(every_step), "collective_bytes": sum(c["bytes"] for c in every_step),
