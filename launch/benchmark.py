@@ -660,14 +660,14 @@ def suite_scaling(args) -> dict:
                                      size=size, timeout_s=args.timeout)
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print("| processes (cores) | step | speedup | efficiency T1/(P TP) | per round | ceiling (P independent copies) "
+    print("| processes (cores) | step | speedup | efficiency T1/(P TP) | per round (median) | ceiling (P independent copies) "
           "| efficiency / ceiling | collectives / step | bytes | at a sync only | in collectives (profiled) | "
           "share of step | CPU s / step (all processes) | page faults / step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         spread = row["round_efficiencies"]
         print(f"| {row['processes']} | {row['step_s']:.3f} s | {row['speedup']:.2f} | {row['efficiency']:.2f} | "
-              f"{min(spread):.2f}–{max(spread):.2f} | "
+              f"{min(spread):.2f}–{max(spread):.2f} ({statistics.median(spread):.2f}) | "
               f"{row['ceiling']:.2f} | {row['of_ceiling']:.2f} | "
               f"{row['collectives_per_step']} | {row['collective_bytes'] / 2**20:.2f} MiB | "
               f"{row['sync_collectives']} ({row['sync_collective_bytes'] / 2**20:.2f} MiB) | "
