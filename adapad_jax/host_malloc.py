@@ -8,8 +8,9 @@ Qwen3 training step on one core (docs/BENCHMARKS.md §2). One arena, no ``mmap``
 threshold above any step's temporaries make them come from the heap and stay there. glibc reads these
 settings only when a process starts, so the training command re-executes itself once with them.
 
-They cost host memory that is not returned to the system until the process ends (the step's high-water
-mark, which a training loop needs again at the next step anyway). ``ADAPAD_MALLOC=system`` keeps glibc's
+They keep freed host memory in the process: the step's high-water mark, which a training loop needs again at
+the next step anyway, and whatever set-up freed (host copies of the weights, tokenisation), which
+:func:`release_free_heap` hands back once, before the first step. ``ADAPAD_MALLOC=system`` keeps glibc's
 defaults; a preloaded allocator (``LD_PRELOAD`` with tcmalloc / jemalloc), tunables of the user's own, a
 non-glibc platform and an installed accelerator plugin (device buffers are not malloc's) are left alone.
 """
@@ -56,6 +57,20 @@ def tuned_environment(environ: Mapping[str, str], glibc: bool, accelerator: bool
 def cpu_worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` with the tunables a training run gets, for a child process that runs JAX on the CPU."""
     return tuned_environment(environ, _glibc(), accelerator=False) or dict(environ)
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim(0)``); False where there is no glibc.
+
+    Under :data:`TUNABLES` nothing is trimmed on its own, so memory that set-up freed would stay resident for the
+    whole run; the training loop calls this once before its first step.
+    """
+    if not _glibc():
+        return False
+    import ctypes
+
+    ctypes.CDLL(None).malloc_trim(0)
+    return True
 
 
 def reexec_with_tuned_malloc() -> None:

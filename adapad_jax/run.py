@@ -29,6 +29,7 @@ from adapad_jax.compilation_cache import enable_persistent_cache
 from adapad_jax.config import ConfigError
 from adapad_jax.distributed import is_main_process
 from adapad_jax.failures import OutputWriteError, describe_os_error
+from adapad_jax.host_malloc import release_free_heap
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 from adapad_jax.run_lock import acquire_for_all_processes, refuse_if_held
@@ -333,6 +334,7 @@ def _run(
         if num_steps > 0 and trainer.step < num_steps:
             log(f"training {config.adapter.method} for {num_steps} steps ({len(model.targets)} adapted modules)")
             log(rank_schedule_line(trainer.rank_schedule(num_steps), config))
+            release_free_heap()  # set-up's freed host memory; the steps' own stays mapped (host_malloc)
             trainer.train(
                 batches,
                 num_steps,

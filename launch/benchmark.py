@@ -103,6 +103,14 @@ def _hf_config(name: str):
     return AutoConfig.for_model(spec["model_type"], **spec["config"])
 
 
+def _resident_mib() -> float | None:
+    """This process's resident memory now (Linux), as opposed to its peak."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _peak_memory_mib(framework: str) -> float:
     if framework == "jax":
         import jax
@@ -250,6 +258,9 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
             torch.set_num_threads(1)
     setup = _jax_model_setup if fw == "jax" else _torch_model_setup
     run = setup(name, mode, batch, seq)
+    from adapad_jax.host_malloc import release_free_heap
+
+    release_free_heap()  # as adapad-train does before its first step; both sides alike
     start = time.perf_counter()
     run()
     print(json.dumps({"ready": True, "first_call_s": time.perf_counter() - start}), flush=True)
@@ -262,7 +273,7 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
             print(json.dumps({"s": time.perf_counter() - start,
                               "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}), flush=True)
         elif command == "peak":
-            print(json.dumps({"peak_mib": _peak_memory_mib(fw)}), flush=True)
+            print(json.dumps({"peak_mib": _peak_memory_mib(fw), "resident_mib": _resident_mib()}), flush=True)
         else:
             return
 
@@ -400,10 +411,10 @@ def suite_models(args) -> list[dict]:
                                           args.preload, args.malloc)
                     servers[fw].first = servers[fw].ask()["first_call_s"]
                 times, faults = alternate_rounds(servers, args.repeats)
-                peaks = {fw: server.ask("peak")["peak_mib"] for fw, server in servers.items()}
+                memory = {fw: server.ask("peak") for fw, server in servers.items()}
                 error = None
             except RuntimeError as err:
-                times, faults, peaks, error = {}, {}, {}, str(err)
+                times, faults, memory, error = {}, {}, {}, str(err)
             finally:
                 for server in servers.values():
                     server.close()
@@ -415,7 +426,8 @@ def suite_models(args) -> list[dict]:
                 continue
             for fw in ("jax", "torch"):
                 row[fw] = {"min_s": min(times[fw]), "median_s": statistics.median(times[fw]), "times_s": times[fw],
-                           "first_call_s": servers[fw].first, "peak_mib": peaks[fw],
+                           "first_call_s": servers[fw].first, "peak_mib": memory[fw]["peak_mib"],
+                           "resident_mib": memory[fw].get("resident_mib"),
                            "page_faults_per_call": statistics.median(faults[fw])}
             j, t = row["jax"], row["torch"]
             row["ratio_of_mins"] = j["min_s"] / t["min_s"]
@@ -425,7 +437,8 @@ def suite_models(args) -> list[dict]:
             print(f"| {name} | {mode} | {j['min_s']:.3f} / {j['median_s']:.3f} s | {t['min_s']:.3f} / "
                   f"{t['median_s']:.3f} s | **{row['ratio_of_mins']:.2f}** | {row['ratio_of_medians']:.2f} | "
                   f"{j['peak_mib']:.0f} MiB | {t['peak_mib']:.0f} MiB | {row['mem_ratio']:.2f} | "
-                  f"{j['page_faults_per_call']:.0f} / {t['page_faults_per_call']:.0f} |", flush=True)
+                  f"{j['page_faults_per_call']:.0f} / {t['page_faults_per_call']:.0f} | "
+                  f"{_fmt(j['resident_mib'], ' MiB')} / {_fmt(t['resident_mib'], ' MiB')} |", flush=True)
     return rows
 
 
@@ -766,8 +779,9 @@ def main() -> None:
         print(f"batch {args.batch} x seq {args.seq}; {args.repeats} rounds alternating JAX and PyTorch (one call each, "
               f"order swapped every round) after a warm-up call; {pinned}; {load_average()} before")
         print("| model | mode | JAX min / median | PyTorch min / median | JAX/PyTorch (mins) | (medians) | JAX peak | "
-              "PyTorch peak | JAX/PyTorch mem | page faults per call (JAX / PyTorch) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "PyTorch peak | JAX/PyTorch mem | page faults per call (JAX / PyTorch) | resident after the calls "
+              "(JAX / PyTorch) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         rows = suite_models(args)
         print(f"{load_average()} after")
     elif args.suite == "step_memory":

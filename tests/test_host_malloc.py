@@ -83,3 +83,48 @@ def test_the_reexecuted_process_reuses_a_freed_large_block():
     if system_faults < 1000:
         pytest.skip(f"this kernel maps the block in {system_faults} faults (huge pages): nothing to compare")
     assert tuned_faults < system_faults / 20, (tuned_faults, system_faults)
+
+
+_RELEASE_PROBE = textwrap.dedent("""
+    import ctypes
+    from adapad_jax.host_malloc import release_free_heap, reexec_with_tuned_malloc
+    reexec_with_tuned_malloc()
+    def resident_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 256 << 20
+    block = libc.malloc(size)  # set-up's garbage: written, then freed
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    kept = resident_mib()
+    print("released", release_free_heap(), kept - resident_mib(), flush=True)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+def test_release_free_heap_hands_back_what_the_tunables_keep():
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", OPT_OUT)}
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=environ, cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out[:2] == ["released", "True"]
+    assert float(out[2]) > 200, f"only {out[2]} MiB of the freed 256 MiB went back to the system"
+
+
+def test_a_run_releases_set_up_memory_once_before_its_first_step(tmp_path, monkeypatch):
+    from adapad_jax import run as run_lib
+    from adapad_jax.training import Trainer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_e2e_runs import tiny_run_config
+
+    config = tiny_run_config(tmp_path, "glue_rte", "deberta")
+    config.train.num_steps = 1
+    calls = []
+    monkeypatch.setattr(run_lib, "release_free_heap", lambda: calls.append("release") or True)
+    train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: calls.append("train") or train(self, *a, **k))
+    run_lib.run(config, progress=False, log=lambda _: None)
+    assert calls == ["release", "train"]
