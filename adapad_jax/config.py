@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # auto: local files when given, else the hub dataset; hub; local.
     config.data.source = "auto"
-    # Local files in the dataset's own schema (jsonl, json, csv, parquet); comma-separated for several splits.
+    # Local files in the dataset's own schema (jsonl, json, csv, tsv, parquet); comma-separated for several splits.
     config.data.train_file = ""
     config.data.validation_file = ""
     # Tokens per example; SQuAD contexts longer than this are split into windows that overlap by doc_stride.

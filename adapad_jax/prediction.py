@@ -9,7 +9,6 @@ format) and, when the file has labels / answers, ``metrics.json``. The run direc
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -38,7 +37,7 @@ _READABLE = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl/.json (incl. official SQuAD)/.csv/.tsv/.parquet file."""
-    from adapad_jax.data.loading import _read_csv_rows, _read_json_rows
+    from adapad_jax.data.loading import _read_csv_rows, _read_json_rows, read_tsv_rows
 
     suffix = path.suffix.lower()
     if suffix not in _READABLE:
@@ -50,11 +49,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if suffix == ".csv":
         return _read_csv_rows(path)
     if suffix == ".tsv":
-        try:
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise DataError(f"test file '{path}' is not valid TSV: {err}") from None
+        return read_tsv_rows(path)
     import pyarrow.parquet as pq
 
     try:

@@ -65,6 +65,20 @@ def test_glue_local_files_in_every_format(mrpc, tmp_path, fmt):
     _same_rows(splits["validation"], _read_jsonl(mrpc.validation_file), columns)
 
 
+def test_glue_tsv_files_train_as_glue_ships_them(mrpc, tmp_path):
+    # GLUE's own TSVs: a header, tabs, and quote characters that are text (no CSV quoting), e.g. a sentence that
+    # starts with a quote; "NA" is a word, not a missing value.
+    rows = _read_jsonl(mrpc.train_file)
+    rows[0] = dict(rows[0], sentence1='"Yes," she said, "it\'s 5" tall."', sentence2="NA")
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\n" + "".join(
+        f"{r['sentence1']}\t{r['sentence2']}\t{r['label']}\n" for r in rows))
+    validate_data_files("glue_mrpc", str(path), mrpc.validation_file)
+    splits = load_raw_splits("glue_mrpc", train_file=str(path), validation_file=mrpc.validation_file)
+    _same_rows(splits["train"], rows, ["sentence1", "sentence2", "label"])
+    assert splits["train"]["idx"] == list(range(len(rows)))
+
+
 def test_squad_local_files_jsonl_parquet_csv_and_official_nested_json(tmp_path):
     files = write_tiny_squad(tmp_path, version=2, n_train=10, n_val=4)
     rows = _read_jsonl(files.train_file)

@@ -2,7 +2,8 @@
 
 Local files are in the dataset's own schema (see ``TaskSpec.required_columns``): ``.jsonl`` / ``.json``
 (JSON lines, a JSON array of rows, or for SQuAD the official nested ``{"data": [...]}`` file), ``.csv``
-(SQuAD ``answers`` as a JSON string) or ``.parquet``. ``validation_file`` may list several files separated
+(SQuAD ``answers`` as a JSON string), ``.tsv`` (tab-separated with a header row, read as GLUE's own files are:
+no quoting, so a quote character inside a sentence is text) or ``.parquet``. ``validation_file`` may list several files separated
 by commas, one per validation split of the task in order (MNLI: matched, then mismatched).
 """
 
@@ -15,14 +16,14 @@ from typing import Any, Iterable
 
 from adapad_jax.data.tasks import DataError, TaskSpec, get_task
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 _MAX_ERROR_ROWS = 3
 # data.source=tfds existed until TFDS turned out to need TensorFlow (as_dataset) or a local array_record build
 # that its GLUE/SQuAD builders cannot make offline; the same data comes from the hub or from local files.
 TFDS_REMOVED = (
     "data.source=tfds is not supported (TFDS needs TensorFlow to read GLUE/SQuAD): use data.source=hub "
     "(Hugging Face datasets, cached after the first download) or local files with data.train_file / "
-    "data.validation_file (jsonl, json, csv or parquet; a TFDS split can be written out with tfds.as_dataframe)"
+    "data.validation_file (jsonl, json, csv, tsv or parquet; a TFDS split can be written out with tfds.as_dataframe)"
 )
 
 
@@ -116,6 +117,15 @@ def _read_csv_rows(path: Path) -> list[dict]:
             return list(csv.DictReader(f))
     except (csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"data file '{path}' is not valid CSV: {err}") from None
+
+
+def read_tsv_rows(path: Path) -> list[dict]:
+    """Rows of a tab-separated file with a header, without quote handling (GLUE's TSVs have bare quotes)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"data file '{path}' is not valid TSV: {err}") from None
 
 
 def _label_value(spec: TaskSpec, value: Any) -> int | float:
@@ -212,6 +222,8 @@ def validate_data_file(task: str | TaskSpec, path: str) -> int:
         return _check_rows(spec, file_path, rows)
     if fmt == "csv":
         return _check_rows(spec, file_path, _read_csv_rows(file_path))
+    if fmt == "tsv":
+        return _check_rows(spec, file_path, read_tsv_rows(file_path))
     columns = _parquet_columns(file_path)
     _check_rows(spec, file_path, [dict.fromkeys(columns)], columns_only=True)
     return -1
@@ -244,6 +256,8 @@ def _load_local(spec: TaskSpec, path: str):
             # The nested official format has no flat rows for the json builder; it was validated and parsed above.
             return datasets.Dataset.from_list(rows)
         del rows
+    if fmt == "tsv":  # datasets' csv builder (pandas) would treat quotes as quoting and "NA" as missing
+        return datasets.Dataset.from_list(read_tsv_rows(file_path))
     bars_were_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -273,7 +287,7 @@ def _load_hub(spec: TaskSpec, split: str):
     raise DataError(
         f"cannot load split '{split}' of {tried} from the Hugging Face hub or its local cache "
         f"({errors[0]}); when offline, give local files in the dataset's schema with "
-        f"data.train_file=... and data.validation_file=... (jsonl, json, csv or parquet; columns: "
+        f"data.train_file=... and data.validation_file=... (jsonl, json, csv, tsv or parquet; columns: "
         f"{', '.join(spec.required_columns)}))"
     )
 
