@@ -104,17 +104,28 @@ def _model_task(kind: str) -> str:
 
 
 def model_config_overrides(checked: CheckedRun) -> dict[str, Any]:
-    """Fields to set on the checkpoint's config: ``pad_token_id`` from the tokenizer when the config has none.
+    """Fields to set on the checkpoint's config: the task's label names and, when missing, ``pad_token_id``.
 
-    Qwen3 checkpoints (e.g. Qwen/Qwen3-0.6B) carry no ``pad_token_id``, which sequence classification needs to
-    find the last real token of padded rows; the tokenizer's pad token (eos when it has none) is what pads them.
+    ``id2label`` / ``label2id`` come from the task's class names, as transformers' ``run_glue`` sets them, so an
+    exported merged checkpoint's ``pipeline(...)`` shows "not_entailment" rather than "LABEL_1". Qwen3
+    checkpoints (e.g. Qwen/Qwen3-0.6B) carry no ``pad_token_id``, which sequence classification needs to find the
+    last real token of padded rows; the tokenizer's pad token (eos when it has none) is what pads them.
     """
+    overrides = label_maps(checked.task_spec)
     if getattr(checked.hf_config, "pad_token_id", None) is not None:
-        return {}
+        return overrides
     from adapad_jax.data import load_tokenizer
 
     pad_token_id = load_tokenizer(str(checked.checkpoint_dir)).pad_token_id
-    return {} if pad_token_id is None else {"pad_token_id": int(pad_token_id)}
+    return overrides if pad_token_id is None else {**overrides, "pad_token_id": int(pad_token_id)}
+
+
+def label_maps(spec: Any) -> dict[str, dict]:
+    """``id2label`` and ``label2id`` of a classification task with class names; {} otherwise (regression, QA)."""
+    if spec.kind != "classification" or not spec.label_names:
+        return {}
+    return {"id2label": dict(enumerate(spec.label_names)),
+            "label2id": {name: i for i, name in enumerate(spec.label_names)}}
 
 
 def load_model_for(config: ml_collections.ConfigDict, checked: CheckedRun) -> Any:

@@ -154,6 +154,21 @@ def test_bf16_merged_export_has_tokenizer_and_matches_peft(mnli_run, tmp_path):
     assert float((ours - reference).abs().max()) < 0.1 * adapter_effect, (ours, reference, without_adapter)
 
 
+def test_merged_checkpoint_pipeline_shows_the_task_label_names(mnli_run, tmp_path):
+    from transformers import pipeline
+
+    _, config = mnli_run
+    out = saved_run.export_checkpoint(Path(config.output_dir), out_dir=str(tmp_path / "x"), merged=True,
+                                      log=lambda _: None)
+    names = ["entailment", "neutral", "contradiction"]
+    saved = json.loads((out / "merged" / "config.json").read_text())
+    assert saved["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert saved["label2id"] == {n: i for i, n in enumerate(names)}
+    classify = pipeline("text-classification", model=str(out / "merged"), tokenizer=str(out / "merged"), top_k=None)
+    scores = classify({"text": "Wen described the old village.", "text_pair": "Rosa admired the garden."})
+    assert sorted(s["label"] for s in scores) == sorted(names)
+
+
 def test_predict_cli_bad_input_is_one_line(mnli_run, tmp_path):
     _, config = mnli_run
     bad = tmp_path / "bad.tsv"
