@@ -368,7 +368,8 @@ def _run(
             from adapad_jax.models.model_card import write_model_card
 
             if (staging / "adapter").is_dir():
-                write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type)
+                write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type,
+                                 base_dir=checked.checkpoint_dir)
 
         export_output_set(trainer, output_dir, results, rows, after_export=write_card)
         trainer.metrics.write_image("ranks", output_dir / "ranks.png", step)

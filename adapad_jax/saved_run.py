@@ -128,7 +128,7 @@ def export_checkpoint(
     Reads the run directory only. With several processes every process restores and only process 0 writes.
     ``merged_dtype``: float32 or bfloat16 weights in ``merged/`` (which also gets the tokenizer files).
     """
-    from adapad_jax.models.model_card import metrics_at_step, write_model_card
+    from adapad_jax.models.model_card import metrics_at_step, write_merged_model_card, write_model_card
 
     if merged_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
@@ -151,9 +151,11 @@ def export_checkpoint(
 
         def write(staging: Path) -> None:
             trainer.export(staging)
+            metrics = metrics_at_step(run_dir, step)
+            base_dir = restored.checked.checkpoint_dir
             if (staging / "adapter").is_dir():
-                write_model_card(staging / "adapter", restored.config, metrics_at_step(run_dir, step), step,
-                                 model.hf_config.model_type)
+                write_model_card(staging / "adapter", restored.config, metrics, step, model.hf_config.model_type,
+                                 base_dir=base_dir)
             if merged:
                 from adapad_jax.data import load_tokenizer
                 from adapad_jax.models.export import write_merged_checkpoint
@@ -163,6 +165,8 @@ def export_checkpoint(
                     trainer.scaling, dtype=merged_dtype,
                 )
                 load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))
+                write_merged_model_card(staging / "merged", trainer.ranks(), restored.config, metrics, step,
+                                        merged_dtype, base_dir=base_dir)
 
         publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
     log(f"exported step {step} of {run_dir} to {out}")

@@ -110,20 +110,58 @@ def test_squad_v2_predict_writes_official_predictions_and_na_probs(squad_run, tm
     assert not (out / "metrics.json").exists()
 
 
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def test_model_card_describes_the_run(mnli_run, squad_run):
-    for (_, config), snippet in ((mnli_run, "AutoModelForSequenceClassification"),
-                                 (squad_run, 'key_mapping={r"^model\\.": "transformer."}')):
+    from huggingface_hub import ModelCard
+
+    for (_, config), snippet, tag in ((mnli_run, "AutoModelForSequenceClassification", "text-classification"),
+                                      (squad_run, 'key_mapping={r"^model\\.": "transformer."}', "question-answering")):
         run_dir = Path(config.output_dir)
-        card = (run_dir / "adapter" / "README.md").read_text()
+        card = ModelCard.load(run_dir / "adapter" / "README.md")
         ranks = json.loads((run_dir / "ranks.json").read_text())
         metrics = json.loads((run_dir / "eval_results.json").read_text())["metrics"]
-        assert f"base_model: {config.model.name_or_path}" in card
-        assert f"`{config.task}`" in card and "AdaPaD" in card
-        assert f"global rank budget {config.adapter.rank_budget}, at most {config.adapter.r_max} per module" in card
-        assert f"total rank **{sum(ranks.values())}** over {len(ranks)} adapted modules" in card
+        assert card.data.base_model == config.model.name_or_path and card.data.library_name == "peft"
+        assert card.data.pipeline_tag == tag and card.data.datasets == [("nyu-mll/glue" if tag != "question-answering"
+                                                                         else "rajpurkar/squad_v2")]
+        assert {"lora", "adapad"} <= set(card.data.tags)
+        assert {r.metric_name: r.metric_value for r in card.data.eval_results} == _numeric(metrics)
+        assert all(r.task_type == tag for r in card.data.eval_results)
+        assert f"`{config.task}`" in card.text and "AdaPaD" in card.text
+        # Only len(ranks) x r_max of the configured budget can ever be committed, and the card says so.
+        assert len(ranks) * config.adapter.r_max < config.adapter.rank_budget
+        assert (f"global rank budget {config.adapter.rank_budget}, of which {len(ranks) * config.adapter.r_max} is "
+                f"reachable ({len(ranks)} modules x r_max {config.adapter.r_max}") in card.text
+        assert f"total rank **{sum(ranks.values())}** over {len(ranks)} adapted modules" in card.text
         main = next(iter(metrics))
-        assert f"| {main} | {metrics[main]:.4f} |" in card
-        assert snippet in card and "PeftModel.from_pretrained" in card
+        assert f"| {main} | {metrics[main]:.4f} |" in card.text
+        assert snippet in card.text and "PeftModel.from_pretrained" in card.text
+    assert "id2label={0: 'entailment', 1: 'neutral', 2: 'contradiction'}" in (
+        Path(mnli_run[1].output_dir) / "adapter" / "README.md").read_text()
+
+
+def test_merged_export_has_a_transformers_model_card_with_the_base_license(mnli_run, tmp_path):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tmp, config = mnli_run
+    run_dir = Path(config.output_dir)
+    base_card = tmp / "ckpt" / "README.md"
+    base_card.write_text(f"---\n{ModelCardData(license='mit').to_yaml()}\n---\n\n# tiny base\n")
+    try:
+        out = saved_run.export_checkpoint(run_dir, out_dir=str(tmp_path / "x"), merged=True, log=lambda _: None)
+    finally:
+        base_card.unlink()
+    merged = ModelCard.load(out / "merged" / "README.md")
+    adapter = ModelCard.load(out / "adapter" / "README.md")
+    results = json.loads((run_dir / "eval_results.json").read_text())
+    assert merged.data.library_name == "transformers" and adapter.data.library_name == "peft"
+    assert merged.data.license == adapter.data.license == "mit"
+    assert merged.data.base_model == config.model.name_or_path and merged.data.pipeline_tag == "text-classification"
+    assert {r.metric_name: r.metric_value for r in merged.data.eval_results} == _numeric(results["metrics"])
+    assert {r.dataset_split for r in merged.data.eval_results} == {"validation_matched", "validation_mismatched"}
+    assert f"step {results['step']}" in merged.text and 'pipeline("text-classification"' in merged.text
 
 
 def test_bf16_merged_export_has_tokenizer_and_matches_peft(mnli_run, tmp_path):

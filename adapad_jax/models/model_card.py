@@ -1,4 +1,8 @@
-"""The model card (``adapter/README.md``) of an exported adapter: what it is, how it was trained, how to load it."""
+"""Model cards (``adapter/README.md``, ``merged/README.md``): what was exported, how it was trained, how to load it.
+
+Written with ``huggingface_hub``'s ``ModelCard`` / ``ModelCardData``: the metadata block (base_model, datasets,
+license, pipeline_tag, library_name, tags and a model-index with the run's metrics) is what the hub reads.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ _AUTO_CLASSES = {
     "regression": "AutoModelForSequenceClassification",
     "qa": "AutoModelForQuestionAnswering",
 }
+_PIPELINE_TAGS = {"classification": "text-classification", "regression": "text-classification",
+                  "qa": "question-answering"}
 _METHODS = {
     "adapad": "AdaPaD (adaptive parallel deflation: rank-1 slots trained in parallel against deflation targets, "
               "ranks discovered by importance x uncertainty)",
@@ -62,10 +68,14 @@ def _rank_summary(ranks: Mapping[str, int]) -> list[str]:
     return lines
 
 
-def _loading_snippet(base: str, revision: str, kind: str, num_labels: int, is_qwen3: bool) -> str:
+def _loading_snippet(base: str, revision: str, spec: Any, is_qwen3: bool) -> str:
+    kind = spec.kind
     auto = _AUTO_CLASSES[kind]
     rev = f", revision={revision!r}" if revision else ""
-    labels = f", num_labels={num_labels}" if kind != "qa" else ""
+    if kind == "classification" and spec.label_names:
+        labels = f", id2label={dict(enumerate(spec.label_names))!r}"
+    else:
+        labels = f", num_labels={spec.num_labels}" if kind != "qa" else ""
     lines = ["```python", "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", ""]
     if is_qwen3 and kind == "qa":
         lines += [
@@ -87,31 +97,109 @@ def _loading_snippet(base: str, revision: str, kind: str, num_labels: int, is_qw
     return "\n".join(lines)
 
 
+def _merged_snippet(spec: Any) -> str:
+    tag = _PIPELINE_TAGS[spec.kind]
+    return "\n".join(["```python", "from transformers import pipeline", "",
+                      f'model = pipeline("{tag}", model="path/to/merged")', "```"])
+
+
+def budget_line(config: Any, num_modules: int) -> str:
+    """The budget as configured and, when fewer modules x r_max cannot hold it, the total rank actually reachable."""
+    from adapad_jax.training.allocator import rank_capacity
+
+    adapter = config.adapter
+    if str(adapter.method) == "lora":
+        return f"fixed rank {adapter.lora_rank} per module"
+    budget, r_max = int(adapter.rank_budget), int(adapter.r_max)
+    reachable = rank_capacity(budget, num_modules, r_max)
+    if reachable < budget:
+        return (f"global rank budget {budget}, of which {reachable} is reachable ({num_modules} modules x r_max "
+                f"{r_max}: no module grows past r_max), at most {r_max} per module")
+    return f"global rank budget {budget}, at most {r_max} per module"
+
+
+def base_license(base_dir: str | os.PathLike | None) -> str | None:
+    """The license the base checkpoint's own model card states (``<base_dir>/README.md``), or None."""
+    from huggingface_hub import ModelCard
+
+    card = Path(base_dir) / "README.md" if base_dir else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # noqa: BLE001 - a base card we cannot parse only means no license to inherit
+        return None
+
+
+def _eval_results(spec: Any, metrics: Mapping[str, Any]) -> list[Any]:
+    """model-index entries, one per numeric metric; ``metric_name`` is the key in eval_results.json."""
+    from huggingface_hub import EvalResult
+
+    dataset, config_name = spec.hub_names[0] if spec.hub_names else ("local", None)
+    results = []
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        split, _, name = key.rpartition("/")
+        results.append(EvalResult(
+            task_type=_PIPELINE_TAGS[spec.kind], dataset_type=dataset, dataset_name=spec.name,
+            dataset_config=config_name, dataset_split=split or spec.validation_splits[0],
+            metric_type=name, metric_name=key, metric_value=float(value),
+        ))
+    return results
+
+
+def card_data(config: Any, spec: Any, metrics: Mapping[str, Any], library_name: str, tags: list[str],
+              license: str | None = None) -> Any:
+    """The card's metadata (``huggingface_hub.ModelCardData``), with the run's metrics as its model-index."""
+    from huggingface_hub import ModelCardData
+
+    base = str(config.model.name_or_path)
+    results = _eval_results(spec, metrics)
+    return ModelCardData(
+        base_model=base, datasets=[spec.hub_names[0][0]] if spec.hub_names else None, license=license,
+        pipeline_tag=_PIPELINE_TAGS[spec.kind], library_name=library_name,
+        tags=[*tags, str(config.adapter.method), "adapad_jax"],
+        model_name=f"{Path(base).name}-{spec.name}-{config.adapter.method}" if results else None,
+        eval_results=results or None,
+    )
+
+
+def _facts(config: Any, spec: Any, step: int, num_modules: int) -> list[str]:
+    base = str(config.model.name_or_path)
+    revision = str(config.model.get("revision", "") or "")
+    method = str(config.adapter.method)
+    labels = f": {', '.join(spec.label_names)}" if spec.kind == "classification" and spec.label_names else ""
+    return [
+        f"- **base model**: `{base}`" + (f" (revision `{revision}`)" if revision else ""),
+        f"- **task**: `{spec.name}` ({spec.kind}, {spec.num_labels} output{'s' if spec.num_labels != 1 else ''}"
+        f"{labels})",
+        f"- **method**: {_METHODS.get(method, method)}",
+        f"- **budget**: {budget_line(config, num_modules)}; alpha {config.adapter.alpha}",
+        f"- **checkpoint**: step {step}",
+    ]
+
+
+def _metric_table(metrics: Mapping[str, Any]) -> list[str]:
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return ["| metric | value |", "|---|---|", *rows] if rows else ["No evaluation at this step."]
+
+
 def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
-               model_type: str = "") -> str:
-    """The README.md text of an adapter exported from a run with ``config`` at ``step``."""
+               model_type: str = "", license: str | None = None) -> Any:
+    """The ``huggingface_hub.ModelCard`` of an adapter exported from a run with ``config`` at ``step``."""
+    from huggingface_hub import ModelCard
+
     from adapad_jax.validation import task_spec_for
 
     spec = task_spec_for(config)
     base = str(config.model.name_or_path)
     revision = str(config.model.get("revision", "") or "")
-    adapter = config.adapter
-    method = str(adapter.method)
-    budget = (
-        f"fixed rank {adapter.lora_rank} per module" if method == "lora"
-        else f"global rank budget {adapter.rank_budget}, at most {adapter.r_max} per module"
-    )
-    metric_lines = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
-    front = ["---", "library_name: peft", f"base_model: {base}", "tags:", "- lora", f"- {method}", "- adapad_jax",
-             "---", ""]
+    data = card_data(config, spec, metrics, "peft", ["lora"], license)
     body = [
-        f"# {method} adapter for {base} on {spec.name}",
+        f"# {config.adapter.method} adapter for {base} on {spec.name}",
         "",
-        f"- **base model**: `{base}`" + (f" (revision `{revision}`)" if revision else ""),
-        f"- **task**: `{spec.name}` ({spec.kind}, {spec.num_labels} output{'s' if spec.num_labels != 1 else ''})",
-        f"- **method**: {_METHODS.get(method, method)}",
-        f"- **budget**: {budget}; alpha {adapter.alpha}",
-        f"- **checkpoint**: step {step}",
+        *_facts(config, spec, step, len(ranks)),
         "",
         "## Ranks",
         "",
@@ -121,32 +209,83 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
         "",
         "## Metrics",
         "",
-        *(["| metric | value |", "|---|---|", *metric_lines] if metric_lines else ["No evaluation at this step."]),
+        *_metric_table(metrics),
         "",
         "## Loading with PEFT",
         "",
-        _loading_snippet(base, revision, spec.kind, spec.num_labels, model_type == "qwen3"),
+        _loading_snippet(base, revision, spec, model_type == "qwen3"),
         "",
         "Trained with [adapad_jax](https://arxiv.org/abs/2605.10741) (JAX/Flax); the adapter is a standard PEFT "
         "LoRA adapter with per-module ranks.",
         "",
     ]
-    return "\n".join(front + body)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def merged_model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
+                      dtype: str, license: str | None = None) -> Any:
+    """The ``huggingface_hub.ModelCard`` of a merged checkpoint (adapters folded into the weights)."""
+    from huggingface_hub import ModelCard
+
+    from adapad_jax.validation import task_spec_for
+
+    spec = task_spec_for(config)
+    data = card_data(config, spec, metrics, "transformers", ["lora", "merged"], license)
+    body = [
+        f"# {spec.name} model: {config.adapter.method} adapters merged into {config.model.name_or_path}",
+        "",
+        *_facts(config, spec, step, len(ranks)),
+        f"- **weights**: {dtype}, every adapter merged (W0 + s B A), task head included; loads in plain "
+        "transformers, no PEFT needed",
+        "",
+        "## Ranks",
+        "",
+        *_rank_summary(ranks),
+        "",
+        "## Metrics",
+        "",
+        *_metric_table(metrics),
+        "",
+        "## Loading",
+        "",
+        _merged_snippet(spec),
+        "",
+        "Trained with [adapad_jax](https://arxiv.org/abs/2605.10741) (JAX/Flax).",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _exported_ranks(adapter_dir: Path) -> dict[str, int]:
+    """Per-module ranks of an export: ``ranks.json`` beside ``adapter/``, else the adapter's rank_pattern."""
+    ranks_file = adapter_dir.parent / "ranks.json"
+    if ranks_file.is_file():
+        return json.loads(ranks_file.read_text())
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return {k.replace("\\", ""): int(v) for k, v in adapter_config.get("rank_pattern", {}).items()}
 
 
 def write_model_card(
-    adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = ""
+    adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = "",
+    base_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``README.md`` into an exported ``adapter/`` (ranks from ``ranks.json`` beside it, else its config)."""
+    """Write ``README.md`` into an exported ``adapter/``; ``base_dir``: the base checkpoint (its card's license)."""
     from adapad_jax.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
-    ranks_file = adapter_dir.parent / "ranks.json"
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if ranks_file.is_file():
-        ranks = json.loads(ranks_file.read_text())
-    else:
-        ranks = {k.replace("\\", ""): int(v) for k, v in adapter_config.get("rank_pattern", {}).items()}
+    card = model_card(config, _exported_ranks(adapter_dir), metrics, step, model_type, base_license(base_dir))
     path = adapter_dir / "README.md"
-    write_text_atomic(path, model_card(config, ranks, metrics, step, model_type))
+    write_text_atomic(path, str(card))
+    return path
+
+
+def write_merged_model_card(
+    merged_dir: str | os.PathLike, ranks: Mapping[str, int], config: Any, metrics: Mapping[str, Any], step: int,
+    dtype: str, base_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``README.md`` into an exported ``merged/`` checkpoint."""
+    from adapad_jax.output_set import write_text_atomic
+
+    path = Path(merged_dir) / "README.md"
+    write_text_atomic(path, str(merged_model_card(config, ranks, metrics, step, dtype, base_license(base_dir))))
     return path

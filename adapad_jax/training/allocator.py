@@ -59,7 +59,7 @@ def init_allocator(num_modules: int, r_max: int, initial_rank: int, rank_budget:
             f"initial_rank {initial_rank} = {num_modules * initial_rank}; raise the budget to at least that"
         )
     rank = jnp.full((num_modules,), initial_rank, jnp.int32)
-    budget_left = jnp.asarray(min(rank_budget, num_modules * r_max) - num_modules * initial_rank, jnp.int32)
+    budget_left = jnp.asarray(rank_capacity(rank_budget, num_modules, r_max) - num_modules * initial_rank, jnp.int32)
     committed, reserve = masks_from_rank(rank, r_max, budget_left)
     return {
         "committed": committed,
@@ -72,6 +72,11 @@ def init_allocator(num_modules: int, r_max: int, initial_rank: int, rank_budget:
     }
 
 
+def rank_capacity(rank_budget: int, num_modules: int, r_max: int) -> int:
+    """The most total rank a run can commit at all: the budget, or every module at ``r_max`` when that is less."""
+    return min(int(rank_budget), int(num_modules) * int(r_max))
+
+
 def reachable_total_rank(
     num_modules: int, initial_rank: int, rank_budget: int, num_steps: int, config: AllocatorConfig
 ) -> int:
@@ -81,7 +86,7 @@ def reachable_total_rank(
     rounds of at most ``min(top_k, M)`` promotions each, capped by the budget and ``M * r_max``. Equal to the
     final total rank unless fewer than ``top_k`` modules are still below ``r_max`` in some round.
     """
-    cap = min(rank_budget, num_modules * config.r_max)
+    cap = rank_capacity(rank_budget, num_modules, config.r_max)
     rounds = max(num_steps // config.growth_interval - 1, 0) if config.grow else 0
     return min(cap, num_modules * initial_rank + rounds * min(config.top_k, num_modules))
 

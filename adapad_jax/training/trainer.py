@@ -227,7 +227,7 @@ class Trainer:
         reachable = alloc_lib.reachable_total_rank(modules, self._initial_rank, self._budget, steps, self.alloc_config)
         spent = int(self.state["alloc"]["budget_spent_step"]) if self.state is not None else -1
         return {
-            "rank_budget": int(min(self._budget, modules * self.num_slots)),
+            "rank_budget": alloc_lib.rank_capacity(self._budget, modules, self.num_slots),
             "reachable_total_rank": int(reachable),
             "total_rank": int(np.asarray(self.state["alloc"]["rank"]).sum()) if self.state is not None else None,
             "budget_spent_step": spent if spent >= 0 else None,
