@@ -22,6 +22,7 @@ TASK_NAMES = (
     "squad",
     "squad_v2",
     "demo",
+    "custom",
 )
 METHODS = ("adapad", "joint", "lora")
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +30,8 @@ DATA_SOURCES = ("auto", "hub", "local")
 SCHEDULES = ("linear", "cosine")
 IMPORTANCES = ("score", "uniform")
 HEAD_GRADIENTS = ("mean", "committed")
+PROBLEM_TYPES = ("auto", "classification", "regression")
+CUSTOM_METRICS = ("auto", "accuracy", "f1", "matthews_correlation", "pearson")
 
 
 class ConfigError(ValueError):
@@ -38,7 +41,8 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """Every config field with its default; task files in ``configs/`` override what differs."""
     config = ml_collections.ConfigDict()
-    # One of TASK_NAMES: glue_<task>, squad, squad_v2, or demo (the offline planted-rank task).
+    # One of TASK_NAMES: glue_<task>, squad, squad_v2, demo (the offline planted-rank task), or custom (your own
+    # sentence / sentence-pair classification or regression data, described by the data.* fields below).
     config.task = "glue_sst2"
     # Seeds adapter init, data order, dropout and the allocator's uniform-importance draws.
     config.seed = 0
@@ -73,6 +77,20 @@ def base_config() -> ml_collections.ConfigDict:
     # or ~/.cache/adapad_jax/features.
     config.data.cache_features = True
     config.data.cache_dir = ""
+    # task=custom only (README "Your own data"). The text column (one) or pair of columns, in model input order.
+    config.data.text_columns = ()
+    # The column holding the label: a class name or id, or a number for regression.
+    config.data.label_column = "label"
+    # Class names by label id; () = from the data (a hub ClassLabel's names, else the training labels sorted).
+    config.data.label_names = ()
+    # auto: regression when every training label is a number and some are not whole, else classification.
+    config.data.problem_type = "auto"
+    # auto: accuracy (+ f1 with two classes) for classification, pearson + spearmanr for regression; or one of
+    # accuracy, f1 (two classes), matthews_correlation, pearson. The first is the main metric (select_best).
+    config.data.metric = "auto"
+    # A hub dataset ("owner/name", with its "train" and "validation" splits) instead of local files.
+    config.data.dataset_name = ""
+    config.data.dataset_config = ""
 
     config.adapter = ml_collections.ConfigDict()
     # adapad (deflated slots), joint (same allocator, one forward, IncreLoRA-style) or lora (fixed rank).

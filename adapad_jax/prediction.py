@@ -2,9 +2,10 @@
 
 GLUE: one submission TSV per split, named and formatted as gluebenchmark.com expects (``index`` and
 ``prediction`` columns; label names for MNLI / QNLI / RTE, 0/1 for CoLA / SST-2 / MRPC / QQP, a score for
-STS-B). SQuAD: the official ``predictions.json`` ({id: answer}) and, for v2, ``na_probs.json`` ({id: no-answer
-probability}) that the official evaluation script reads. Both also get ``predictions.jsonl`` (the run's own row
-format) and, when the file has labels / answers, ``metrics.json``. The run directory is only read.
+STS-B); task=custom gets ``predictions.tsv`` in the same layout with its class names. SQuAD: the official
+``predictions.json`` ({id: answer}) and, for v2, ``na_probs.json`` ({id: no-answer probability}) that the
+official evaluation script reads. All also get ``predictions.jsonl`` (the run's own row format) and, when the
+file has labels / answers, ``metrics.json``. The run directory is only read.
 """
 
 from __future__ import annotations
@@ -32,30 +33,20 @@ GLUE_SUBMISSION_FILES = {
 }
 # Tasks whose GLUE submissions use label names (the others use class ids or, for STS-B, a score).
 GLUE_NAMED_LABELS = ("glue_mnli", "glue_qnli", "glue_rte")
+# task=custom: the same two columns, the prediction as the class name (or the score).
+CUSTOM_PREDICTIONS_FILE = "predictions.tsv"
 _READABLE = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl/.json (incl. official SQuAD)/.csv/.tsv/.parquet file."""
-    from adapad_jax.data.loading import _read_csv_rows, _read_json_rows, read_tsv_rows
+    from adapad_jax.data.loading import read_file_rows
 
-    suffix = path.suffix.lower()
-    if suffix not in _READABLE:
+    if path.suffix.lower() not in _READABLE:
         raise DataError(f"test file '{path}' has an unsupported extension (use one of: {', '.join(_READABLE)})")
     if not path.is_file():
         raise DataError(f"test file '{path}' does not exist")
-    if suffix in (".json", ".jsonl"):
-        return _read_json_rows(path)[0]
-    if suffix == ".csv":
-        return _read_csv_rows(path)
-    if suffix == ".tsv":
-        return read_tsv_rows(path)
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
-        raise DataError(f"test file '{path}' is not a valid parquet file: {err}") from None
+    return read_file_rows(path)
 
 
 def _unlabelled(value: Any) -> bool:
@@ -129,7 +120,7 @@ def glue_submission_lines(spec: TaskSpec, rows: list[dict[str, Any]]) -> list[st
     for row in rows:
         if spec.kind == "regression":
             value = f"{float(row['label']):.6f}"
-        elif spec.name in GLUE_NAMED_LABELS:
+        elif spec.name in GLUE_NAMED_LABELS or not spec.is_glue:  # task=custom: its class names
             value = spec.label_names[int(row["label"])]
         else:
             value = str(int(row["label"]))
@@ -155,8 +146,9 @@ def predict(
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)  # raises ConfigError for a directory that is not a run
     spec = task_spec_for(config)
-    if not (spec.is_glue or spec.kind == "qa"):
-        raise ConfigError(f"'{run_dir}' is a {spec.name} run: predictions are for GLUE and SQuAD runs")
+    if not (spec.is_glue or spec.kind == "qa" or config.task == "custom"):
+        raise ConfigError(f"'{run_dir}' is a {spec.name} run: predictions are for GLUE and SQuAD runs "
+                          "(and task=custom)")
     if not str(test_file).strip():
         raise ConfigError("no test file given: pass --config.data.test_file=<file> (jsonl, json, csv, tsv, parquet)")
     files = split_validation_files(spec, test_file)
@@ -206,7 +198,8 @@ def predict(
                 if spec.version_2:
                     written["na_probs.json"] = {r["id"]: float(r["no_answer_probability"]) for r in rows}
             else:
-                written[GLUE_SUBMISSION_FILES[(spec.name, split)]] = "\n".join(glue_submission_lines(spec, rows)) + "\n"
+                name = GLUE_SUBMISSION_FILES.get((spec.name, split), CUSTOM_PREDICTIONS_FILE)
+                written[name] = "\n".join(glue_submission_lines(spec, rows)) + "\n"
         if not is_main_process():
             return out
         if metrics:

@@ -16,11 +16,13 @@ from typing import Any, Sequence
 import ml_collections
 
 from adapad_jax.config import (
+    CUSTOM_METRICS,
     DATA_SOURCES,
     DTYPES,
     HEAD_GRADIENTS,
     IMPORTANCES,
     METHODS,
+    PROBLEM_TYPES,
     SCHEDULES,
     TASK_NAMES,
     ConfigError,
@@ -151,6 +153,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_range(config, "data.max_eval_examples", integer, 0)
     _require_type(config, "data.cache_features", (bool,))
     _require_type(config, "data.cache_dir", (str,))
+    check_custom_fields(config)
 
     method = _require_choice(config, "adapter.method", METHODS)
     targets = _get(config, "adapter.target_modules")
@@ -219,6 +222,54 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.batch_size={batch} is not divisible by mesh.data={data}")
     if eval_batch % data:
         raise ConfigError(f"train.eval_batch_size={eval_batch} is not divisible by mesh.data={data}")
+
+
+def _names(config: ml_collections.ConfigDict, dotted: str) -> tuple[str, ...]:
+    """A tuple-of-names field: a tuple or list of distinct non-empty strings."""
+    value = _get(config, dotted)
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v.strip()
+                                                                                 for v in value):
+        raise ConfigError(f"{dotted} must be a tuple of names, e.g. ('a', 'b'), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{dotted}={tuple(value)!r} names an entry twice")
+    return tuple(value)
+
+
+def check_custom_fields(config: ml_collections.ConfigDict) -> None:
+    """The data.* fields of task=custom (text and label columns, labels, problem type, metric, hub dataset)."""
+    columns = _names(config, "data.text_columns")
+    label_names = _names(config, "data.label_names")
+    problem = _require_choice(config, "data.problem_type", PROBLEM_TYPES)
+    metric = _require_choice(config, "data.metric", CUSTOM_METRICS)
+    label_column = _require_type(config, "data.label_column", (str,))
+    _require_type(config, "data.dataset_name", (str,))
+    _require_type(config, "data.dataset_config", (str,))
+    if config.task != "custom":
+        if columns or label_names or config.data.dataset_name:
+            raise ConfigError(f"data.text_columns, data.label_names and data.dataset_name are for task=custom; "
+                              f"task {config.task} has its own columns, labels and dataset")
+        return
+    if len(columns) not in (1, 2):
+        raise ConfigError(f"task=custom needs data.text_columns: one column name or two (a sentence pair), got "
+                          f"{columns!r}; e.g. --config.data.text_columns='(\"review\",)'")
+    if not label_column.strip() or label_column in columns:
+        raise ConfigError(f"data.label_column={label_column!r} must name a column other than the text columns")
+    if not (config.data.train_file or config.data.validation_file or config.data.dataset_name):
+        raise ConfigError("task=custom needs data: data.train_file and data.validation_file (jsonl, json, csv, tsv "
+                          "or parquet), or a hub dataset in data.dataset_name")
+    if config.data.dataset_name and (config.data.train_file or config.data.validation_file):
+        raise ConfigError("give either data.dataset_name or data.train_file / data.validation_file, not both")
+    if problem == "regression" and label_names:
+        raise ConfigError("data.label_names is for classification: data.problem_type=regression has one output")
+    if len(label_names) == 1:
+        raise ConfigError(f"data.label_names={label_names!r} names one class: classification needs at least two")
+    regression_metric = metric == "pearson"
+    if metric != "auto" and problem != "auto" and regression_metric != (problem == "regression"):
+        raise ConfigError(f"data.metric={metric} does not fit data.problem_type={problem}: pearson is for "
+                          "regression, accuracy / f1 / matthews_correlation for classification")
+    if metric == "f1" and label_names and len(label_names) != 2:
+        raise ConfigError(f"data.metric=f1 is the F1 of class 1 of two classes; data.label_names has "
+                          f"{len(label_names)}: use accuracy or matthews_correlation")
 
 
 def check_logging_packages(config: ml_collections.ConfigDict) -> None:
@@ -332,4 +383,6 @@ def task_spec_for(config: ml_collections.ConfigDict) -> Any:
     from adapad_jax.task_hooks import hooks_for
 
     hooks = hooks_for(config.task)
-    return hooks.task_spec if hooks is not None else get_task(config.task)
+    if hooks is None:
+        return get_task(config.task)
+    return hooks.task_spec(config) if callable(hooks.task_spec) else hooks.task_spec

@@ -23,6 +23,8 @@ SCHEMA = {
     "model.name_or_path": None, "model.revision": "", "model.dtype": "float32", "model.classifier_dropout": 0.0,
     "data.source": "auto", "data.train_file": "", "data.validation_file": "", "data.max_length": None,
     "data.doc_stride": 128, "data.max_train_examples": 0, "data.max_eval_examples": 0, "data.cache_features": True, "data.cache_dir": "",
+    "data.text_columns": (), "data.label_column": "label", "data.label_names": (), "data.problem_type": "auto",
+    "data.metric": "auto", "data.dataset_name": "", "data.dataset_config": "",
     "adapter.method": "adapad", "adapter.target_modules": (), "adapter.r_max": 8, "adapter.rank_budget": None,
     "adapter.lora_rank": 2, "adapter.alpha": None, "adapter.init_std": 0.02, "adapter.initial_rank": 1,
     "adapter.top_k": None, "adapter.growth_interval": None, "adapter.sync_every": 0, "adapter.ema_beta1": 0.85,

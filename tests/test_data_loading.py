@@ -1,6 +1,7 @@
 """Local-file loading (jsonl, json, csv, parquet, official SQuAD), validation errors, hub failures, no tfds."""
 
 import csv
+import re
 import json
 
 import pyarrow as pa
@@ -193,3 +194,109 @@ def test_tfds_source_is_refused_with_the_alternatives():
     config.data.source = "tfds"
     with pytest.raises(ConfigError, match=r"data.source=tfds is not supported"):
         check_fields(config)
+
+
+# ---------------------------------------------------------------------------------------------- task=custom
+
+
+def _custom_config(tmp_path, train_rows, val_rows, **data):
+    from adapad_jax.config import base_config
+
+    config = base_config()
+    config.task, config.output_dir = "custom", str(tmp_path / "run")
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    val.write_text("".join(json.dumps(r) + "\n" for r in val_rows))
+    config.data.train_file, config.data.validation_file = str(train), str(val)
+    config.data.text_columns, config.data.label_column = ("review",), "verdict"
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+def _reviews(labels):
+    return [{"review": f"review number {i}", "verdict": v} for i, v in enumerate(labels)]
+
+
+@pytest.mark.parametrize("labels, kind, names", [
+    (["meh", "good", "bad", "good"], "classification", ("bad", "good", "meh")),
+    ([10, 2, 2, 1], "classification", ("1", "2", "10")),  # whole numbers sort numerically
+    (["0", "1", "1"], "classification", ("0", "1")),
+    ([0.5, 3.0, 4.25], "regression", ()),
+])
+def test_custom_task_takes_problem_type_and_label_names_from_the_training_data(tmp_path, labels, kind, names):
+    from adapad_jax.data.custom import prepare_config
+    from adapad_jax.validation import task_spec_for
+
+    config = _custom_config(tmp_path, _reviews(labels), _reviews(labels[:2]))
+    prepare_config(config, log=lambda _: None)
+    spec = task_spec_for(config)
+    assert (config.data.problem_type, tuple(config.data.label_names)) == (kind, names)
+    assert spec.kind == kind and spec.text_columns == ("review",) and spec.label_column == "verdict"
+    assert spec.num_labels == (len(names) if names else 1)
+    splits = load_raw_splits(spec, train_file=config.data.train_file, validation_file=config.data.validation_file)
+    expected = [float(v) for v in labels] if kind == "regression" else [names.index(str(v)) for v in labels]
+    assert splits["train"]["verdict"] == expected
+    assert spec.metric_names == (("pearson", "spearmanr") if kind == "regression"
+                                 else ("accuracy", "f1") if len(names) == 2 else ("accuracy",))
+
+
+def test_custom_task_given_names_problem_type_and_metric(tmp_path):
+    from adapad_jax.data.custom import prepare_config
+    from adapad_jax.validation import task_spec_for
+
+    config = _custom_config(tmp_path, _reviews([0, 1, 1]), _reviews([1]), label_names=("neg", "pos"),
+                            problem_type="classification", metric="matthews_correlation")
+    prepare_config(config, log=lambda _: None)
+    spec = task_spec_for(config)
+    assert spec.label_names == ("neg", "pos") and spec.main_metric == "matthews_correlation"
+    config = _custom_config(tmp_path, _reviews([0, 1, 1]), _reviews([1]), problem_type="regression")
+    prepare_config(config, log=lambda _: None)
+    assert task_spec_for(config).kind == "regression"  # whole-number scores, regression because it is asked for
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(text_columns=()), "task=custom needs data.text_columns: one column name or two"),
+    (dict(text_columns=("a", "b", "c")), "task=custom needs data.text_columns"),
+    (dict(label_column="review"), "data.label_column='review' must name a column other than the text columns"),
+    (dict(metric="pearson", problem_type="classification"), "data.metric=pearson does not fit"),
+    (dict(label_names=("only",)), "names one class"),
+    (dict(problem_type="sorting"), "data.problem_type='sorting' is not one of"),
+])
+def test_custom_task_bad_fields_are_one_line_config_errors(tmp_path, data, message):
+    from adapad_jax.config import ConfigError
+    from adapad_jax.validation import check_fields
+
+    config = _custom_config(tmp_path, _reviews(["a", "b"]), _reviews(["a"]), **data)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_fields(config)
+
+
+def test_custom_fields_are_refused_for_a_glue_task(tmp_path):
+    from adapad_jax.config import ConfigError
+    from adapad_jax.validation import check_fields
+
+    config = _custom_config(tmp_path, _reviews(["a", "b"]), _reviews(["a"]))
+    config.task = "glue_sst2"
+    with pytest.raises(ConfigError, match="data.text_columns, data.label_names and data.dataset_name are for task"):
+        check_fields(config)
+
+
+def test_custom_task_data_problems_are_named_before_any_compute(tmp_path):
+    from adapad_jax.data.custom import prepare_config
+
+    # A label column that is not there: the columns the file does have are listed.
+    config = _custom_config(tmp_path, _reviews(["a", "b"]), _reviews(["a"]), label_column="stars")
+    with pytest.raises(DataError, match=r"lacks column\(s\) stars named by .* \(its columns: review, verdict\)"):
+        prepare_config(config, log=lambda _: None)
+    # A validation label the training data never had.
+    config = _custom_config(tmp_path, _reviews(["bad", "good"]), _reviews(["good", "great"]))
+    prepare_config(config, log=lambda _: None)
+    from adapad_jax.validation import task_spec_for
+
+    with pytest.raises(DataError, match=r"row 2: label 'great' is not a number or one of \['bad', 'good'\]"):
+        validate_data_files(task_spec_for(config), config.data.train_file, config.data.validation_file)
+    # One class only.
+    config = _custom_config(tmp_path, _reviews(["good", "good"]), _reviews(["good"]))
+    with pytest.raises(DataError, match="classification needs at least two"):
+        prepare_config(config, log=lambda _: None)

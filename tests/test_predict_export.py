@@ -54,6 +54,64 @@ def squad_run(tmp_path_factory) -> tuple[Path, object]:
     return tmp, config
 
 
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory) -> tuple[Path, object, list[dict]]:
+    """task=custom on a tiny DeBERTa: a `review` column, a `verdict` column of names, TSV train / CSV dev."""
+    import csv
+
+    tmp = tmp_path_factory.mktemp("custom")
+    config = tiny_run_config(tmp, "glue_sst2", "deberta")
+    names = ("bad", "good")
+
+    def reviews(path: str) -> list[dict]:
+        return [{"review": r["sentence"], "verdict": names[r["label"]]} for r in read_jsonl(Path(path))]
+
+    train, dev = reviews(config.data.train_file), reviews(config.data.validation_file)
+    (tmp / "reviews_train.tsv").write_text("review\tverdict\n" + "".join(f"{r['review']}\t{r['verdict']}\n"
+                                                                        for r in train))
+    with (tmp / "reviews_dev.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["review", "verdict"])
+        writer.writeheader()
+        writer.writerows(dev)
+    config.task = "custom"
+    config.data.train_file, config.data.validation_file = str(tmp / "reviews_train.tsv"), str(tmp / "reviews_dev.csv")
+    config.data.text_columns, config.data.label_column = ("review",), "verdict"
+    lines = []
+    run_lib.run(config, progress=False, log=lines.append)
+    assert any("task custom: classification of review -> verdict (2 classes: bad, good)" in line for line in lines)
+    return tmp, config, dev
+
+
+def test_custom_task_trains_evaluates_exports_and_predicts_with_its_label_names(custom_run, tmp_path):
+    from transformers import pipeline
+
+    tmp, config, dev = custom_run
+    run_dir = Path(config.output_dir)
+    results = json.loads((run_dir / "eval_results.json").read_text())
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    gold = np.array([("bad", "good").index(r["verdict"]) for r in dev])
+    predicted = np.array([int(np.argmax(r["logits"])) for r in rows])
+    assert len(rows) == len(dev) and results["metrics"]["accuracy"] == pytest.approx(np.mean(predicted == gold))
+    true_positive = np.sum((predicted == 1) & (gold == 1))
+    f1 = 2 * true_positive / (np.sum(predicted == 1) + np.sum(gold == 1))
+    assert results["metrics"]["f1"] == pytest.approx(f1)
+    saved = json.loads((run_dir / "config.json").read_text())["data"]
+    assert saved["label_names"] == ["bad", "good"] and saved["problem_type"] == "classification"
+
+    out = saved_run.export_checkpoint(run_dir, out_dir=str(tmp_path / "x"), merged=True, log=lambda _: None)
+    merged_config = json.loads((out / "merged" / "config.json").read_text())
+    assert merged_config["id2label"] == {"0": "bad", "1": "good"}
+    classify = pipeline("text-classification", model=str(out / "merged"), tokenizer=str(out / "merged"), top_k=None)
+    assert sorted(s["label"] for s in classify([dev[0]["review"]])[0]) == ["bad", "good"]
+
+    test_file = tmp_path / "new_reviews.tsv"
+    test_file.write_text("review\n" + "".join(f"{r['review']}\n" for r in dev))
+    predicted_dir = predict(run_dir, str(test_file), out_dir=str(tmp_path / "p"), log=lambda _: None)
+    lines = (predicted_dir / "predictions.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t")[1] for line in lines[1:]] == [("bad", "good")[p] for p in predicted]
+
+
 def test_glue_predict_writes_submission_tsvs_and_metrics_without_touching_the_run(mnli_run, tmp_path):
     tmp, config = mnli_run
     run_dir = Path(config.output_dir)

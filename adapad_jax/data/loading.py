@@ -128,10 +128,22 @@ def read_tsv_rows(path: Path) -> list[dict]:
         raise DataError(f"data file '{path}' is not valid TSV: {err}") from None
 
 
+def label_key(value: Any) -> str:
+    """A label as a class name: text as it is (stripped), a whole number as its digits (1, 1.0 and "1" alike)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _label_value(spec: TaskSpec, value: Any) -> int | float:
-    """A label as the task needs it (class id or float score); raises ValueError saying why it is unusable."""
-    if spec.kind == "classification" and isinstance(value, str) and value in spec.label_names:
-        return spec.label_names.index(value)
+    """A label as the task needs it (class id or float score); raises ValueError saying why it is unusable.
+
+    Classification labels match a class name first (``label_key``), else are taken as a class id.
+    """
+    if spec.kind == "classification" and label_key(value) in spec.label_names:
+        return spec.label_names.index(label_key(value))
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -206,6 +218,26 @@ def _parquet_columns(path: Path) -> list[str]:
 
     try:
         return list(pq.read_schema(path).names)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
+        raise DataError(f"data file '{path}' is not a valid parquet file: {err}") from None
+
+
+def read_file_rows(path: str | Path) -> list[dict]:
+    """Every row of a local data file (json / jsonl incl. official SQuAD, csv, tsv, parquet) as a dict."""
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    fmt = _file_format(file_path)
+    if fmt == "json":
+        return _read_json_rows(file_path)[0]
+    if fmt == "csv":
+        return _read_csv_rows(file_path)
+    if fmt == "tsv":
+        return read_tsv_rows(file_path)
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(file_path).to_pylist()
     except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds
         raise DataError(f"data file '{path}' is not a valid parquet file: {err}") from None
 

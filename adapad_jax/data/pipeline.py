@@ -80,6 +80,8 @@ def build_task_data(
     def tokenised(split: str, role: str, compute):
         settings = {"task": spec.name, "split": split, "role": role, "max_length": max_length,
                     "doc_stride": doc_stride if spec.kind == "qa" else None, "token_types": with_token_type_ids}
+        if not (spec.is_glue or spec.kind == "qa"):  # task=custom: the same file read with other columns
+            settings["text_columns"] = list(spec.text_columns)
         computed = []
         features = feature_cache.cached(cache_dir, raw[split], tokenizer_hash, settings,
                                         lambda: computed.append(True) or compute())
