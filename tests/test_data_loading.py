@@ -300,3 +300,30 @@ def test_custom_task_data_problems_are_named_before_any_compute(tmp_path):
     config = _custom_config(tmp_path, _reviews(["good", "good"]), _reviews(["good"]))
     with pytest.raises(DataError, match="classification needs at least two"):
         prepare_config(config, log=lambda _: None)
+
+
+def test_custom_task_from_a_dataset_takes_its_classlabel_names(tmp_path):
+    # datasets.load_dataset on a folder of train/validation parquet files, the hub code path: the parquet
+    # metadata keeps the ClassLabel, whose names (not the ids seen) are the classes.
+    import datasets
+
+    from adapad_jax.config import base_config
+    from adapad_jax.data.custom import prepare_config
+    from adapad_jax.validation import task_spec_for
+
+    features = datasets.Features({"a": datasets.Value("string"), "b": datasets.Value("string"),
+                                  "y": datasets.ClassLabel(names=["no", "maybe", "yes"])})
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for split, ys in (("train", [0, 2, 2]), ("validation", [2, 0])):
+        rows = {"a": [f"first {i}" for i in range(len(ys))], "b": [f"second {i}" for i in range(len(ys))], "y": ys}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    config = base_config()
+    config.task, config.output_dir = "custom", str(tmp_path / "run")
+    config.data.dataset_name, config.data.text_columns, config.data.label_column = str(folder), ("a", "b"), "y"
+    prepare_config(config, log=lambda _: None)
+    spec = task_spec_for(config)
+    assert spec.label_names == ("no", "maybe", "yes") and spec.num_labels == 3 and spec.kind == "classification"
+    splits = load_raw_splits(spec)
+    assert splits["train"]["y"] == [0, 2, 2] and splits["validation"]["y"] == [2, 0]
+    assert splits["validation"]["a"] == ["first 0", "first 1"]
