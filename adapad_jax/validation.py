@@ -39,6 +39,8 @@ RESUME_INVARIANT_FIELDS = (
     "adapter.r_max",
     "adapter.lora_rank",
     "adapter.initial_rank",
+    "data.label_names",  # task=custom: the classes, hence the task head
+    "data.problem_type",
 )
 
 

@@ -118,6 +118,16 @@ def test_squad_configs_follow_the_paper(name, budget, lora_rank):
     check_fields(config)
 
 
+def test_custom_config_is_valid_with_data_files_and_documents_the_command(tmp_path):
+    module, config = load_config_file("custom")
+    assert config.task == "custom" and config.data.text_columns == ("text",)
+    assert "python launch/train.py --config configs/custom.py" in module.__doc__
+    with pytest.raises(ConfigError, match="task=custom needs data"):
+        check_fields(config)
+    config.data.train_file = config.data.validation_file = str(tmp_path / "data.tsv")
+    check_fields(config)
+
+
 def test_demo_config_is_valid_and_documents_the_command():
     module, config = load_config_file("demo")
     assert config.task == "demo"
@@ -141,6 +151,8 @@ def test_demo_config_is_valid_and_documents_the_command():
         ("adapter.grow", 1, "adapter.grow must be bool"),
         ("train.batch_size", True, "train.batch_size must be int, got the bool True"),
         ("adapter.target_modules", "query_proj", "adapter.target_modules must be a tuple"),
+        ("data.text_columns", "review", "data.text_columns must be a tuple of names"),
+        ("data.metric", "auc", "data.metric='auc' is not one of"),
     ],
 )
 def test_check_fields_names_the_bad_field(field, value, message):
@@ -246,6 +258,17 @@ def test_resume_refuses_a_different_structural_field(tmp_path):
     check_resume(config, saved)
     config.adapter.r_max = 4
     with pytest.raises(ConfigError, match="adapter.r_max=8"):
+        check_resume(config, saved)
+
+
+def test_resume_refuses_other_classes_of_a_custom_task(tmp_path):
+    config = _valid_config(tmp_path)
+    config.task, config.data.text_columns = "custom", ("sentence",)
+    config.data.problem_type, config.data.label_names = "classification", ("neg", "pos")
+    saved = config.to_json()
+    check_resume(config, saved)
+    config.data.label_names = ("neg", "neutral", "pos")  # the data changed: another head
+    with pytest.raises(ConfigError, match=r"data.label_names=\['neg', 'pos'\]"):
         check_resume(config, saved)
 
 

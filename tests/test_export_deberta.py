@@ -183,3 +183,18 @@ def test_bad_factors_are_refused(exported, tmp_path):
     with pytest.raises(ValueError, match="no adapter target has a committed slot"):
         write_peft_adapter(tmp_path, model, params, empty, 1.0, "x")
     assert factors_in_target_order(model, empty) == []
+
+
+def test_model_card_states_the_reachable_budget():
+    # The run: 12 adapted modules, r_max 4, budget 144 -> only 12 x 4 = 48 can ever be committed.
+    from adapad_jax.config import base_config
+    from adapad_jax.models.model_card import model_card
+
+    config = base_config()
+    config.task, config.adapter.rank_budget, config.adapter.r_max = "glue_rte", 144, 4
+    ranks = {f"deberta.encoder.layer.{layer}.attention.self.{m}": 2 for layer in range(2)
+             for m in ("query_proj", "key_proj", "value_proj", "q", "k", "v")}
+    card = str(model_card(config, ranks, {"accuracy": 0.5}, step=10))
+    assert "global rank budget 144, of which 48 is reachable (12 modules x r_max 4" in card
+    config.adapter.rank_budget = 40  # below 48: the budget itself is what binds
+    assert "global rank budget 40, at most 4 per module" in str(model_card(config, ranks, {}, step=10))

@@ -31,14 +31,16 @@ _METHODS = {
 
 def metrics_at_step(run_dir: str | os.PathLike, step: int) -> dict[str, float]:
     """The evaluation metrics a run logged at ``step`` (eval_results.json, else metrics.jsonl); {} if none."""
+    from adapad_jax.run import EVAL_RESULTS_FILE, METRICS_FILE
+
     run_dir = Path(run_dir)
-    results = run_dir / "eval_results.json"
+    results = run_dir / EVAL_RESULTS_FILE
     if results.is_file():
         saved = json.loads(results.read_text())
         if saved.get("step") == step and isinstance(saved.get("metrics"), dict):
             return saved["metrics"]
     found: dict[str, float] = {}
-    log = run_dir / "metrics.jsonl"
+    log = run_dir / METRICS_FILE
     if log.is_file():
         for line in log.read_text().splitlines():
             try:
