@@ -321,9 +321,11 @@ def test_custom_task_from_a_dataset_takes_its_classlabel_names(tmp_path):
     config = base_config()
     config.task, config.output_dir = "custom", str(tmp_path / "run")
     config.data.dataset_name, config.data.text_columns, config.data.label_column = str(folder), ("a", "b"), "y"
+    config.data.metric = "matthews_correlation"
     prepare_config(config, log=lambda _: None)
     spec = task_spec_for(config)
     assert spec.label_names == ("no", "maybe", "yes") and spec.num_labels == 3 and spec.kind == "classification"
+    assert spec.metric_names == ("matthews_correlation", "accuracy")
     splits = load_raw_splits(spec)
     assert splits["train"]["y"] == [0, 2, 2] and splits["validation"]["y"] == [2, 0]
     assert splits["validation"]["a"] == ["first 0", "first 1"]

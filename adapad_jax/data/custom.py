@@ -53,6 +53,13 @@ def _spec(data: ml_collections.ConfigDict, kind: str, label_names: Sequence[str]
     )
 
 
+def _reading_spec(data: ml_collections.ConfigDict) -> TaskSpec:
+    """A spec to find and read the data with before the classes are known (no labels, no metrics)."""
+    return TaskSpec(name=CUSTOM_TASK, kind="classification", hub_names=_hub_names(data),
+                    text_columns=tuple(data.text_columns), num_labels=0, metric_names=(),
+                    label_column=data.label_column)
+
+
 def custom_task_spec(config: ml_collections.ConfigDict) -> TaskSpec:
     """The TaskSpec of a task=custom config whose problem type and class names are known (``prepare_config``)."""
     data = config.data
@@ -67,14 +74,13 @@ def _label_source(data: ml_collections.ConfigDict) -> tuple[list[Any], tuple[str
     """The labels to learn the classes from (training data, else the first validation file) and ClassLabel names."""
     column = data.label_column
     if data.dataset_name:
-        dataset = _load_hub(_spec(data, "regression", ()), "train")
+        dataset = _load_hub(_reading_spec(data), "train")
         if column not in dataset.column_names:
             raise DataError(f"hub dataset {data.dataset_name} has no column '{column}' (data.label_column); its "
                             f"columns: {', '.join(dataset.column_names)}")
         feature = dataset.features[column]
         return list(dataset[column]), tuple(getattr(feature, "names", None) or ())
-    path = data.train_file or next(iter(split_validation_files(_spec(data, "regression", ()),
-                                                                data.validation_file).values()))
+    path = data.train_file or next(iter(split_validation_files(_reading_spec(data), data.validation_file).values()))
     rows = read_file_rows(path)
     if not rows:
         raise DataError(f"data file '{path}' has no rows")

@@ -3,8 +3,8 @@
 Local files are in the dataset's own schema (see ``TaskSpec.required_columns``): ``.jsonl`` / ``.json``
 (JSON lines, a JSON array of rows, or for SQuAD the official nested ``{"data": [...]}`` file), ``.csv``
 (SQuAD ``answers`` as a JSON string), ``.tsv`` (tab-separated with a header row, read as GLUE's own files are:
-no quoting, so a quote character inside a sentence is text) or ``.parquet``. ``validation_file`` may list several files separated
-by commas, one per validation split of the task in order (MNLI: matched, then mismatched).
+no quoting, so a quote character inside a sentence is text) or ``.parquet``. ``validation_file`` may list several
+files separated by commas, one per validation split of the task in order (MNLI: matched, then mismatched).
 """
 
 from __future__ import annotations
