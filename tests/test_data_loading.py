@@ -296,6 +296,11 @@ def test_custom_task_data_problems_are_named_before_any_compute(tmp_path):
 
     with pytest.raises(DataError, match=r"row 2: label 'great' is not a number or one of \['bad', 'good'\]"):
         validate_data_files(task_spec_for(config), config.data.train_file, config.data.validation_file)
+    # Whole-number classes: a label the training data never had is not read as a class id.
+    config = _custom_config(tmp_path, _reviews([10, 2, 1]), _reviews([2, 0]))
+    prepare_config(config, log=lambda _: None)
+    with pytest.raises(DataError, match=r"row 2: label 0 is not one of the classes \['1', '2', '10'\]"):
+        validate_data_files(task_spec_for(config), config.data.train_file, config.data.validation_file)
     # One class only.
     config = _custom_config(tmp_path, _reviews(["good", "good"]), _reviews(["good"]))
     with pytest.raises(DataError, match="classification needs at least two"):

@@ -140,10 +140,13 @@ def label_key(value: Any) -> str:
 def _label_value(spec: TaskSpec, value: Any) -> int | float:
     """A label as the task needs it (class id or float score); raises ValueError saying why it is unusable.
 
-    Classification labels match a class name first (``label_key``), else are taken as a class id.
+    Classification labels match a class name first (``label_key``), else are taken as a class id, unless the
+    names are themselves whole numbers (task=custom labels 1, 2, 10): then 0 is no class rather than the first.
     """
     if spec.kind == "classification" and label_key(value) in spec.label_names:
         return spec.label_names.index(label_key(value))
+    if spec.kind == "classification" and spec.label_names and all(n.lstrip("-").isdigit() for n in spec.label_names):
+        raise ValueError(f"label {value!r} is not one of the classes {list(spec.label_names)}")
     try:
         number = float(value)
     except (TypeError, ValueError):
