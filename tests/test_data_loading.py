@@ -334,3 +334,6 @@ def test_custom_task_from_a_dataset_takes_its_classlabel_names(tmp_path):
     splits = load_raw_splits(spec)
     assert splits["train"]["y"] == [0, 2, 2] and splits["validation"]["y"] == [2, 0]
     assert splits["validation"]["a"] == ["first 0", "first 1"]
+    config.data.text_columns, config.data.label_names, config.data.problem_type = ("a", "c"), (), "auto"
+    with pytest.raises(DataError, match=r"hub dataset .*pairs lacks column\(s\) c named by .* \(its columns: a, b, y\)"):
+        prepare_config(config, log=lambda _: None)

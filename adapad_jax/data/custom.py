@@ -70,25 +70,26 @@ def custom_task_spec(config: ml_collections.ConfigDict) -> TaskSpec:
     return _spec(data, kind, data.label_names)
 
 
+def _require_columns(origin: str, present: Sequence[str], data: ml_collections.ConfigDict) -> None:
+    """The data has every column data.text_columns and data.label_column name, or one line listing what it has."""
+    missing = [c for c in (*data.text_columns, data.label_column) if c not in present]
+    if missing:
+        raise DataError(f"{origin} lacks column(s) {', '.join(missing)} named by data.text_columns / "
+                        f"data.label_column (its columns: {', '.join(present) or 'none'})")
+
+
 def _label_source(data: ml_collections.ConfigDict) -> tuple[list[Any], tuple[str, ...]]:
     """The labels to learn the classes from (training data, else the first validation file) and ClassLabel names."""
     column = data.label_column
     if data.dataset_name:
         dataset = _load_hub(_reading_spec(data), "train")
-        if column not in dataset.column_names:
-            raise DataError(f"hub dataset {data.dataset_name} has no column '{column}' (data.label_column); its "
-                            f"columns: {', '.join(dataset.column_names)}")
-        feature = dataset.features[column]
-        return list(dataset[column]), tuple(getattr(feature, "names", None) or ())
+        _require_columns(f"hub dataset {data.dataset_name}", dataset.column_names, data)
+        return list(dataset[column]), tuple(getattr(dataset.features[column], "names", None) or ())
     path = data.train_file or next(iter(split_validation_files(_reading_spec(data), data.validation_file).values()))
     rows = read_file_rows(path)
-    if not rows:
-        raise DataError(f"data file '{path}' has no rows")
-    missing = [c for c in (*data.text_columns, column) if not isinstance(rows[0], dict) or c not in rows[0]]
-    if missing:
-        found = ", ".join(rows[0]) if isinstance(rows[0], dict) else "none"
-        raise DataError(f"data file '{path}' lacks column(s) {', '.join(missing)} named by data.text_columns / "
-                        f"data.label_column (its columns: {found})")
+    if not rows or not isinstance(rows[0], dict):
+        raise DataError(f"data file '{path}' has no rows with named columns")
+    _require_columns(f"data file '{path}'", list(rows[0]), data)
     return [row.get(column) for row in rows], ()
 
 
