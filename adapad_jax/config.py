@@ -142,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Global batch sizes (split over mesh.data).
     config.train.batch_size = 32
     config.train.eval_batch_size = 64
+    # Gradient accumulation: each optimizer step runs its batch_size batch as this many micro-batches in turn
+    # (batch_size / (grad_accum_steps x mesh.data) rows per device at a time) and sums their gradients, so the step
+    # is the full batch's (same numbers, to float rounding) with a micro-batch's activation memory (README "Memory").
+    config.train.grad_accum_steps = 1
     # Evaluate every N steps during training (0 = only at the end).
     config.train.eval_every_steps = 0
     # A metrics.jsonl record and a progress line every N steps (and at the last); adapad runs the forward behind

@@ -243,6 +243,7 @@ class Trainer:
             slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
             head_gradient=str(adapter.head_gradient), log_every=self.log_every, num_steps=self._total_steps,
+            grad_accum_steps=int(self.config.train.get("grad_accum_steps", 1)),
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
