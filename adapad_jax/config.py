@@ -156,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Off by default (the adapter is the last step's); the GLUE/SQuAD presets turn it on, as the paper reports
     # best dev scores.
     config.train.select_best = False
+    # Profile steps profile_start_step .. profile_start_step + profile_num_steps - 1 (1-based; 0 = off) with
+    # jax.profiler into output_dir/profile: TensorBoard (tensorboard --logdir <output_dir>/profile, with the
+    # tensorboard-plugin-profile package) or Perfetto (perfetto_trace.json.gz). Start after step 1 (compilation).
+    config.train.profile_start_step = 0
+    config.train.profile_num_steps = 3
 
     config.checkpoint = ml_collections.ConfigDict()
     # Orbax checkpoint every N steps (and at the end); keep the newest `keep` (+ the best with select_best).

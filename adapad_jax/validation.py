@@ -205,6 +205,12 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if _require_type(config, "train.select_best", (bool,)) and config.train.eval_every_steps == 0:
         raise ConfigError("train.select_best=True needs train.eval_every_steps > 0: it keeps the best of the "
                           "evaluated checkpoints (or set train.select_best=False)")
+    profile_start = _require_range(config, "train.profile_start_step", integer, 0)
+    _require_range(config, "train.profile_num_steps", integer, 1)
+    if profile_start and config.train.num_steps >= 0:
+        from adapad_jax.training.profiling import check_profile_window
+
+        check_profile_window(profile_start, config.train.profile_num_steps, config.train.num_steps)
     _require_type(config, "logging.tensorboard", (bool,))
     _require_type(config, "logging.wandb_project", (str,))
     check_logging_packages(config)

@@ -35,7 +35,7 @@ SCHEMA = {
     "optim.b2": 0.999, "optim.eps": 1e-6,
     "train.num_epochs": None, "train.num_steps": -1, "train.batch_size": None, "train.eval_batch_size": 64,
     "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
-    "train.grad_accum_steps": 1,
+    "train.grad_accum_steps": 1, "train.profile_start_step": 0, "train.profile_num_steps": 3,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
     "logging.tensorboard": True, "logging.wandb_project": "",
