@@ -12,7 +12,8 @@ Suites:
           One column per `adapter.slot_chunk_size` in --slot_chunks (0: all
           live slots in one vmapped pass; c: c slots at a time under lax.map).
           Timed steps are unlogged ones; --log_every 1 times logged steps,
-          where adapad also runs the committed forward (the logged loss).
+          where adapad also runs the committed forward (the logged loss);
+          --grad_accum_steps N runs each step's batch as N micro-batches.
   step_memory
           compile only: XLA's temporary-buffer bytes of the real train step of
           the DeBERTaV3-base / Qwen3-0.6B size models at the paper's batch

@@ -250,8 +250,7 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
             else:
                 model_loss = jax.lax.cond(logged, lambda: committed_forward()[0], lambda: jnp.full((), jnp.nan))
                 head_grads = None
-            # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them
-            # out.
+            # Rows >= L of the slot gradients are zero (coefficient 0 in every forward): leave them out.
             rows = spec.live_slots
             return {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "losses": all_losses,
                     "model_loss": model_loss,
