@@ -29,14 +29,14 @@ def _batches(model, teacher):
     return batches
 
 
-def _state_after(model, teacher, method, mesh, accum):
+def _state_after(model, teacher, method, mesh, accum, **overrides):
     """The train state after two steps (the second grows a module) with ``grad_accum_steps=accum``; adapad runs
     its committed forward (the logged loss) only on step 2, the logged one."""
     cfg = toy_config(**{
         "adapter.method": method, "adapter.r_max": 4, "adapter.rank_budget": 6, "adapter.top_k": 1,
         "adapter.growth_interval": 1, "adapter.init_std": 0.1, "adapter.orth_reg": 0.1, "adapter.dropout": 0.2,
         "adapter.lora_rank": 2, "optim.warmup_steps": 0, "checkpoint.every_steps": 0,
-        "train.grad_accum_steps": accum, "train.num_steps": 2, "train.log_every_steps": 2,
+        "train.grad_accum_steps": accum, "train.num_steps": 2, "train.log_every_steps": 2, **overrides,
     })
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, cfg, make_mesh(*mesh), out)
@@ -53,18 +53,25 @@ def _assert_same(expected, actual):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("method", ["adapad", "lora", "joint"])
-@pytest.mark.parametrize("mesh, accum", [((1, 1), 2), ((2, 2), 4)])
-def test_accumulated_step_equals_the_full_batch_step(toy, method, mesh, accum):
+CASES = [pytest.param(method, mesh, accum, {}, id=f"{method}-mesh{mesh[0]}x{mesh[1]}-accum{accum}")
+         for mesh, accum in (((1, 1), 2), ((2, 2), 4)) for method in ("adapad", "lora", "joint")]
+# adapad's other head objective (the committed forward's gradient, every step) and its slots one at a time (a scan
+# over slot chunks inside the scan over micro-batches).
+CASES.append(pytest.param("adapad", (2, 1), 2, {"adapter.head_gradient": "committed", "adapter.slot_chunk_size": 1},
+                          id="adapad-committed-head-chunked-mesh2x1-accum2"))
+
+
+@pytest.mark.parametrize("method, mesh, accum, overrides", CASES)
+def test_accumulated_step_equals_the_full_batch_step(toy, method, mesh, accum, overrides):
     """Params, optimiser moments, allocator EMAs, ranks and snapshot after two steps match grad_accum_steps=1.
 
     On the (data=2, components=2) mesh with 4 micro-batches each device's micro-batch is 2 rows, one per
     ``components`` device in adapad's committed forward."""
     model, teacher = toy
-    full, full_metrics = _state_after(model, teacher, method, mesh, 1)
+    full, full_metrics = _state_after(model, teacher, method, mesh, 1, **overrides)
     if method != "lora":
         assert full["alloc"]["rank"].sum() == len(model.targets) + 1, "the second step should grow one module"
-    state, metrics = _state_after(model, teacher, method, mesh, accum)
+    state, metrics = _state_after(model, teacher, method, mesh, accum, **overrides)
     assert int(state["step"]) == 2
     _assert_same(full, state)
     keys = ("loss", "slot_losses", "grad_norm", "lr")
