@@ -160,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Global batch sizes (split over mesh.data).
     config.train.batch_size = 32
     config.train.eval_batch_size = 64
+    # Gradient accumulation: each optimizer step runs its batch_size batch as this many micro-batches in turn
+    # (batch_size / (grad_accum_steps x mesh.data) rows per device at a time) and sums their gradients, so the step
+    # is the full batch's (same numbers, to float rounding) with a micro-batch's activation memory (README "Memory").
+    config.train.grad_accum_steps = 1
     # Evaluate every N steps during training (0 = only at the end).
     config.train.eval_every_steps = 0
     # A metrics.jsonl record and a progress line every N steps (and at the last); adapad runs the forward behind
@@ -170,6 +174,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Off by default (the adapter is the last step's); the GLUE/SQuAD presets turn it on, as the paper reports
     # best dev scores.
     config.train.select_best = False
+    # Profile steps profile_start_step .. profile_start_step + profile_num_steps - 1 (1-based; 0 = off) with
+    # jax.profiler into output_dir/profile: TensorBoard (tensorboard --logdir <output_dir>/profile, with the
+    # tensorboard-plugin-profile package) or Perfetto (perfetto_trace.json.gz). Start after step 1 (compilation).
+    config.train.profile_start_step = 0
+    config.train.profile_num_steps = 3
 
     config.checkpoint = ml_collections.ConfigDict()
     # Orbax checkpoint every N steps (and at the end); keep the newest `keep` (+ the best with select_best).

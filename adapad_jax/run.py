@@ -40,6 +40,7 @@ CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.jsonl"
+PROFILE_DIR = "profile"  # train.profile_start_step's jax.profiler trace (training/profiling.py)
 EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
 
 

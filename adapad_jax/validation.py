@@ -204,11 +204,18 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_range(config, "train.num_steps", integer, -1)
     batch = _require_range(config, "train.batch_size", integer, 1)
     eval_batch = _require_range(config, "train.eval_batch_size", integer, 1)
+    accum = _require_range(config, "train.grad_accum_steps", integer, 1)
     _require_range(config, "train.eval_every_steps", integer, 0)
     _require_range(config, "train.log_every_steps", integer, 1)
     if _require_type(config, "train.select_best", (bool,)) and config.train.eval_every_steps == 0:
         raise ConfigError("train.select_best=True needs train.eval_every_steps > 0: it keeps the best of the "
                           "evaluated checkpoints (or set train.select_best=False)")
+    profile_start = _require_range(config, "train.profile_start_step", integer, 0)
+    _require_range(config, "train.profile_num_steps", integer, 1)
+    if profile_start and config.train.num_steps >= 0:
+        from adapad_jax.training.profiling import check_profile_window
+
+        check_profile_window(profile_start, config.train.profile_num_steps, config.train.num_steps)
     _require_type(config, "logging.tensorboard", (bool,))
     _require_type(config, "logging.wandb_project", (str,))
     check_logging_packages(config)
@@ -222,6 +229,10 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         check_components_divide(r_max, components)
     if batch % data:
         raise ConfigError(f"train.batch_size={batch} is not divisible by mesh.data={data}")
+    if batch % (accum * data):
+        raise ConfigError(f"train.batch_size={batch} is not divisible by train.grad_accum_steps={accum} x "
+                          f"mesh.data={data} = {accum * data}: every data device splits its rows into "
+                          f"grad_accum_steps equal micro-batches")
     if eval_batch % data:
         raise ConfigError(f"train.eval_batch_size={eval_batch} is not divisible by mesh.data={data}")
 

@@ -12,7 +12,8 @@ Suites:
           One column per `adapter.slot_chunk_size` in --slot_chunks (0: all
           live slots in one vmapped pass; c: c slots at a time under lax.map).
           Timed steps are unlogged ones; --log_every 1 times logged steps,
-          where adapad also runs the committed forward (the logged loss).
+          where adapad also runs the committed forward (the logged loss);
+          --grad_accum_steps N runs each step's batch as N micro-batches.
   step_memory
           compile only: XLA's temporary-buffer bytes of the real train step of
           the DeBERTaV3-base / Qwen3-0.6B size models at the paper's batch
@@ -278,11 +279,12 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
             return
 
 
-def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int, log_every: int) -> dict:
+def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int, log_every: int,
+                  grad_accum_steps: int) -> dict:
     from adapad_jax.training.benchmarking import time_train_step
 
     return time_train_step(method=method, live_slots=live_slots, repeats=repeats, slot_chunk_size=slot_chunk_size,
-                           log_every=log_every)
+                           log_every=log_every, grad_accum_steps=grad_accum_steps)
 
 
 def _memory_worker(name: str, method: str, live: int, chunk: int, remat: bool, batch: int, seq: int) -> dict:
@@ -454,14 +456,15 @@ def _slot_chunks(text: str) -> list[int]:
 
 def suite_slots(args, chunks: list[int]) -> list[dict]:
     rows = []
-    base = _run_worker(["slots", "lora", "1", str(args.repeats), "0", str(args.log_every)])
+    base = _run_worker(["slots", "lora", "1", str(args.repeats), "0", str(args.log_every), str(args.grad_accum_steps)])
     rows.append({"method": "lora", "live_slots": 1, **base})
     cells = " | ".join(f"{_fmt(base.get('median_s'), 's')} (1.00)" for _ in chunks)
     print(f"| lora (rank 1) | 1 | {cells} |", flush=True)
     for live in (1, 2, 4, 8):
         cells = []
         for chunk in chunks:
-            res = _run_worker(["slots", "adapad", str(live), str(args.repeats), str(chunk), str(args.log_every)])
+            res = _run_worker(["slots", "adapad", str(live), str(args.repeats), str(chunk), str(args.log_every),
+                               str(args.grad_accum_steps)])
             rows.append({"method": "adapad", "live_slots": live, **res})
             ratio = res["median_s"] / base["median_s"] if "median_s" in res and "median_s" in base else None
             cells.append(f"{_fmt(res.get('median_s'), 's')} ({'n/a' if ratio is None else f'{ratio:.2f}'})"
@@ -716,8 +719,8 @@ def main() -> None:
             worker = _jax_model_worker if fw == "jax" else _torch_model_worker
             result = worker(name, mode, int(batch), int(seq), int(repeats))
         else:
-            method, live, repeats, chunk, log_every = rest
-            result = _slots_worker(method, int(live), int(repeats), int(chunk), int(log_every))
+            method, live, repeats, chunk, log_every, accum = rest
+            result = _slots_worker(method, int(live), int(repeats), int(chunk), int(log_every), int(accum))
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -731,6 +734,8 @@ def main() -> None:
     parser.add_argument("--log_every", type=int, default=10,
                         help="slots: train.log_every_steps (default 10: the timed steps are unlogged ones; 1: every "
                              "step logged, so adapad also runs the committed forward)")
+    parser.add_argument("--grad_accum_steps", type=int, default=1,
+                        help="slots: train.grad_accum_steps (micro-batches per step of the same 512-row batch)")
     parser.add_argument("--out", default="", help="also write the rows as JSON here")
     parser.add_argument("--processes", default="2", help="scaling: process counts P to compare with 1 (e.g. 2)")
     parser.add_argument("--live_slots", type=int, default=4, help="scaling: live slots L (a multiple of each P)")
@@ -757,6 +762,8 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODEL_SPECS)}")
     if args.log_every < 1:
         parser.error(f"--log_every must be >= 1, got {args.log_every}")
+    if args.grad_accum_steps < 1 or 512 % args.grad_accum_steps:
+        parser.error(f"--grad_accum_steps must divide the slots suite's batch of 512, got {args.grad_accum_steps}")
     if args.preload and not Path(args.preload).is_file():
         parser.error(f"--preload {args.preload}: no such file")
     if args.shape:
@@ -792,7 +799,8 @@ def main() -> None:
         if rows and rows[0].get("device") == "cpu":
             print("(CPU compiler: remat rows show no saving here; measure them on a GPU)")
     else:
-        print(f"train-step time, median of {args.repeats} after compile; train.log_every_steps={args.log_every}")
+        print(f"train-step time, median of {args.repeats} after compile; train.log_every_steps={args.log_every}; "
+              f"train.grad_accum_steps={args.grad_accum_steps}")
         chunks = _slot_chunks(args.slot_chunks)
         print("step (ratio to lora) per adapter.slot_chunk_size")
         print("| method | live slots L | " + " | ".join(f"chunk {c or 'all'}" for c in chunks) + " |")

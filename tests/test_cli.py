@@ -64,6 +64,10 @@ CASES = {
     "missing data": (["--config.data.train_file={root}/absent.jsonl"], "absent.jsonl' does not exist"),
     "data lacks columns": (["--config.data.train_file={no_label}"], "lacks column(s) label"),
     "data not valid": (["--config.data.validation_file={not_json}"], "is not valid JSON"),
+    "batch vs accumulation": (["--config.train.grad_accum_steps=3"],
+                              "train.batch_size=32 is not divisible by train.grad_accum_steps=3 x mesh.data=1"),
+    "profile after the end": (["--config.train.num_steps=5", "--config.train.profile_start_step=9"],
+                              "train.profile_start_step=9 is after the run's last step (5)"),
 }
 
 

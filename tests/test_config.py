@@ -37,6 +37,7 @@ SCHEMA = {
     "optim.b2": 0.999, "optim.eps": 1e-6,
     "train.num_epochs": None, "train.num_steps": -1, "train.batch_size": None, "train.eval_batch_size": 64,
     "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
+    "train.grad_accum_steps": 1, "train.profile_start_step": 0, "train.profile_num_steps": 3,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
     "logging.tensorboard": True, "logging.wandb_project": "",
@@ -144,6 +145,10 @@ def test_demo_config_is_valid_and_documents_the_command():
         ("adapter.initial_rank", 9, "adapter.initial_rank=9 is larger than adapter.r_max=8"),
         ("mesh.components", 3, "mesh.components=3 does not divide adapter.r_max=8"),
         ("train.batch_size", 30, "train.batch_size=30 is not divisible by mesh.data=4"),
+        ("train.grad_accum_steps", 0, "train.grad_accum_steps=0 must be >= 1"),
+        ("train.grad_accum_steps", 3, "train.batch_size=32 is not divisible by train.grad_accum_steps=3 x "
+                                      "mesh.data=1 = 3"),
+        ("train.grad_accum_steps", 2.0, "train.grad_accum_steps must be int, got float 2.0"),
         ("output_dir", "", "output_dir is empty"),
         ("model.dtype", "float16", "model.dtype='float16' is not one of"),
         ("adapter.dropout", 1.0, "adapter.dropout=1.0 must be < 1.0"),

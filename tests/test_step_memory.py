@@ -23,3 +23,11 @@ def test_chunked_slots_need_about_lora_memory_and_vmapped_slots_about_l_times(mo
     assert vmapped["live_slots"] == chunked["live_slots"] == 4
     assert chunked["temp_bytes"] <= 1.3 * lora["temp_bytes"], (chunked, lora)
     assert vmapped["temp_bytes"] >= 2.5 * chunked["temp_bytes"], (vmapped, chunked)
+
+
+def test_gradient_accumulation_holds_one_micro_batch_of_activations(model):
+    """train.grad_accum_steps=4 runs a quarter of the batch at a time: about a quarter of the temporaries."""
+    shape = {"batch_size": 16, "seq_len": 32, "live_slots": 2, "slot_chunk_size": 1}
+    full = step_memory(model, **shape)
+    micro = step_memory(model, grad_accum_steps=4, **shape)
+    assert micro["temp_bytes"] <= 0.4 * full["temp_bytes"], (micro, full)

@@ -22,20 +22,21 @@ UNLOGGED_STEPS = {"train.log_every_steps": 10}
 def time_train_step(
     method: str = "adapad", live_slots: int = 1, repeats: int = 5, hidden: int = 256, num_layers: int = 2,
     batch_size: int = 512, seq_len: int = 16, data: int = 1, components: int = 1, slot_chunk_size: int = 0,
-    log_every: int = UNLOGGED_STEPS["train.log_every_steps"],
+    log_every: int = UNLOGGED_STEPS["train.log_every_steps"], grad_accum_steps: int = 1,
 ) -> dict:
     """Median wall time of the compiled train step with ``live_slots`` live slots (adapad) or rank 1 (lora).
 
     ``slot_chunk_size`` is ``adapter.slot_chunk_size``: 0 runs every live slot in one vmapped pass, c > 0 runs
     c slots at a time under ``lax.scan``. ``log_every`` is ``train.log_every_steps``: with 1 every timed step
-    is a logged one (adapad then also runs the committed forward).
+    is a logged one (adapad then also runs the committed forward). ``grad_accum_steps``: micro-batches per step.
     """
     model = make_toy_model(hidden=hidden, num_layers=num_layers, vocab_size=512)
     teacher = planted_teacher(model, [1] * len(model.targets))
     overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False, "adapter.lora_rank": 1,
                  "adapter.initial_rank": live_slots, "adapter.rank_budget": 8 * len(model.targets),
                  "checkpoint.every_steps": 0, "mesh.data": data, "mesh.components": components,
-                 "adapter.slot_chunk_size": slot_chunk_size, "train.log_every_steps": log_every}
+                 "adapter.slot_chunk_size": slot_chunk_size, "train.log_every_steps": log_every,
+                 "train.grad_accum_steps": grad_accum_steps}
     batches = [toy_batch(model, teacher, i, batch_size, seq_len) for i in range(repeats + 1)]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, toy_config(**overrides), make_mesh(data, components), out)
@@ -52,20 +53,21 @@ def time_train_step(
         trainer.close()
     return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
             "live_slots": trainer.live_slots, "device": jax.devices()[0].device_kind, "hidden": hidden,
-            "batch_size": batch_size, "slot_chunk_size": slot_chunk_size, "log_every": log_every}
+            "batch_size": batch_size, "slot_chunk_size": slot_chunk_size, "log_every": log_every,
+            "grad_accum_steps": grad_accum_steps}
 
 
 def step_memory(
     model: LoadedModel, method: str = "adapad", live_slots: int = 8, batch_size: int = 16, seq_len: int = 384,
-    slot_chunk_size: int = 0, remat: bool = False,
+    slot_chunk_size: int = 0, remat: bool = False, grad_accum_steps: int = 1,
 ) -> dict:
     """XLA's buffer assignment for the compiled train step (compile only, nothing runs): bytes of temporaries
     (activations kept for the backward pass and scratch), arguments and outputs, for ``live_slots`` live slots
-    (adapad/joint) or rank ``live_slots`` (lora)."""
+    (adapad/joint) or rank ``live_slots`` (lora), with ``train.grad_accum_steps`` micro-batches."""
     overrides = {"adapter.method": method, "adapter.r_max": 8, "adapter.grow": False,
                  "adapter.lora_rank": live_slots, "adapter.initial_rank": live_slots,
                  "adapter.rank_budget": 8 * len(model.targets), "adapter.slot_chunk_size": slot_chunk_size,
-                 "adapter.remat": remat, "checkpoint.every_steps": 0}
+                 "adapter.remat": remat, "checkpoint.every_steps": 0, "train.grad_accum_steps": grad_accum_steps}
     if model.task not in ("qa", "classification"):
         raise ValueError(f"step_memory supports qa and classification models, got task {model.task!r}")
     batch = random_batch(model, batch_size, seq_len)
@@ -80,7 +82,8 @@ def step_memory(
     analysis = compiled.memory_analysis()
     return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes),
             "output_bytes": int(analysis.output_size_in_bytes), "compile_s": compile_s, "live_slots": live,
-            "slot_chunk_size": slot_chunk_size, "remat": remat, "device": jax.devices()[0].device_kind}
+            "slot_chunk_size": slot_chunk_size, "remat": remat, "grad_accum_steps": grad_accum_steps,
+            "device": jax.devices()[0].device_kind}
 
 
 def random_batch(model: LoadedModel, batch_size: int, seq_len: int, seed: int = 0) -> dict:

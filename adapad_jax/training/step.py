@@ -51,6 +51,8 @@ class StepSpec:
     # the trainer logs (multiples of log_every, and step num_steps); the others report loss NaN.
     log_every: int = 1
     num_steps: int = 0
+    # train.grad_accum_steps: each device's batch shard runs as this many micro-batches (lax.scan), gradients summed.
+    grad_accum_steps: int = 1
 
 
 def is_log_step(step: Any, log_every: int, num_steps: int) -> Any:
@@ -151,6 +153,33 @@ def _weight_sum(batch) -> jax.Array:
     return jnp.asarray(next(iter(batch.values())).shape[0], jnp.float32)
 
 
+def accumulate_micro_batches(terms: Callable[[Any, jax.Array], Any], batch: Mapping[str, Any], steps: int,
+                             first_row: jax.Array) -> Any:
+    """The sum over ``steps`` equal row slices of ``batch`` of ``terms(micro_batch, its first global row)``.
+
+    ``terms`` returns additive quantities (gradients and losses already divided by the whole batch's weight sum),
+    so the sum is the full batch's; the slices run one after another under ``lax.scan`` and only one slice's
+    activations are live at a time. ``steps == 1`` is the plain call.
+    """
+    if steps == 1:
+        return terms(batch, first_row)
+    rows = next(iter(batch.values())).shape[0]
+    if rows % steps:
+        raise ValueError(f"train.grad_accum_steps={steps} does not divide the {rows} batch rows each data device "
+                         "holds; train.batch_size must be divisible by train.grad_accum_steps x mesh.data")
+    micro_rows = rows // steps
+    micro = jax.tree.map(lambda x: x.reshape((steps, micro_rows) + x.shape[1:]), dict(batch))
+
+    def body(total, xs):
+        index, micro_batch = xs
+        return jax.tree.map(jnp.add, total, terms(micro_batch, first_row + index * micro_rows)), None
+
+    shapes = jax.eval_shape(terms, jax.tree.map(lambda x: x[0], micro), first_row)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(steps, dtype=jnp.int32), micro))
+    return total
+
+
 def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng,
                   logged):
     """Per-slot deflated losses (sharded over ``components``) and the summed gradient.
@@ -167,63 +196,72 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
     def body(trainable, snapshot, committed, live, frozen, batch, slot_ids, step_rng, logged):
         denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
-        def slot_loss(trainable, slot):
-            lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling, num_rows)
-            head = trainable["head"] if spec.head_gradient == "mean" else jax.lax.stop_gradient(trainable["head"])
-            loss = _model_loss(
-                module, spec, frozen, head, lora, batch, jax.random.fold_in(step_rng, slot), denominator
-            )
-            return jnp.where(slot < spec.live_slots, loss, 0.0)
+        def micro_terms(batch, first_row):
+            """This device's share of the slot and head gradients, slot losses and committed loss on ``batch``."""
 
-        def chunk_objective(trainable, chunk_ids):
-            losses = jax.vmap(slot_loss, in_axes=(None, 0))(trainable, chunk_ids)
-            return losses.sum(), losses
+            def slot_loss(trainable, slot):
+                lora = deflated_lora(targets, trainable["slots"], snapshot, committed, live, slot, spec.scaling,
+                                     num_rows)
+                head = trainable["head"] if spec.head_gradient == "mean" else jax.lax.stop_gradient(trainable["head"])
+                loss = _model_loss(
+                    module, spec, frozen, head, lora, batch, jax.random.fold_in(step_rng, slot), denominator, first_row
+                )
+                return jnp.where(slot < spec.live_slots, loss, 0.0)
 
-        local = slot_ids.shape[0]
-        chunk = spec.slot_chunk_size if 0 < spec.slot_chunk_size < local else local
-        if local % chunk:
-            chunk = next(c for c in range(chunk, 0, -1) if local % c == 0)
-        grad_fn = jax.value_and_grad(chunk_objective, has_aux=True)
-        if chunk == local:
-            (_, losses), grads = grad_fn(trainable, slot_ids)
-        else:
-            def scan_body(acc, chunk_ids):
-                (_, losses), grads = grad_fn(trainable, chunk_ids)
-                return jax.tree.map(jnp.add, acc, grads), losses
+            def chunk_objective(trainable, chunk_ids):
+                losses = jax.vmap(slot_loss, in_axes=(None, 0))(trainable, chunk_ids)
+                return losses.sum(), losses
 
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
-            grads, losses = jax.lax.scan(scan_body, zeros, slot_ids.reshape(-1, chunk))
-            losses = losses.reshape(-1)
-        # Every slot's loss in its row of a full-length vector, so the one all-reduce below returns them all.
-        all_losses = jnp.zeros((num_rows,), losses.dtype).at[jax.lax.axis_index(COMPONENTS_AXIS) * local
-                                                              + jnp.arange(local)].set(losses)
-        # The committed forward is the same on every `components` device: each runs it on its share of the rows.
+            local = slot_ids.shape[0]
+            chunk = spec.slot_chunk_size if 0 < spec.slot_chunk_size < local else local
+            if local % chunk:
+                chunk = next(c for c in range(chunk, 0, -1) if local % c == 0)
+            grad_fn = jax.value_and_grad(chunk_objective, has_aux=True)
+            if chunk == local:
+                (_, losses), grads = grad_fn(trainable, slot_ids)
+            else:
+                def scan_body(acc, chunk_ids):
+                    (_, losses), grads = grad_fn(trainable, chunk_ids)
+                    return jax.tree.map(jnp.add, acc, grads), losses
+
+                zeros = jax.tree.map(jnp.zeros_like, trainable)
+                grads, losses = jax.lax.scan(scan_body, zeros, slot_ids.reshape(-1, chunk))
+                losses = losses.reshape(-1)
+            # Every slot's loss in its row of a full-length vector, so the one all-reduce below returns them all.
+            all_losses = jnp.zeros((num_rows,), losses.dtype).at[jax.lax.axis_index(COMPONENTS_AXIS) * local
+                                                                  + jnp.arange(local)].set(losses)
+            # The committed forward is the same on every `components` device: each runs it on its share of the rows.
+            batch_rows = next(iter(batch.values())).shape[0]
+            if components > 1 and batch_rows % components == 0:
+                piece = batch_rows // components
+                start = jax.lax.axis_index(COMPONENTS_AXIS) * piece
+                rows_part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, piece, axis=0), batch)
+                part_first_row, share = first_row + start, 1.0
+            else:  # every `components` device computes the whole micro-batch: count it once
+                rows_part, part_first_row, share = batch, first_row, 1.0 / components
+
+            def committed_forward():
+                loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen,
+                                                        rows_part, step_rng, denominator, part_first_row)
+                return jax.tree.map(lambda x: x * share, (loss, head_grads))
+
+            if spec.head_gradient == "committed" or spec.log_every == 1:
+                model_loss, head_grads = committed_forward()
+            else:
+                model_loss = jax.lax.cond(logged, lambda: committed_forward()[0], lambda: jnp.full((), jnp.nan))
+                head_grads = None
+            # Rows >= L of the slot gradients are zero (coefficient 0 in every forward): leave them out.
+            rows = spec.live_slots
+            return {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "losses": all_losses,
+                    "model_loss": model_loss,
+                    "head": grads["head"] if head_grads is None else head_grads}
+
         shard_rows = next(iter(batch.values())).shape[0]
-        if components > 1 and shard_rows % components == 0:
-            piece = shard_rows // components
-            start = jax.lax.axis_index(COMPONENTS_AXIS) * piece
-            rows_part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, piece, axis=0), batch)
-            first_row, share = jax.lax.axis_index(DATA_AXIS) * shard_rows + start, 1.0
-        else:  # every `components` device computes the whole shard: count it once
-            rows_part, first_row, share = batch, None, 1.0 / components
-
-        def committed_forward():
-            loss, head_grads = committed_model_loss(module, targets, spec, trainable, committed, frozen, rows_part,
-                                                    step_rng, denominator, first_row)
-            return jax.tree.map(lambda x: x * share, (loss, head_grads))
-
-        if spec.head_gradient == "committed" or spec.log_every == 1:
-            model_loss, head_grads = committed_forward()
-        else:
-            model_loss = jax.lax.cond(logged, lambda: committed_forward()[0], lambda: jnp.full((), jnp.nan))
-            head_grads = None
-        # Rows >= L of the slot gradients are zero (those slots have coefficient 0 in every forward): leave them out.
-        rows = spec.live_slots
-        summed = {"slots": jax.tree.map(lambda g: g[:rows], grads["slots"]), "losses": all_losses,
-                  "model_loss": model_loss,
-                  "head": grads["head"] if head_grads is None else head_grads}
+        summed = accumulate_micro_batches(micro_terms, batch, spec.grad_accum_steps,
+                                          jax.lax.axis_index(DATA_AXIS) * shard_rows)
         # The step's only collective: slot and head gradients, slot losses and the committed loss, in one all-reduce.
         summed = psum_packed(summed, (DATA_AXIS, COMPONENTS_AXIS))
+        rows = spec.live_slots
         slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), summed["slots"])
         # On the whole slots (every device holds them), so neither needs a collective of its own.
         grads = {"slots": slot_grads, "head": summed["head"]}
@@ -302,12 +340,19 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     def body(trainable, weights, frozen, batch, step_rng):
         denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
-        def objective(trainable):
-            lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
-            return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator)
+        def micro_terms(batch, first_row):
+            def objective(trainable):
+                lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
+                return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator,
+                                   first_row)
 
-        loss, grads = jax.value_and_grad(objective)(trainable)
-        return psum_packed((grads, loss), DATA_AXIS)
+            loss, grads = jax.value_and_grad(objective)(trainable)
+            return grads, loss
+
+        shard_rows = next(iter(batch.values())).shape[0]
+        summed = accumulate_micro_batches(micro_terms, batch, spec.grad_accum_steps,
+                                          jax.lax.axis_index(DATA_AXIS) * shard_rows)
+        return psum_packed(summed, DATA_AXIS)
 
     sharded = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False

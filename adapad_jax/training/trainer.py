@@ -29,6 +29,7 @@ from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import plot_ranks, write_allocator_json, write_ranks_json
 from adapad_jax.training.precision import frozen_storage, module_dtype
+from adapad_jax.training.profiling import step_profiler
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -243,6 +244,7 @@ class Trainer:
             slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
             head_gradient=str(adapter.head_gradient), log_every=self.log_every, num_steps=self._total_steps,
+            grad_accum_steps=int(self.config.train.get("grad_accum_steps", 1)),
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
@@ -304,20 +306,23 @@ class Trainer:
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
+        profile = step_profiler(self.config.train, self.output_dir, num_steps, self.writes_files)
         every = int(self.config.checkpoint.every_steps)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         last_time = time.perf_counter()
         step = self.step
         guard = FiniteGuard(step)
-        with stop_requests() as stop:
+        with stop_requests() as stop, profile as profiler:
             # The step count is kept on the host: reading it from the state would wait for every step to finish
             # before the next is dispatched.
             while step < num_steps:
                 batch = next(batches)
+                profiler.before_step(step + 1)
                 self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
                 guard.update(metrics)
                 step += 1
+                profiler.after_step(step, metrics)
                 if alloc_lib.is_growth_step(step, self.alloc_config):
                     live = self.live_slots
                 if is_log_step(step, self.log_every, num_steps):
