@@ -234,3 +234,35 @@ def test_trainer_reports_the_rank_schedule(tmp_path):
                                        "budget_spent_step": 10}
     assert "more steps" not in rank_schedule_line(trainer.rank_schedule(), cfg)
     trainer.close()
+
+
+@pytest.mark.parametrize("imp, unc, top_k, expected_rank", [
+    # importance alone would pick modules 0 and 1; the scores 3*0.1, 2*1, 1*1 = 0.3, 2, 1 pick 1 and 2
+    ([3.0, 2.0, 1.0], [0.1, 1.0, 1.0], 2, [1, 2, 2]),
+    # importance alone: module 3; scores 0.5*4, 1*1, 2*0.5, 4*0.25 = 2, 1, 1, 1: module 0
+    ([0.5, 1.0, 2.0, 4.0], [4.0, 1.0, 0.5, 0.25], 1, [2, 1, 1, 1]),
+    # a low-importance module with a very uncertain estimate wins over a steady important one
+    ([1.0, 0.2], [0.01, 0.3], 1, [1, 2]),
+])
+def test_promotion_ranks_by_importance_times_uncertainty(imp, unc, top_k, expected_rank):
+    """Cases where importance alone and importance x uncertainty pick different modules (hand-computed)."""
+    state = _state([1] * len(imp), 8, imp, unc)
+    by_importance = np.argsort(-np.asarray(imp), kind="stable")[:top_k]
+    by_score = np.argsort(-np.asarray(imp) * np.asarray(unc), kind="stable")[:top_k]
+    assert set(by_importance) != set(by_score)
+    new, grew = update_allocator(state, jnp.zeros(len(imp)), jnp.asarray(20), _frozen_ema_config(top_k=top_k), KEY)
+    assert bool(grew)
+    np.testing.assert_array_equal(new["rank"], expected_rank)
+
+
+def test_promotion_score_uses_the_updated_emas():
+    """The score of a growth step is I_bar * U_bar after this step's EMA update (hand-computed, beta 0.5)."""
+    cfg = AllocatorConfig(r_max=4, top_k=1, growth_interval=10, beta1=0.5, beta2=0.5)
+    state = _state([1, 1], 4, [1.0, 0.6], [0.1, 0.1])
+    importance = jnp.array([1.0, 0.2])
+    # I_bar = (1.0, 0.4); U_bar = 0.05 + 0.5 |I - I_bar| = (0.05, 0.15); scores (0.05, 0.06): module 1
+    # (importance alone, before or after the update, would pick module 0).
+    new, _ = update_allocator(state, importance, jnp.asarray(20), cfg, KEY)
+    np.testing.assert_allclose(new["imp_ema"], [1.0, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(new["unc_ema"], [0.05, 0.15], rtol=1e-6)
+    np.testing.assert_array_equal(new["rank"], [1, 2])

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_libs import import_reference
 from flax import traverse_util
 
 from adapad_jax.models import deberta
@@ -28,7 +29,7 @@ from helpers_hf import (
     write_deberta_v3_base_layout,
 )
 
-torch = pytest.importorskip("torch")
+torch = import_reference("torch")
 
 PARITY_TOL = 1e-4
 # bf16 compute (fp32 params, fp32 softmax and LayerNorm statistics) vs fp32 compute. bf16 keeps 8 mantissa bits
@@ -339,21 +340,59 @@ def test_deflated_forward_equals_explicitly_merged_slots(checkpoint):
 
 
 def test_adapter_dropout_reaches_every_adapted_layer(checkpoint):
-    """adapter_dropout=1 drops the whole adapter input in training: the forward equals the adapter-free one."""
+    """adapter_dropout=0.5 in training: every adapted layer's output is x W + bias + ((m * x / 0.5) a^T coef) b
+    for a 0/1 mask m on its own input, read back from the layer and applied by hand (about half of it dropped)."""
+    import flax.linen as nn
+
+    from adapad_jax.adapters.layer import AdaptedDense
+
+    rate = 0.5
     path, _ = checkpoint("v3", "classification")
-    model = load_model(str(path), task="classification", num_labels=3, adapter_dropout=1.0)
+    model = load_model(str(path), task="classification", num_labels=3, adapter_dropout=rate)
     slots = _random_slots(model, 2, 0)
     lora = {}
     for t in model.targets:
         lora[t.flax_path + ("a",)], lora[t.flax_path + ("b",)] = slots[t.hf_path]
-        lora[t.flax_path + ("coef",)] = np.ones(2, np.float32)
-    batch = _batch("v3", 8)
-    apply = jax.jit(model.module.apply, static_argnames="deterministic")
-    rngs = {"dropout": jax.random.PRNGKey(0)}
-    adapted = apply({"params": model.params, "lora": traverse_util.unflatten_dict(lora)}, **batch,
-                    deterministic=False, rngs=rngs)["logits"]
-    plain = apply({"params": model.params}, **batch, deterministic=False, rngs=rngs)["logits"]
-    np.testing.assert_allclose(adapted, plain, atol=1e-5)
+        lora[t.flax_path + ("coef",)] = np.array([1.5, -0.5], np.float32)
+    calls, open_calls = {}, []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(context.module, AdaptedDense):
+            entry = {"x": np.asarray(args[0])}
+            open_calls.append(entry)
+            out = next_fun(*args, **kwargs)
+            open_calls.pop()
+            entry["y"] = np.asarray(out)
+            calls.setdefault(tuple(context.module.scope.path), []).append(entry)
+            return out
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout) and open_calls:
+            open_calls[-1]["x_in"] = np.asarray(out)
+        return out
+
+    with nn.intercept_methods(record):
+        model.module.apply({"params": model.params, "lora": traverse_util.unflatten_dict(lora)}, **_batch("v3", 8),
+                           deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert set(calls) == {t.flax_path for t in model.targets}
+    params = traverse_util.flatten_dict(model.params)
+    dropped = []
+    for t in model.targets:
+        kernel = np.asarray(params[t.flax_path + ("kernel",)], np.float64)
+        bias = np.asarray(params[t.flax_path + ("bias",)], np.float64)
+        a, b = (np.asarray(v, np.float64) for v in slots[t.hf_path])
+        for call in calls[t.flax_path]:
+            x = call["x"].astype(np.float64)
+            mask = call["x_in"] != 0
+            np.testing.assert_allclose(call["x_in"], np.where(mask, x / (1 - rate), 0.0), rtol=1e-5, atol=1e-6)
+            dropped.append(1.0 - mask[x != 0].mean())
+            delta = ((np.where(mask, x, 0.0) / (1 - rate)) @ a.T * np.array([1.5, -0.5])) @ b
+            want = x @ kernel + bias + delta
+            np.testing.assert_allclose(call["y"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            undropped = want - delta + (x @ a.T * np.array([1.5, -0.5])) @ b
+            assert np.abs(call["y"] - undropped).max() > 1e-3, t.hf_path
+    assert 0.4 < np.mean(dropped) < 0.6 and min(dropped) > 0.2, dropped
 
 
 def test_bf16_compute_close_to_fp32(checkpoint):

@@ -160,7 +160,11 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
     assert [row["planted"] for row in branches["modules"]] == [0, 4, 0, 0, 3, 0, 2, 0]
     found = np.array([row["found"] for row in branches["modules"]])
     assert branches["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
-    assert branches["steps"] <= 60 and 0 < branches["error"] < 2
+    # RESULTS.md's claims in kind: the error (relative to the backbone's, 1.0) well below the backbone's, and more of
+    # the rank on the planted modules than fixed-rank LoRA's share at this budget (rank 2 in each of 8 modules).
+    assert branches["steps"] <= 60 and 0 < branches["error"] < 0.8
+    lora_share = 3 * 2 / 16
+    assert branches["planted_fraction"] > lora_share, branches
     assert demo.agreement_line(branches) in result.stdout
     accuracy = json.loads((out / "eval_results.json").read_text())["metrics"]["accuracy"]
     # The backbone alone is near chance by construction; the trained adapters must beat it clearly.

@@ -5,7 +5,7 @@ tokenizer) with a few dozen rows in the real dataset schema, then checks:
 - every output file exists (metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/,
   ranks.json, ranks.png, config.json);
 - the metrics in eval_results.json equal the metrics recomputed from predictions.jsonl and the raw
-  validation file (GLUE by hand, SQuAD with the metrics module);
+  validation file (by hand: GLUE with numpy/scipy, SQuAD from the official scripts' definitions);
 - the exported PEFT adapter, loaded with peft.PeftModel.from_pretrained on the transformers model, gives
   the JAX model's outputs (and, for QA, the same predicted answers).
 """
@@ -111,10 +111,58 @@ def glue_metrics_by_hand(task: str, predicted: dict[int, float], gold: dict[int,
     return {"accuracy": accuracy}
 
 
+def _squad_tokens(text: str) -> list[str]:
+    """The official SQuAD normalisation (lower case, no punctuation, no a/an/the, single spaces), as tokens."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def _squad_f1(prediction: list[str], gold: list[str]) -> float:
+    from collections import Counter
+
+    same = sum((Counter(prediction) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(prediction), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics_by_hand(texts: dict, references: dict, version_2: bool) -> dict[str, float]:
+    """SQuAD v1.1 EM/F1 or v2.0 exact/f1 with the HasAns/NoAns split, written from the official scripts'
+    definitions, independent of adapad_jax.metrics (the v2 best-threshold search is not recomputed)."""
+    exact, f1, answerable = {}, {}, {}
+    for qid, answers in references.items():
+        prediction = _squad_tokens(texts[qid])
+        golds = [_squad_tokens(g) for g in answers["text"]]
+        answerable[qid] = bool(answers["text"])
+        if version_2:  # an unanswerable question has gold ""; F1 against an empty side is 1 only if both are
+            golds = [g for g in golds if g] or [[]]
+            f1[qid] = max(float(prediction == g) if not (prediction and g) else _squad_f1(prediction, g)
+                          for g in golds)
+        else:
+            f1[qid] = max(_squad_f1(prediction, g) for g in golds)
+        exact[qid] = max(float(prediction == g) for g in golds)
+
+    def percent(scores: dict, ids: list) -> float:
+        return 100.0 * sum(scores[q] for q in ids) / len(ids)
+
+    ids = list(references)
+    if not version_2:
+        return {"exact_match": percent(exact, ids), "f1": percent(f1, ids)}
+    out = {"exact": percent(exact, ids), "f1": percent(f1, ids), "total": float(len(ids))}
+    for prefix, subset in (("HasAns", [q for q in ids if answerable[q]]), ("NoAns", [q for q in ids if not answerable[q]])):
+        if subset:
+            out.update({f"{prefix}_exact": percent(exact, subset), f"{prefix}_f1": percent(f1, subset),
+                        f"{prefix}_total": float(len(subset))})
+    return out
+
+
 def check_metrics_agree_with_predictions(config, out: Path) -> None:
     """eval_results.json == metrics recomputed from predictions.jsonl and the raw validation file(s)."""
     from adapad_jax.data.tasks import get_task
-    from adapad_jax.metrics import compute_metrics
 
     spec = get_task(config.task)
     saved = json.loads((out / "eval_results.json").read_text())["metrics"]
@@ -129,8 +177,7 @@ def check_metrics_agree_with_predictions(config, out: Path) -> None:
             assert sorted(r["id"] for r in split_rows) == sorted(r["id"] for r in raw)
             texts = {r["id"]: r["prediction_text"] for r in split_rows}
             references = {r["id"]: r["answers"] for r in raw}
-            no_answer = {r["id"]: r["no_answer_probability"] for r in split_rows} if spec.version_2 else None
-            metrics = compute_metrics(spec, texts, references, no_answer)
+            metrics = squad_metrics_by_hand(texts, references, spec.version_2)
         else:
             assert sorted(r["idx"] for r in split_rows) == sorted(r["idx"] for r in raw)
             for r in split_rows:  # the label is the argmax (or the value) of the logits

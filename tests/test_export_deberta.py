@@ -10,14 +10,15 @@ import re
 import jax
 import numpy as np
 import pytest
+from reference_libs import import_reference
 from flax import traverse_util
 
 from adapad_jax.models.export import factors_in_target_order, write_merged_checkpoint, write_peft_adapter
 from adapad_jax.models.registry import load_model
 from helpers_hf import max_abs_diff, padded_batch, save_torch_model, tiny_deberta_config, torch_deberta, torch_outputs
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch = import_reference("torch")
+peft = import_reference("peft")
 
 PARITY_TOL = 1e-4
 R_MAX = 4

@@ -8,7 +8,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from reference_libs import import_reference
+
+torch = import_reference("torch")
 from flax import traverse_util
 
 from adapad_jax.models.export import write_merged_checkpoint, write_peft_adapter
@@ -25,7 +27,7 @@ from test_qwen3 import (
     write_qwen3_0_6b_layout,
 )
 
-peft = pytest.importorskip("peft")
+peft = import_reference("peft")
 
 MAX_RANK = 3
 SCALING = 0.75

@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_libs import import_reference
 
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.step import orthogonality_penalty
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch = import_reference("torch")
+peft = import_reference("peft")
 
 SHAPES = [(6, 5), (4, 7), (5, 5)]  # (in, out) per adapted module
 R_MAX, COEF = 4, 0.3

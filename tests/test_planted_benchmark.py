@@ -93,7 +93,8 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
             spearmans.append(_spearman_by_hand(p, f) if np.ptp(f) else np.nan)
             totals.append(f.sum())
             errors.append(rec["error"])
-            assert 0 < rec["error"] < 2 and rec["steps"] <= 60 and rec["seconds_per_step"] > 0
+            # error is relative to the backbone's (1.0): every variant learns a good part of the planted delta
+            assert 0 < rec["error"] < 0.8 and rec["steps"] <= 60 and rec["seconds_per_step"] > 0
             assert rec["curve"] and all(c["step"] % 10 == 0 for c in rec["curve"])
         assert row["planted_fraction"] == pytest.approx(np.mean(fractions))
         assert row["total_rank"] == pytest.approx(np.mean(totals))
@@ -107,6 +108,17 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
             assert all(t == budget for t in totals)  # rank 2 in each of the 4 modules
         else:
             assert all(t <= budget for t in totals)
+    # What RESULTS.md claims, in kind: adapad's error well below the backbone's, and its share of the rank on the
+    # planted modules the best any allocation can reach, clearly above fixed-rank LoRA's (rank 2 everywhere).
+    by_variant = {row["variant"]: row for row in rows}
+    best = results["tasks"]["branches"]["best_planted_fraction"]
+    assert by_variant["adapad"]["error"] < 0.7
+    task = results["tasks"]["branches"]
+    lora_share = sum(p > 0 for p in task["planted"]) * task["lora_rank"] / budget
+    assert by_variant["lora"]["planted_fraction"] == pytest.approx(lora_share)
+    assert by_variant["adapad"]["planted_fraction"] == pytest.approx(best)
+    assert by_variant["adapad"]["planted_fraction"] >= by_variant["lora"]["planted_fraction"] + 0.2
+    assert by_variant["adapad"]["planted_fraction"] > by_variant["adapad_uniform"]["planted_fraction"]
     # The markdown table: a header and one line per variant, its error column from the rows above.
     summary = (out / "summary.md").read_text()
     table = [line for line in summary.splitlines() if line.startswith("| ")]

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from reference_libs import import_reference
+
+torch = import_reference("torch")
 import transformers
 from flax import traverse_util
 

@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from reference_libs import import_reference
+
+torch = import_reference("torch")
 import transformers
 from safetensors.numpy import load_file
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from reference_libs import import_reference
 
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.testing.toy import enable_compilation_cache, toy_config
@@ -25,8 +26,8 @@ def _batch(rng, task, size=8, seq=16):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,task", [("deberta", "classification"), ("qwen3", "qa")])
 def test_trained_adapter_exports_to_peft(tmp_path, family, task):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = import_reference("torch")
+    peft = import_reference("peft")
     import transformers
 
     from adapad_jax.models.registry import load_model
