@@ -221,6 +221,8 @@ def test_svd_delta_matches_peft_svdlinear(lora_alpha):
     ours = _random_factors(np.random.default_rng(2), layers)
     x = np.random.default_rng(3).standard_normal((3, 2, IN)).astype(np.float32)
     scale = adalora.svd_scale(lora_alpha, INIT_R)
+    ranknum = float(layers[0].ranknum["default"].item()) + 1e-5
+    assert scale == pytest.approx(layers[0].scaling["default"] / ranknum, rel=1e-12), "SVDLinear scaling / ranknum"
     hidden = x
     for m, layer in enumerate(layers):
         with torch.no_grad():
