@@ -7,6 +7,7 @@ both sides share), then ``AdaLoraModel.update_and_allocate(step)``.
 import dataclasses
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,6 +171,8 @@ def test_mask_to_budget_ties_follow_peft_kthvalue():
     new_e, pattern = adalora.mask_to_budget(ones, [jnp.asarray(s) for s in e_scores], 5)
     assert [np.asarray(p).tolist() for p in pattern] == [peft_pattern[f"{n}.lora_E.default"] for n in MODULES]
     assert sum(int(np.sum(p)) for p in pattern) == 2  # budget 5, but six scores tie at or below the 3rd
+    jitted_e, jitted_pattern = jax.jit(adalora.mask_to_budget)(ones, [jnp.asarray(s) for s in e_scores], 5)
+    assert [np.asarray(p).tolist() for p in jitted_pattern] == [np.asarray(p).tolist() for p in pattern]
     for m, layer in enumerate(_layers(ada)):
         np.testing.assert_array_equal(np.asarray(new_e[m]), _peft_factor(layer, "e"))
 
@@ -259,6 +262,13 @@ def test_check_schedule_refuses_what_peft_refuses_in_one_line(tinit, tfinal, tot
         assert message == (f"adalora: tinit + tfinal must be < total_steps to leave a budgeting phase, got "
                            f"tinit={tinit} + tfinal={tfinal} = {tinit + tfinal} >= total_steps={total}; lower "
                            f"tinit/tfinal or train longer")
+
+
+def test_final_phase_without_the_last_allocation_is_refused():
+    """A step past total - tfinal needs the rank pattern frozen at total - tfinal; without it, one line."""
+    params = {"e": [jnp.ones(INIT_R)], "a": [jnp.ones((INIT_R, IN))], "b": [jnp.ones((INIT_R, OUT))]}
+    with pytest.raises(ValueError, match=r"^adalora: step 26 is in the final phase but step 25 was never allocated$"):
+        adalora.allocate(adalora.init_state(params), params, params, TOTAL - TFINAL + 1, _schedule())
 
 
 def test_schedule_refuses_bad_delta_t_before_any_compute():

@@ -40,8 +40,9 @@ Deliberate differences:
   config for the first two only; deltaT 0 fails there with ZeroDivisionError mid-training).
 - ``mask_to_budget`` masks nothing when the budget is at least the number of triplets (target_r >= init_r);
   PEFT's ``kthvalue`` raises there.
-- ``budget_schedule`` runs on the host with Python numbers (the same float64 arithmetic as PEFT); the other
-  functions take and return JAX arrays and can be jitted.
+- ``budget_schedule`` and ``allocate`` branch on the host step with Python numbers (the same float64 arithmetic
+  as PEFT); the array rules (``update_importance``, ``triplet_scores``, ``mask_to_budget`` with a traced budget,
+  ``apply_rank_pattern``, ``orthogonal_regulariser``, ``svd_delta``) can be jitted.
 - Not here: DeepSpeed's gradient gathering, Conv2d / quantised layers, and PEFT's rank-pattern slicing of saved
   adapters (export waits for the seam).
 """
