@@ -1,0 +1,205 @@
+"""AdaLoRA (Zhang et al. 2023b) as pure rules, written from PEFT's ``tuners/adalora/{config,layer,model}.py``.
+
+Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
+``config.py`` or ``validation.py`` yet. ``tests/test_adalora_rules.py`` drives PEFT itself with the same numbers.
+
+Layout (our slot-leading one, so the factors are the adapters' ``a`` / ``b`` and the repo's orthogonality penalty
+reads them as they are): per module m, ``e`` [R] (PEFT ``lora_E`` [r, 1]), ``a`` [R, in] (PEFT ``lora_A``) and
+``b`` [R, out] (PEFT ``lora_B`` [out, r], transposed). ``params`` = ``{"e": [...], "a": [...], "b": [...]}``, one
+entry per module, every module with the same R = ``init_r``; gradients and importance EMAs have the same shape.
+
+Reference defaults (``AdaLoraConfig`` / ``LoraConfig`` in peft 0.21, ``REFERENCE_DEFAULTS`` below, checked by the
+tests): ``init_r`` 12, ``target_r`` 8, ``tinit`` 0, ``tfinal`` 0, ``deltaT`` 1, ``beta1`` = ``beta2`` = 0.85,
+``orth_reg_weight`` 0.5, ``lora_alpha`` 8, ``lora_dropout`` 0.0, ``total_step`` none (required, > 0). Init:
+E = 0, A and B ~ N(0, 0.02). The AdaLoRA paper's GLUE scripts use other values (orth 0.1 or 0.3, target_rank 1,
+lora_r 2 or 3; see /work/shared/docs/BASELINES.md).
+
+Rules, as PEFT has them:
+
+- budget: ``init_budget`` = number of triplets (modules x init_r), ``target_budget`` = modules x target_r;
+  the budget stays at ``init_budget`` while step <= tinit, decays as a cubic to ``target_budget`` at
+  ``total_steps - tfinal``, truncated to an int; masks are recomputed when step % deltaT == 0 in that phase.
+- importance: ipt = |p * grad| element-wise (post-step p, pre-step grad: PEFT calls the allocator after
+  ``optimizer.step()``); sensitivity EMA first, then the uncertainty EMA of |ipt - new sensitivity EMA|;
+  element score = sensitivity * uncertainty; triplet score = s(E_j) + (mean_i s(A_ji) + mean_o s(B_oj)).
+- masking: the threshold is the k-th smallest triplet score over all modules (k = init_budget - budget,
+  ``torch.kthvalue``); every E_j whose score is ``<=`` it is zeroed (ties can mask more than k). Masked
+  triplets stay trainable and can come back at the next re-mask.
+- final phase: at step == total_steps - tfinal the EMAs are not updated, one last mask at the target budget is
+  taken, its rank pattern frozen and the EMAs reset; every later step re-applies that pattern.
+- forward: ``x -> ((x a^T) * e) b * alpha / (init_r + 1e-5)`` (ranknum stays init_r after masking); the scale
+  uses ``init_r`` in place of ``lora_alpha`` when ``lora_alpha`` <= 0.
+- orthogonal regulariser: the mean over the 2M factors of ||A A^T - I||_F and ||B^T B - I||_F, masked triplets
+  included, times ``orth_reg_weight`` (``AdaLoraModel.forward``); this is ``training.step.orthogonality_penalty``
+  with every row committed, reused here, not written twice.
+
+Deliberate differences:
+
+- ``check_schedule`` refuses a schedule with no budgeting phase (tinit + tfinal >= total_steps), total_steps
+  <= 0, a negative tinit / tfinal and deltaT < 1 with one line each, before any compute (PEFT raises from its
+  config for the first two only; deltaT 0 fails there with ZeroDivisionError mid-training).
+- ``mask_to_budget`` masks nothing when the budget is at least the number of triplets (target_r >= init_r);
+  PEFT's ``kthvalue`` raises there.
+- ``budget_schedule`` and ``allocate`` branch on the host step with Python numbers (the same float64 arithmetic
+  as PEFT); the array rules (``update_importance``, ``triplet_scores``, ``mask_to_budget`` with a traced budget,
+  ``apply_rank_pattern``, ``orthogonal_regulariser``, ``svd_delta``) can be jitted.
+- Not here: DeepSpeed's gradient gathering, Conv2d / quantised layers, and PEFT's rank-pattern slicing of saved
+  adapters (export waits for the seam).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from adapad_jax.adapters.layer import low_rank_delta
+from adapad_jax.training.step import orthogonality_penalty
+
+Params = dict[str, list[jax.Array]]
+Importance = dict[str, Params]
+
+RANKNUM_EPS = 1e-5
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "init_r": 12,
+    "target_r": 8,
+    "tinit": 0,
+    "tfinal": 0,
+    "deltaT": 1,
+    "beta1": 0.85,
+    "beta2": 0.85,
+    "orth_reg_weight": 0.5,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+}
+EMA_KEYS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def check_schedule(tinit: int, tfinal: int, total_steps: int, delta_t: int = 1) -> None:
+    """Refuse an AdaLoRA schedule PEFT cannot run, with one line naming the problem."""
+    if total_steps <= 0:
+        raise ValueError(f"adalora: total_steps must be > 0, got {total_steps}")
+    if tinit < 0 or tfinal < 0:
+        raise ValueError(f"adalora: tinit and tfinal must be >= 0, got tinit={tinit}, tfinal={tfinal}")
+    if delta_t < 1:
+        raise ValueError(f"adalora: deltaT must be >= 1, got {delta_t}")
+    if tinit + tfinal >= total_steps:
+        raise ValueError(
+            f"adalora: tinit + tfinal must be < total_steps to leave a budgeting phase, got tinit={tinit} + "
+            f"tfinal={tfinal} = {tinit + tfinal} >= total_steps={total_steps}; lower tinit/tfinal or train longer"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """AdaLoRA's static allocation settings (checked on construction)."""
+
+    init_budget: int
+    target_budget: int
+    tinit: int
+    tfinal: int
+    total_steps: int
+    delta_t: int = REFERENCE_DEFAULTS["deltaT"]
+    beta1: float = REFERENCE_DEFAULTS["beta1"]
+    beta2: float = REFERENCE_DEFAULTS["beta2"]
+
+    def __post_init__(self):
+        check_schedule(self.tinit, self.tfinal, self.total_steps, self.delta_t)
+
+
+def budget_schedule(step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int,
+                    total_steps: int, delta_t: int = 1) -> tuple[int, bool]:
+    """The rank budget at ``step`` and whether to re-mask now (PEFT ``RankAllocator.budget_schedule``)."""
+    if step <= tinit:
+        return init_budget, False
+    decay_end = total_steps - tfinal
+    if step > decay_end:
+        return target_budget, True
+    remaining = 1 - (step - tinit) / (decay_end - tinit)
+    return int((init_budget - target_budget) * remaining**3 + target_budget), step % delta_t == 0
+
+
+def init_importance(params: Params) -> Importance:
+    """Zero ipt / sensitivity / uncertainty EMAs shaped like ``params``."""
+    return {key: jax.tree.map(jnp.zeros_like, params) for key in EMA_KEYS}
+
+
+def update_importance(importance: Importance, params: Params, grads: Params, *,
+                      beta1: float = REFERENCE_DEFAULTS["beta1"],
+                      beta2: float = REFERENCE_DEFAULTS["beta2"]) -> Importance:
+    """One step of the element-wise EMAs of |p * grad| (PEFT ``RankAllocator.update_ipt``)."""
+    ipt = jax.tree.map(lambda p, g: jnp.abs(p * g), params, grads)
+    sensitivity = jax.tree.map(lambda s, i: beta1 * s + (1 - beta1) * i, importance["exp_avg_ipt"], ipt)
+    uncertainty = jax.tree.map(lambda u, i, s: beta2 * u + (1 - beta2) * jnp.abs(i - s),
+                               importance["exp_avg_unc"], ipt, sensitivity)
+    return {"ipt": ipt, "exp_avg_ipt": sensitivity, "exp_avg_unc": uncertainty}
+
+
+def triplet_scores(importance: Importance) -> list[jax.Array]:
+    """Per module, [R] scores s(E_j) + (mean s(A_j.) + mean s(B_.j)) (PEFT ``_element_score`` / ``_combine_ipt``)."""
+    score = jax.tree.map(jnp.multiply, importance["exp_avg_ipt"], importance["exp_avg_unc"])
+    return [s_e + (jnp.mean(s_a, axis=1) + jnp.mean(s_b, axis=1))
+            for s_e, s_a, s_b in zip(score["e"], score["a"], score["b"])]
+
+
+def mask_to_budget(e: Sequence[jax.Array], scores: Sequence[jax.Array], budget: int | jax.Array
+                   ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Zero every E_j scoring ``<=`` the global k-th smallest score, k = #triplets - budget (PEFT ``mask_to_budget``).
+
+    Returns the new ``e`` and the rank pattern (per module, [R] bool, True = kept).
+    """
+    flat = jnp.concatenate([jnp.ravel(s) for s in scores])
+    k = flat.shape[0] - budget
+    threshold = jnp.sort(flat)[jnp.clip(k - 1, 0, flat.shape[0] - 1)]
+    pattern = [~((s <= threshold) & (k > 0)) for s in scores]
+    return apply_rank_pattern(e, pattern), pattern
+
+
+def apply_rank_pattern(e: Sequence[jax.Array], pattern: Sequence[jax.Array]) -> list[jax.Array]:
+    """Zero the E entries a rank pattern drops (PEFT ``mask_using_rank_pattern``)."""
+    return [jnp.where(keep, x, jnp.zeros_like(x)) for x, keep in zip(e, pattern)]
+
+
+def init_state(params: Params) -> dict[str, Any]:
+    """Allocator state before the first step: zero EMAs, no rank pattern yet."""
+    return {"importance": init_importance(params), "rank_pattern": None}
+
+
+def allocate(state: dict[str, Any], params: Params, grads: Params, step: int, schedule: Schedule
+             ) -> tuple[list[jax.Array], dict[str, Any]]:
+    """The new ``e`` and state after ``step`` (PEFT ``AdaLoraModel.update_and_allocate``, after the optimiser step)."""
+    decay_end = schedule.total_steps - schedule.tfinal
+    budget, mask_now = budget_schedule(
+        step, init_budget=schedule.init_budget, target_budget=schedule.target_budget, tinit=schedule.tinit,
+        tfinal=schedule.tfinal, total_steps=schedule.total_steps, delta_t=schedule.delta_t)
+    if step < decay_end:
+        importance = update_importance(state["importance"], params, grads,
+                                       beta1=schedule.beta1, beta2=schedule.beta2)
+        if not mask_now:
+            return list(params["e"]), {"importance": importance, "rank_pattern": state["rank_pattern"]}
+        e, pattern = mask_to_budget(params["e"], triplet_scores(importance), budget)
+        return e, {"importance": importance, "rank_pattern": pattern}
+    if step == decay_end:
+        e, pattern = mask_to_budget(params["e"], triplet_scores(state["importance"]), budget)
+        return e, {"importance": init_importance(params), "rank_pattern": pattern}
+    if state["rank_pattern"] is None:
+        raise ValueError(f"adalora: step {step} is in the final phase but step {decay_end} was never allocated")
+    return apply_rank_pattern(params["e"], state["rank_pattern"]), state
+
+
+def orthogonal_regulariser(params: Params) -> jax.Array:
+    """PEFT's unweighted regulariser over every row (``AdaLoraModel.forward``); the caller multiplies by the weight."""
+    committed = jnp.ones((len(params["a"]), params["a"][0].shape[0]), bool)
+    return orthogonality_penalty({"a": params["a"], "b": params["b"]}, committed)
+
+
+def svd_scale(lora_alpha: float, init_r: int) -> float:
+    """The fixed forward scale alpha / (init_r + 1e-5); ``init_r`` stands in for alpha <= 0 as in PEFT."""
+    return (lora_alpha if lora_alpha > 0 else float(init_r)) / (init_r + RANKNUM_EPS)
+
+
+def svd_delta(x: jax.Array, e: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The adapter's output ``((x a^T) * e) b * scale`` (PEFT ``SVDLinear.forward`` minus the base layer)."""
+    return low_rank_delta(x, a, b, e * scale)
