@@ -225,6 +225,40 @@ def test_wandb_sink_logs_the_same_scalars(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("events.out.tfevents*"))
 
 
+def test_each_record_divides_its_own_time_by_its_own_steps(tmp_path, monkeypatch):
+    """seconds_per_step of the last record, which covers fewer than log_every_steps steps (5 steps, a record every
+    2), is its time over its own step count: with a clock that advances 1 s per train step, every record says 1.0."""
+    import types
+
+    from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
+    from adapad_jax.training import Trainer, make_mesh
+    from adapad_jax.training import trainer as trainer_lib
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_lib, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = make_toy_model(hidden=16)
+    config = toy_config(**{"train.log_every_steps": 2, "logging.tensorboard": False})
+    trainer = Trainer(model, config, make_mesh(1, 1), tmp_path)
+    compiled = trainer.compiled_step
+
+    def timed_step(live=None):
+        step = compiled(live)
+
+        def run(*args):
+            clock[0] += 1.0
+            return step(*args)
+
+        return run
+
+    monkeypatch.setattr(trainer, "compiled_step", timed_step)
+    trainer.restore_or_init({"position": 0})
+    data = ToyBatches(model, planted_teacher(model, [1, 0, 0, 0]), 8)
+    trainer.train(data, 5, data.state, progress=False)
+    trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["seconds_per_step"]) for r in records] == [(2, 1.0), (4, 1.0), (5, 1.0)]
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
