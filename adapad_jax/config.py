@@ -167,6 +167,14 @@ def base_config() -> ml_collections.ConfigDict:
     # TensorBoard event files (scalars, per-module ranks, the rank heatmap) in output_dir, written with tensorboardX
     # (no TensorFlow): tensorboard --logdir <output_dir or its parent>.
     config.logging.tensorboard = True
-    # Weights & Biases project to log the same to ("" = off); needs `pip install wandb` and a login.
+    # Log the same to Weights & Biases (`pip install adapad_jax[wandb]`, then `wandb login` or WANDB_MODE=offline).
+    config.logging.wandb = False
+    # W&B project and entity; "" = $WANDB_PROJECT / $WANDB_ENTITY, else W&B's default. A project also turns W&B on.
     config.logging.wandb_project = ""
+    config.logging.wandb_entity = ""
+    # W&B run name ("" = output_dir's name), comma-separated tags and group, to tell runs apart on the board.
+    config.logging.wandb_name = ""
+    config.logging.wandb_tags = ""
+    config.logging.wandb_group = ""
     return config
+

@@ -37,7 +37,8 @@ SCHEMA = {
     "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
-    "logging.tensorboard": True, "logging.wandb_project": "",
+    "logging.tensorboard": True, "logging.wandb": False, "logging.wandb_project": "", "logging.wandb_entity": "",
+    "logging.wandb_name": "", "logging.wandb_tags": "", "logging.wandb_group": "",
 }
 
 # SPEC section 4, Table 8: epochs, batch, alpha, warmup, top-k, T, orth, adapter drop, cls drop, adapter wd, schedule.

@@ -336,8 +336,9 @@ class Trainer:
                     bar.logged(record)
                 bar.advance(1)
                 evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
-                if evaluated:
-                    self.metrics.write({"step": step, "eval": eval_fn(self)})
+                if evaluated:  # the last step's evaluation is the run's final one
+                    final = {"final": True} if step == num_steps else {}
+                    self.metrics.write({"step": step, "eval": eval_fn(self), **final})
                     bar.evaluated(step, self.metrics.last_eval)
                 saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
                 if saving:
