@@ -104,6 +104,57 @@ def test_bar_mode_draws_bars_and_prints_evaluations(capsys):
     assert capsys.readouterr().out == ""
 
 
+PROGRESS_UNDER_A_TERMINAL = """
+from adapad_jax import progress
+with progress.reporting(progress.Reporter(progress.choose_mode(True))):
+    bar = progress.train_progress(True, total=4, initial=0, desc="adapad")
+    for step in range(1, 5):
+        bar.advance(1)
+        if step % 2 == 0:
+            bar.logged({"step": step, "loss": 0.5, "lr": 1e-3, "total_rank": 5, "live_slots": 2})
+    bar.evaluated(4, {"accuracy": 0.75})
+    bar.close()
+"""
+
+
+def _under_a_pty(code: str, columns: int) -> str:
+    """Run ``code`` with stdin, stdout and stderr on a fresh pseudo-terminal ``columns`` wide (0: never sized, as
+    under ``script -q -c`` started without a terminal); returns what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in (progress.ENV_VAR, "COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**env, "PYTHONPATH": str(REPO)})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_a_terminal_without_a_width_gets_progress_lines_and_one_with_a_width_a_bar():
+    """tqdm draws nothing on a terminal of width 0, so progress falls back to the step lines there."""
+    unsized = _under_a_pty(PROGRESS_UNDER_A_TERMINAL, columns=0)
+    assert [line.split(" | ")[0] for line in unsized.splitlines() if line.startswith("step ")] == ["step 2/4",
+                                                                                                  "step 4/4"]
+    assert "eval step 4 | accuracy 0.7500" in unsized
+    sized = _under_a_pty(PROGRESS_UNDER_A_TERMINAL, columns=100)
+    assert "adapad" in sized and "4/4" in sized and "rank=5" in sized and "step 2/4 |" not in sized
+
+
 def test_tokenisation_reports_each_split_and_cache_hits(tmp_path):
     from adapad_jax.data import build_task_data, load_tokenizer
     from adapad_jax.testing.tiny import train_bpe_tokenizer, write_tiny_squad
