@@ -173,6 +173,20 @@ def test_tokenisation_reports_each_split_and_cache_hits(tmp_path):
                          "tokenise squad validation: 6 rows from the feature cache"]
 
 
+def test_tokenisation_line_names_squad_v2(tmp_path):
+    """A squad_v2 run's tokenisation lines say squad_v2, not squad."""
+    from adapad_jax.data import build_task_data, load_tokenizer
+    from adapad_jax.testing.tiny import train_bpe_tokenizer, write_tiny_squad
+
+    train_bpe_tokenizer(tmp_path / "bpe")
+    files = write_tiny_squad(tmp_path / "data", version=2, n_train=6, n_val=4, max_facts=8)
+    lines: list[str] = []
+    with progress.reporting(progress.Reporter("lines", lines.append)):
+        build_task_data("squad_v2", load_tokenizer(str(tmp_path / "bpe")), train_file=files.train_file,
+                        validation_file=files.validation_file, max_length=64, doc_stride=24, cache_dir=None)
+    assert [line.split(":")[0] for line in lines] == ["tokenise squad_v2 (6 rows)", "tokenise squad_v2 (4 rows)"]
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
