@@ -6,6 +6,9 @@ The checks of a config are ``adapad_jax.validation``; the paper's per-task setti
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import ml_collections
 
 from adapad_jax.compilation_cache import default_cache_dir
@@ -178,3 +181,21 @@ def base_config() -> ml_collections.ConfigDict:
     config.logging.wandb_group = ""
     return config
 
+
+def field_docs() -> dict[str, str]:
+    """``{dotted field: its comment in base_config}`` (a comment covers the assignments right below it)."""
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    after_assignment = False
+    for line in inspect.getsource(base_config).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment = ([] if after_assignment else comment) + [text.lstrip("#").strip()]
+            after_assignment = False
+        elif match := re.match(r"config\.([\w.]+) = ", text):
+            if "ConfigDict()" not in text:
+                docs[match.group(1)] = " ".join(comment)
+            after_assignment = True
+        else:  # a blank line or anything else ends the comment's reach
+            comment, after_assignment = [], False
+    return docs
