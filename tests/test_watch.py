@@ -375,6 +375,7 @@ def test_wandb_run_holds_metrics_best_rank_image_and_config(tmp_path, monkeypatc
     config.logging.tensorboard, config.logging.wandb = False, True
     config.logging.wandb_name, config.logging.wandb_tags, config.logging.wandb_group = "rte-a", "sweep1, r8", "rte"
     out = tmp_path / "run"
+    out.mkdir()
     png = tmp_path / "ranks.png"
     plot_ranks(png, {"layer.0.q": 2, "layer.1.q": 1})
     log = open_run_log(out, config)  # opens W&B at the first write
