@@ -128,7 +128,7 @@ class WandbSink:
         try:
             self.run = wandb.init(id=wandb_run_id(output_dir), resume="allow", dir=str(output_dir),
                                   **wandb_init_kwargs(logging, output_dir))
-            # Set after init: a resumed run may change a field (e.g. train.num_steps), which init's config refuses.
+            # allow_val_change: a resumed run may change a field (e.g. a longer train.num_steps).
             self.run.config.update(config_dict(config), allow_val_change=True)
         except Exception as err:  # noqa: BLE001 - W&B raises its own errors, pydantic's, OSError, ...
             reason = " ".join(str(err).split()) or type(err).__name__
