@@ -6,6 +6,9 @@ The checks of a config are ``adapad_jax.validation``; the paper's per-task setti
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import ml_collections
 
 from adapad_jax.compilation_cache import default_cache_dir
@@ -194,6 +197,32 @@ def base_config() -> ml_collections.ConfigDict:
     # TensorBoard event files (scalars, per-module ranks, the rank heatmap) in output_dir, written with tensorboardX
     # (no TensorFlow): tensorboard --logdir <output_dir or its parent>.
     config.logging.tensorboard = True
-    # Weights & Biases project to log the same to ("" = off); needs `pip install wandb` and a login.
+    # Log the same to Weights & Biases (`pip install adapad_jax[wandb]`, then `wandb login` or WANDB_MODE=offline).
+    config.logging.wandb = False
+    # W&B project and entity; "" = $WANDB_PROJECT / $WANDB_ENTITY, else W&B's default. A project also turns W&B on.
     config.logging.wandb_project = ""
+    config.logging.wandb_entity = ""
+    # W&B run name ("" = output_dir's name), comma-separated tags and group, to tell runs apart on the board.
+    config.logging.wandb_name = ""
+    config.logging.wandb_tags = ""
+    config.logging.wandb_group = ""
     return config
+
+
+def field_docs() -> dict[str, str]:
+    """``{dotted field: its comment in base_config}`` (a comment covers the assignments right below it)."""
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    after_assignment = False
+    for line in inspect.getsource(base_config).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment = ([] if after_assignment else comment) + [text.lstrip("#").strip()]
+            after_assignment = False
+        elif match := re.match(r"config\.([\w.]+) = ", text):
+            if "ConfigDict()" not in text:
+                docs[match.group(1)] = " ".join(comment)
+            after_assignment = True
+        else:  # a blank line or anything else ends the comment's reach
+            comment, after_assignment = [], False
+    return docs

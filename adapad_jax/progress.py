@@ -33,7 +33,9 @@ def choose_mode(
     enabled: bool, streams: tuple[TextIO, ...] | None = None, environ: Mapping[str, str] | None = None
 ) -> str:
     """``off`` when not ``enabled``; else ``$ADAPAD_PROGRESS`` if set; else ``bar`` when stdout and stderr are both
-    a terminal, ``lines`` when either goes to a file or pipe (``> log.txt`` gets the lines, not a bar's remains)."""
+    a terminal with a width, ``lines`` when either goes to a file or pipe (``> log.txt`` gets the lines, not a bar's
+    remains) or to a terminal of width 0, where tqdm draws nothing (a pseudo-terminal nobody sized, e.g.
+    ``script -q -c ...`` run by a job wrapper)."""
     if not enabled:
         return "off"
     forced = (os.environ if environ is None else environ).get(ENV_VAR, "").strip().lower()
@@ -42,7 +44,17 @@ def choose_mode(
     if forced in ("1", "true", "yes"):
         return "bar"
     streams = (sys.stdout, sys.stderr) if streams is None else streams
-    return "bar" if all(getattr(s, "isatty", lambda: False)() for s in streams) else "lines"
+    return "bar" if all(_can_draw_bar(s) for s in streams) else "lines"
+
+
+def _can_draw_bar(stream: TextIO) -> bool:
+    """``stream`` is a terminal with a width (a stream without a file descriptor counts by ``isatty`` alone)."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):  # no real descriptor (io.UnsupportedOperation is an OSError)
+        return True
 
 
 def _print_flushed(text: str) -> None:

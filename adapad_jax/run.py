@@ -328,6 +328,7 @@ def _run(
         _release(lock)
         raise
     try:
+        trainer.metrics.start()  # W&B starts (or stops the run with one line) before any compile or step
         batches = None
         if want_train:
             process_index, process_count = trainer.batch_slice

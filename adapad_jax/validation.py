@@ -217,7 +217,9 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
         check_profile_window(profile_start, config.train.profile_num_steps, config.train.num_steps)
     _require_type(config, "logging.tensorboard", (bool,))
-    _require_type(config, "logging.wandb_project", (str,))
+    _require_type(config, "logging.wandb", (bool,))
+    for name in ("project", "entity", "name", "tags", "group"):
+        _require_type(config, f"logging.wandb_{name}", (str,))
     check_logging_packages(config)
 
     _require_range(config, "checkpoint.every_steps", integer, 0)
@@ -292,9 +294,11 @@ def check_logging_packages(config: ml_collections.ConfigDict) -> None:
     if config.logging.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         raise ConfigError("logging.tensorboard=True needs the tensorboardX package: pip install tensorboardX "
                           "(or set --config.logging.tensorboard=False)")
-    if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(f"logging.wandb_project='{config.logging.wandb_project}' needs the wandb package: "
-                          "pip install wandb (or leave logging.wandb_project empty)")
+    if (config.logging.wandb or config.logging.wandb_project) and importlib.util.find_spec("wandb") is None:
+        project = config.logging.wandb_project
+        asked = "logging.wandb=True" if config.logging.wandb else f"logging.wandb_project='{project}'"
+        raise ConfigError(f"{asked} needs the wandb package: pip install 'adapad_jax[wandb]' (or turn W&B off: "
+                          "--config.logging.wandb=False --config.logging.wandb_project='')")
 
 
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: str = "") -> None:

@@ -181,4 +181,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from adapad_jax.cli.common import help_exits_zero
+
+    app.run(main, flags_parser=help_exits_zero(app.parse_flags_with_usage))

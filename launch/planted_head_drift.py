@@ -63,4 +63,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from adapad_jax.cli.common import asked_for_help
+
+    if asked_for_help(sys.argv):
+        print(__doc__)
+        sys.exit(0)
+    if len(sys.argv) > 1:
+        print(f"error: {Path(__file__).name} takes no arguments, got {sys.argv[1:]} (--help says what it does)",
+              file=sys.stderr)
+        sys.exit(2)
     main()

@@ -130,3 +130,48 @@ def test_export_of_a_directory_that_is_not_a_run(tmp_path):
     lines = _stderr_lines(result)
     assert result.returncode != 0 and len(lines) == 1 and "is not a run directory" in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+LAUNCH = ("train", "export", "predict", "bilinear", "planted", "planted_head_drift", "benchmark")
+
+
+def test_help_exits_zero_on_every_command():
+    """`cmd --help && ...` works: --help (and absl's --helpfull) prints the command's usage and exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    calls = [(name, flag) for name in LAUNCH for flag in ("--help",)] + [("train", "--helpfull"), ("export", "-?")]
+    running = [(name, flag, subprocess.Popen([sys.executable, str(REPO / "launch" / f"{name}.py"), flag],
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                             cwd=str(REPO)))
+               for name, flag in calls]
+    for name, flag, process in running:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, (name, flag, stderr[-2000:])
+        assert f"launch/{name}.py" in stdout, (name, flag, stdout[:500])  # the command's own usage text
+        if name not in ("benchmark", "planted_head_drift"):  # absl commands (benchmark: argparse; drift: no flags)
+            assert "flags:" in stdout, (name, flag, stdout[:500])
+
+
+def test_train_help_names_show_config_which_lists_every_field_with_its_meaning(tmp_path):
+    """--help points at --show_config; --show_config prints each field as `field = value  # meaning`, with the
+    config file and overrides applied, and exits 0 without creating anything."""
+    from adapad_jax.cli.common import flatten_config
+    from adapad_jax.config import base_config, field_docs
+
+    help_text = run_cli(TRAIN, ["--help"])
+    assert help_text.returncode == 0 and "--[no]show_config" in help_text.stdout
+    out = tmp_path / "out"
+    result = run_cli(TRAIN, ["--config", str(REPO / "configs" / "glue_rte.py"), "--config.adapter.r_max=4",
+                             f"--config.output_dir={out}", "--show_config"])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    fields = {line.split(" = ", 1)[0]: line.split(" = ", 1)[1] for line in lines}
+    base, docs = flatten_config(base_config()), field_docs()
+    assert list(fields) == list(docs) and set(fields) == set(base)  # every field once, in the schema's order
+    assert fields["adapter.r_max"] == "4  # Rank-1 slots per module: the most rank one module can reach (adapad / joint)."
+    assert fields["task"].startswith("'glue_rte'  # One of TASK_NAMES")
+    assert fields["logging.wandb"].startswith("False  # Log the same to Weights & Biases")
+    assert all(docs.values())  # every field of the schema has its comment
+    assert docs["data.validation_file"] == docs["data.train_file"]  # a comment covers the fields right below it
+    assert not out.exists()
+    defaults = run_cli(TRAIN, ["--show_config"])
+    assert defaults.returncode == 0 and "task = 'glue_sst2'  # " in defaults.stdout

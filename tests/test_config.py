@@ -40,7 +40,8 @@ SCHEMA = {
     "train.grad_accum_steps": 1, "train.profile_start_step": 0, "train.profile_num_steps": 3,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
-    "logging.tensorboard": True, "logging.wandb_project": "",
+    "logging.tensorboard": True, "logging.wandb": False, "logging.wandb_project": "", "logging.wandb_entity": "",
+    "logging.wandb_name": "", "logging.wandb_tags": "", "logging.wandb_group": "",
 }
 
 # SPEC section 4, Table 8: epochs, batch, alpha, warmup, top-k, T, orth, adapter drop, cls drop, adapter wd, schedule.

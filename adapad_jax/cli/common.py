@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import adapad_jax
 
 PRESET_FLAG = "--preset"
+# absl's help flags; each prints its help and exits with status 1, which breaks `cmd --help && ...`.
+HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")
 # Config files in configs/ that are not training runs (launch/bilinear.py reads bilinear.py).
 _NOT_PRESETS = ("bilinear",)
 
@@ -73,10 +76,53 @@ def expand_preset(argv: list[str]) -> list[str]:
     return out
 
 
-def run_app(main: Callable[[list[str]], None], module_name: str) -> None:
-    """``absl.app.run(main)`` with ``--help`` showing ``module_name``'s docstring and flags (also from a console script)."""
-    import sys
+def asked_for_help(argv: list[str]) -> bool:
+    """``argv`` has one of absl's help flags (``--help``, ``-?``, ``--helpshort``, ``--helpfull``, ``--helpxml``)."""
+    return any(arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in HELP_FLAGS for arg in argv[1:])
 
+
+def help_exits_zero(parser: Callable[[list[str]], list[str]]) -> Callable[[list[str]], list[str]]:
+    """An absl ``flags_parser`` for ``app.run`` after which printing the help asked for exits 0 (absl exits 1)."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return parser(argv)
+        except SystemExit as exit_:
+            if exit_.code == 1 and asked_for_help(argv):
+                sys.exit(0)
+            raise
+
+    return parse
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted field: value}`` of a (nested) ConfigDict, in its order."""
+    fields: dict[str, Any] = {}
+    for name, value in config.items():
+        if hasattr(value, "items"):
+            fields.update(flatten_config(value, f"{prefix}{name}."))
+        else:
+            fields[f"{prefix}{name}"] = value
+    return fields
+
+
+def describe_config(config: Any) -> str:
+    """Every field of ``config`` as ``field = value  # what it means`` (the comments of ``base_config``)."""
+    from adapad_jax.config import field_docs
+
+    docs = field_docs()
+    order = {name: i for i, name in enumerate(docs)}  # the schema's order; fields it lacks after them
+    fields = flatten_config(config)
+    lines = []
+    for name, value in sorted(fields.items(), key=lambda item: order.get(item[0], len(order))):
+        doc = docs.get(name, "")
+        lines.append(f"{name} = {value!r}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def run_app(main: Callable[[list[str]], None], module_name: str) -> None:
+    """``absl.app.run(main)`` with ``--help`` showing ``module_name``'s docstring and flags (also from a console script)
+    and exiting 0."""
     from absl import app, flags
 
     from adapad_jax.cli.errors import parse_flags_or_fail
@@ -89,4 +135,4 @@ def run_app(main: Callable[[list[str]], None], module_name: str) -> None:
         for flag in flags.FLAGS.get_key_flags_for_module(module_name):
             if id(flag) not in registered:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main, flags_parser=parse_flags_or_fail)
+    app.run(main, flags_parser=help_exits_zero(parse_flags_or_fail))

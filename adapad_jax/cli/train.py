@@ -7,9 +7,10 @@
 (``python -m adapad_jax.cli.train`` and ``python launch/train.py`` are the same command.) ``--preset NAME``
 is the config file ``NAME.py`` shipped in ``adapad_jax/configs`` (the checkout's ``configs/``).
 
-Any field of the config can be overridden with --config.<field>=<value>. Bad input (unknown or ill-typed
-field, missing model or data file, budget below the module count, a mesh that does not fit) stops before
-any compute with one line on stderr and exit code 2. Rerunning on an output_dir with checkpoints resumes.
+Any field of the config can be overridden with --config.<field>=<value>; ``--show_config`` lists every field
+with its value and what it means (``adapad-train --preset glue_rte --show_config``). Bad input (unknown or
+ill-typed field, missing model or data file, budget below the module count, a mesh that does not fit) stops
+before any compute with one line on stderr and exit code 2. Rerunning on an output_dir with checkpoints resumes.
 
 Several hosts (JAX multi-process): run the same command on every host with, per process,
     JAX_COORDINATOR_ADDRESS=<host of process 0>:<port> JAX_NUM_PROCESSES=<N> JAX_PROCESS_ID=<0..N-1>
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from adapad_jax.cli.common import expand_preset, quiet_start, run_app
+from adapad_jax.cli.common import describe_config, expand_preset, quiet_start, run_app
 
 quiet_start()
 
@@ -42,6 +43,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(), e.g. configs/demo.py.", lock_config=True
 )
 flags.DEFINE_string("preset", None, "Name of a config file shipped with the package (e.g. glue_cola, squad_v2, demo).")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every config field as `field = value  # what it means` (the --preset / --config "
+    "file with the --config.<field> overrides, else the defaults) and exit without training."
+)
 
 
 def _main(argv: list[str]) -> None:
@@ -51,6 +56,11 @@ def _main(argv: list[str]) -> None:
     if config is None and flags.FLAGS["config"].present:
         fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must "
              "return an ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
+    if _SHOW_CONFIG.value:
+        from adapad_jax.config import base_config
+
+        print(describe_config(base_config() if config is None else loaded_config_or_fail(config)))
+        return
     if config is None:
         fail("no config given: pass --preset <name> (e.g. --preset demo) or --config <file.py>")
     from adapad_jax.training.preemption import install_exit_on_signal

@@ -93,7 +93,7 @@ def build_task_data(
     if "train" in raw:
         if spec.kind == "qa":
             train = tokenised("train", "qa_train", lambda: prepare_qa_train_features(
-                raw["train"], tokenizer, max_length, doc_stride, with_token_type_ids))
+                raw["train"], tokenizer, max_length, doc_stride, with_token_type_ids, task_name=spec.name))
         else:
             train = tokenised("train", "glue", lambda: tokenize_glue(
                 raw["train"], spec, tokenizer, max_length, with_token_type_ids))
@@ -103,7 +103,7 @@ def build_task_data(
             continue
         if spec.kind == "qa":
             qa = _qa_eval_from_arrays(tokenised(split, "qa_eval", lambda: _qa_eval_arrays(prepare_qa_eval_features(
-                raw[split], tokenizer, max_length, doc_stride, with_token_type_ids))))
+                raw[split], tokenizer, max_length, doc_stride, with_token_type_ids, task_name=spec.name))))
             evals[split] = EvalSet(split, raw[split], qa.arrays, qa)
         else:
             features = tokenised(split, "glue", lambda: tokenize_glue(

@@ -34,9 +34,10 @@ class QAEvalFeatures:
 
 
 def _encode_chunks(
-    dataset: Any, tokenizer: Any, max_length: int, doc_stride: int, chunk_rows: int
+    dataset: Any, tokenizer: Any, max_length: int, doc_stride: int, chunk_rows: int, task_name: str = "squad"
 ) -> Iterator[tuple[Any, int]]:
-    """Tokenise (question, context) pairs into windows, ``chunk_rows`` rows at a time; yields (encoding, first row)."""
+    """Tokenise (question, context) pairs into windows, ``chunk_rows`` rows at a time; yields (encoding, first row).
+    ``task_name`` names the task in the progress line."""
     if getattr(tokenizer, "padding_side", "right") != "right":
         raise DataError("QA preprocessing needs tokenizer.padding_side == 'right' (use prepare_tokenizer)")
     if not 0 <= doc_stride < max_length:
@@ -44,7 +45,7 @@ def _encode_chunks(
     if len(dataset) == 0:
         raise DataError("no SQuAD rows to tokenise")
     chunks = range(0, len(dataset), chunk_rows)
-    for first in progress.iterate(chunks, len(chunks), f"tokenise squad ({len(dataset)} rows)", unit="chunks"):
+    for first in progress.iterate(chunks, len(chunks), f"tokenise {task_name} ({len(dataset)} rows)", unit="chunks"):
         rows = dataset[first : first + chunk_rows]
         questions = [q.lstrip() for q in rows["question"]]
         try:
@@ -96,10 +97,11 @@ def prepare_qa_train_features(
     doc_stride: int = 128,
     with_token_type_ids: bool = True,
     chunk_rows: int = CHUNK_ROWS,
+    task_name: str = "squad",
 ) -> dict[str, np.ndarray]:
     """Training windows with ``start_positions`` / ``end_positions`` (NULL_POSITION when the answer is outside)."""
     parts = []
-    for encoded, first_row in _encode_chunks(dataset, tokenizer, max_length, doc_stride, chunk_rows):
+    for encoded, first_row in _encode_chunks(dataset, tokenizer, max_length, doc_stride, chunk_rows, task_name):
         answers = dataset[first_row : first_row + chunk_rows]["answers"]
         starts, ends = [], []
         for window, offsets in enumerate(encoded["offset_mapping"]):
@@ -143,11 +145,12 @@ def prepare_qa_eval_features(
     doc_stride: int = 128,
     with_token_type_ids: bool = True,
     chunk_rows: int = CHUNK_ROWS,
+    task_name: str = "squad",
 ) -> QAEvalFeatures:
     """Validation windows keeping the example id and context offsets of every token."""
     ids = dataset["id"]
     parts, example_index, offset_parts = [], [], []
-    for encoded, first_row in _encode_chunks(dataset, tokenizer, max_length, doc_stride, chunk_rows):
+    for encoded, first_row in _encode_chunks(dataset, tokenizer, max_length, doc_stride, chunk_rows, task_name):
         sample_of_window = np.asarray(encoded["overflow_to_sample_mapping"], dtype=np.int64) + first_row
         offsets = np.full((len(sample_of_window), max_length, 2), NOT_CONTEXT, dtype=np.int32)
         for window, window_offsets in enumerate(encoded["offset_mapping"]):

@@ -310,8 +310,8 @@ class Trainer:
         every = int(self.config.checkpoint.every_steps)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
-        last_time = time.perf_counter()
         step = self.step
+        last_time, last_logged = time.perf_counter(), step
         guard = FiniteGuard(step)
         with stop_requests() as stop, profile as profiler:
             # The step count is kept on the host: reading it from the state would wait for every step to finish
@@ -332,16 +332,18 @@ class Trainer:
                     record = {
                         "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
                         "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
-                        "slot_losses": host["slot_losses"], "seconds_per_step": (now - last_time) / self.log_every,
+                        "slot_losses": host["slot_losses"],
+                        "seconds_per_step": (now - last_time) / (step - last_logged),  # the last record: fewer steps
                     }
-                    last_time = now
+                    last_time, last_logged = now, step
                     self.metrics.write(record)
                     self.metrics.write_ranks(step, self.ranks())
                     bar.logged(record)
                 bar.advance(1)
                 evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
-                if evaluated:
-                    self.metrics.write({"step": step, "eval": eval_fn(self)})
+                if evaluated:  # the last step's evaluation is the run's final one
+                    final = {"final": True} if step == num_steps else {}
+                    self.metrics.write({"step": step, "eval": eval_fn(self), **final})
                     bar.evaluated(step, self.metrics.last_eval)
                 saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
                 if saving:
