@@ -28,7 +28,7 @@ from adapad_jax import progress as progress_lib
 from adapad_jax.compilation_cache import enable_persistent_cache
 from adapad_jax.config import ConfigError
 from adapad_jax.distributed import is_main_process
-from adapad_jax.failures import OutputWriteError, describe_os_error
+from adapad_jax.failures import OutputWriteError, describe_os_error, os_error_in_chain
 from adapad_jax.host_malloc import release_free_heap
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
@@ -303,6 +303,7 @@ def _run(
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
 
     output_dir = Path(config.output_dir)
+    completed = False
     lock = take_output_dir(output_dir, checked, log)
     try:
         if main_process:
@@ -369,11 +370,10 @@ def _run(
         result = RunResult(output_dir, metrics, ranks, step, num_steps)
         if keep_trainer:
             result.trainer, result.data = trainer, data
+        completed = True
         return result
     finally:
-        if not keep_trainer:
-            trainer.close()
-        _release(lock)
+        finish_run(None if keep_trainer else trainer, lock, output_dir, failed=not completed)
 
 
 def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:
@@ -383,6 +383,24 @@ def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], 
         return acquire_for_all_processes(output_dir)
     except OSError as err:
         raise OutputWriteError(describe_os_error(err, output_dir)) from None
+
+
+def finish_run(trainer: Any, lock: Any, output_dir: Path, failed: bool) -> None:
+    """Close ``trainer`` (when given) and release the lock on every path. When the run is already failing, an error
+    while closing (a TensorBoard flush onto the same full disk) is dropped: the first failure is the one reported."""
+    try:
+        if trainer is not None:
+            try:
+                trainer.close()
+            except Exception as err:  # noqa: BLE001 - a sink wraps the OS error in its own type
+                if failed:
+                    return
+                os_err = os_error_in_chain(err)
+                if os_err is None:
+                    raise
+                raise OutputWriteError(f"the run's logs not written: {describe_os_error(os_err, output_dir)}") from None
+    finally:
+        _release(lock)
 
 
 def _release(lock: Any) -> None:

@@ -250,3 +250,70 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
                      .splitlines() if "loss" in json.loads(line)]
     np.testing.assert_allclose([r["loss"] for r in records if "loss" in r], single_losses, rtol=1e-4, atol=1e-5)
     assert sorted(int(p.name) for p in (multi_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def _start_two(config_path: Path, port: int, extra_env: dict) -> list[subprocess.Popen]:
+    procs = []
+    for process_id in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
+                   **extra_env)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config_path)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    return procs
+
+
+def _checkpoint_steps(output_dir: Path) -> list[int]:
+    directory = output_dir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 stops within ADAPAD_PEER_TIMEOUT with one line naming process 1 and
+    exit 69 (not JAX's C++ abort after its 100 s heartbeat), and rerunning both resumes from the newest checkpoint."""
+    import signal
+    import time
+
+    from adapad_jax.failures import EXIT_PEER_LOST
+
+    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
+    files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
+    out = tmp_path / "multi"
+    fields = {**_run_fields(tmp_path, files, out), "train.num_steps": 100000, "train.log_every_steps": 50}
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
+    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": "4"})
+    try:
+        deadline = time.monotonic() + 240
+        while len(_checkpoint_steps(out)) < 2 and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        assert len(_checkpoint_steps(out)) >= 2, procs[0].stderr.read()[-3000:] if procs[0].poll() is not None else ""
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert procs[0].returncode == EXIT_PEER_LOST, err[-3000:]
+    assert waited < 4 + 10, waited
+    assert "Traceback" not in err and "Check failed" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "process 1 of this 2-process run was lost" in errors[0], err[-3000:]
+
+    resume_from = _checkpoint_steps(out)[-1]
+    fields["train.num_steps"] = resume_from + 2
+    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
+    procs = _start_two(config_path, _free_port(), {})
+    try:
+        results = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-3000:] for r in results]
+    assert f"resuming {out} from step {resume_from}" in results[0][0] + results[0][1]
+    assert json.loads((out / "eval_results.json").read_text())["step"] == resume_from + 2
