@@ -495,24 +495,97 @@ def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_pat
     assert not (out / "config.json").exists()
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path)
+# ------------------------------------------------------------------------------------------------ a real full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs mounted at ``tmp_path/disk`` (root only): real ENOSPC from every storage layer."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                             text=True, timeout=30)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to mount a tmpfs for the disk-full tests: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path, leave_kib: int = 0) -> Path:
+    """Fill ``disk`` with a ballast file up to ENOSPC, then give ``leave_kib`` KiB back; the ballast's path."""
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+        block = 4096
+        while True:  # the last few pages
+            try:
+                os.write(fd, b"\0" * block)
+            except OSError:
+                if block == 1:
+                    break
+                block //= 2
+        os.ftruncate(fd, max(os.fstat(fd).st_size - leave_kib * 1024, 0))
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def _no_partial_checkpoints(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if "orbax-checkpoint-tmp" in p.name]
+
+
+@pytest.mark.parametrize("leave_kib", [0, 48])  # 0: the metadata file's write (OSError); 48: tensorstore's
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoints(small_disk, leave_kib):
+    out = small_disk / "run"
+    trainer = _trainer(out)
     _train(trainer, 2)
-    original = trainer.checkpointer.save
-
-    def full_disk(step, state, meta, metrics=None):
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints" / str(step)))
-        except OSError as err:
-            raise RuntimeError("orbax wraps it") from err
-
-    monkeypatch.setattr(trainer.checkpointer, "save", full_disk)
+    ballast = fill(small_disk, leave_kib)
+    data = ToyBatches(trainer.model, planted_teacher(trainer.model, [2, 1, 0, 0]), 8, start=2)
     with pytest.raises(OutputWriteError, match="checkpoint for step 4 not saved: no space left on the device") as e:
-        _train(trainer, 4)
+        trainer.train(data, 4, data.state, progress=False)
     assert "\n" not in str(e.value) and "MiB free there" in str(e.value)
-    monkeypatch.setattr(trainer.checkpointer, "save", original)
     assert trainer.checkpointer.all_steps() == [2]
+    assert _no_partial_checkpoints(out), [str(p) for p in out.rglob("*orbax-checkpoint-tmp*")]
+    ballast.unlink()
     trainer.close()
+    again = _trainer(out)
+    assert again.restore_or_init({"position": 0}) == {"position": 2} and again.step == 2
+    again.close()
+
+
+def test_a_storage_layers_own_error_is_recognised_as_a_write_failure(tmp_path):
+    """tensorstore (orbax's array writes) and safetensors report the OS error only in their message."""
+    import tensorstore as ts
+    from safetensors.numpy import save_file
+
+    from adapad_jax.failures import describe_os_error, os_error_in_chain
+
+    (tmp_path / "file").write_text("x")
+    caught = []
+    with pytest.raises(ValueError) as tensorstore_error:
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "file" / "z") + "/"}},
+                create=True, dtype=ts.float32, shape=[3]).result()
+    caught.append(tensorstore_error.value)
+    with pytest.raises(Exception) as safetensors_error:
+        save_file({"a": np.zeros(3, np.float32)}, str(tmp_path / "file" / "a.safetensors"))
+    caught.append(safetensors_error.value)
+    for err in caught:
+        wrapped = RuntimeError("a library wraps it")
+        wrapped.__cause__ = err
+        found = os_error_in_chain(wrapped)
+        assert found is not None and found.errno == errno.ENOTDIR, repr(err)
+        assert describe_os_error(found, tmp_path / "file" / "z") == (
+            f"cannot write {tmp_path / 'file' / 'z'}: a part of that path is a regular file, not a directory")
+    assert os_error_in_chain(ValueError("RESOURCE_EXHAUSTED: a quota, no OS error")) is None
 
 
 def test_an_output_dir_below_a_regular_file_is_refused_up_front(tmp_path):
