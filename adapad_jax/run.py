@@ -218,11 +218,11 @@ def select_best_checkpoint(
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def check_output_dir_path(output_dir: Path) -> None:
-    """``output_dir`` must be creatable: no part of its path may be a regular file."""
+def check_output_dir_path(output_dir: Path, name: str = "output_dir") -> None:
+    """``output_dir`` (the option ``name``) must be creatable: no part of its path may be a regular file."""
     blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise ConfigError(f"output_dir '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
+        raise ConfigError(f"{name} '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
 
 
 def check(config: ml_collections.ConfigDict) -> CheckedRun:
@@ -289,6 +289,7 @@ def _run(
 
     from adapad_jax.data import TrainBatches
     from adapad_jax.training import Trainer, make_mesh
+    from adapad_jax.training.sharding import process_batch_slice
 
     model = load_model_for(config, checked)
     want_train = config.train.num_steps != 0
@@ -301,6 +302,13 @@ def _run(
         raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.components),
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
+    batches = None
+    if want_train:  # before output_dir is touched: too few rows for one batch is bad input
+        process_index, process_count = process_batch_slice(mesh)
+        batches = TrainBatches(
+            data.train, int(config.train.batch_size), int(config.seed),
+            process_index=process_index, process_count=process_count,
+        )
 
     output_dir = Path(config.output_dir)
     completed = False
@@ -317,13 +325,6 @@ def _run(
         _release(lock)
         raise
     try:
-        batches = None
-        if want_train:
-            process_index, process_count = trainer.batch_slice
-            batches = TrainBatches(
-                data.train, int(config.train.batch_size), int(config.seed),
-                process_index=process_index, process_count=process_count,
-            )
         data_state = trainer.restore_or_init(batches.state_dict() if batches is not None else {})
         if batches is not None and data_state:
             batches.load_state_dict(data_state)
