@@ -562,6 +562,96 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkp
     again.close()
 
 
+FILLING_LAUNCHER = textwrap.dedent("""
+    # adapad-train / adapad-export that fill the disk at one moment: FILL_AT=checkpoint:<step> (after that
+    # checkpoint is saved) or FILL_AT=safetensors (before the adapter weights are written); FILL_LEAVE_KIB given back.
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_robustness import fill
+    from adapad_jax.models import export as export_lib
+    from adapad_jax.training import checkpointing
+
+    disk, where = Path(os.environ["FILL_DISK"]), os.environ["FILL_AT"]
+    leave = int(os.environ.get("FILL_LEAVE_KIB", "0"))
+    save, save_file = checkpointing.Checkpointer.save, export_lib.save_file
+
+    def filled_after_save(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if where == f"checkpoint:{{step}}":
+            fill(disk, leave)
+
+    def filled_before_save_file(*args, **kwargs):
+        if where == "safetensors":
+            fill(disk, leave)
+        return save_file(*args, **kwargs)
+
+    checkpointing.Checkpointer.save = filled_after_save
+    export_lib.save_file = filled_before_save_file
+    if sys.argv.pop(1) == "train":
+        from adapad_jax.cli.train import main
+    else:
+        from adapad_jax.cli.export import main
+    main()
+""")
+
+
+def _only_one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_the_commands_on_a_full_disk_end_in_one_line_release_the_lock_and_resume(tmp_path, small_disk):
+    """Real ENOSPC under adapad-train (a checkpoint, then the final export) and adapad-export (safetensors): exit 74,
+    one line, the lock record cleared, no orbax tmp folder, no staging or empty export folder; freeing space resumes."""
+    config = _tiny_run(tmp_path)
+    config.train.num_steps = 4
+    out = small_disk / "run"
+    config.output_dir = str(out)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "config.json").write_text(config.to_json())
+    (tmp_path / "cfg.py").write_text(
+        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
+    (tmp_path / "launch.py").write_text(FILLING_LAUNCHER.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FILL_DISK": str(small_disk), "ADAPAD_MALLOC": "system",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    def launch(command, fill_at, *args, leave_kib=48):
+        return subprocess.run([sys.executable, str(tmp_path / "launch.py"), command, *args], capture_output=True,
+                              text=True, timeout=600, env={**env, "FILL_AT": fill_at, "FILL_LEAVE_KIB": str(leave_kib)})
+
+    def lock_record() -> str:
+        return (out / ".adapad.lock").read_text() if (out / ".adapad.lock").exists() else ""
+
+    train = ("train", "--config", str(tmp_path / "cfg.py"))
+    line = _only_one_error_line(launch(train[0], "checkpoint:2", *train[1:]), 74)
+    assert "checkpoint for step 4 not saved: no space left on the device" in line
+    assert lock_record() == "" and _no_partial_checkpoints(out)
+    assert run_lib.has_checkpoints(out) and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+
+    (small_disk / "ballast").unlink()
+    resumed = launch(train[0], "safetensors", *train[1:], leave_kib=0)  # the final export meets a full disk
+    line = _only_one_error_line(resumed, 74)
+    assert f"resuming {out} from step 2" in resumed.stdout + resumed.stderr
+    assert "outputs not written, the previous ones are intact: no space left on the device" in line
+    assert lock_record() == "" and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".outputs-") or p.name == "adapter"]
+
+    (small_disk / "ballast").unlink()
+    exported = launch("export", "safetensors", "--run_dir", str(out), leave_kib=0)
+    assert "no space left on the device" in _only_one_error_line(exported, 74)
+    assert not (out / "export-step4").exists() and not [p for p in out.iterdir() if p.name.startswith(".outputs-")]
+
+    under_a_file = launch("export", "none", "--run_dir", str(out), "--out", str(out / "config.json" / "sub"))
+    assert "is a file, not a directory" in _only_one_error_line(under_a_file, 2)
+
+
 def test_a_storage_layers_own_error_is_recognised_as_a_write_failure(tmp_path):
     """tensorstore (orbax's array writes) and safetensors report the OS error only in their message."""
     import tensorstore as ts
