@@ -734,3 +734,16 @@ def test_orphaned_orbax_read_tasks_are_not_logged_but_other_task_errors_are(tmp_
     finally:
         loop.close()
     assert ("Task exception was never retrieved" in caplog.text) == logged, caplog.text
+
+
+def test_a_training_file_without_one_batch_is_refused_before_output_dir_is_touched(tmp_path):
+    """One row, batch size 8: one line (DataError), and no lock, config.json or orbax checkpoint directory made."""
+    from adapad_jax.data.tasks import DataError
+
+    config = _tiny_run(tmp_path)
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(Path(config.data.train_file).read_text().splitlines()[0] + "\n")
+    config.data.train_file = str(one_row)
+    with pytest.raises(DataError, match="the training set has 1 examples, fewer than one batch of 8"):
+        run_lib.run(config, progress=False, log=lambda _: None)
+    assert not Path(config.output_dir).exists()
