@@ -132,6 +132,29 @@ def test_distributed_settings_refuse_incomplete_or_bad_values(environ, message):
         distributed.distributed_settings(environ)
 
 
+@pytest.mark.parametrize("value, expected", [(None, 60.0), ("", 60.0), ("4", 4.0), (" 0.5 ", 0.5)])
+def test_peer_timeout_from_the_environment(value, expected):
+    environ = {} if value is None else {"ADAPAD_PEER_TIMEOUT": value}
+    assert distributed.peer_timeout(environ) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "soon"])
+def test_peer_timeout_refuses_what_is_not_a_positive_number(value):
+    with pytest.raises(ConfigError, match=f"ADAPAD_PEER_TIMEOUT='{value}' must be a positive number of seconds"):
+        distributed.peer_timeout({"ADAPAD_PEER_TIMEOUT": value})
+
+
+def test_the_peer_watch_names_the_process_whose_heartbeat_stopped_and_skips_finished_ones():
+    watch = distributed.PeerWatch(client=None, process=0, count=3, timeout=5.0)
+    key = "adapad/heartbeat/"
+    assert watch.silent_peer({f"{key}0": "7", f"{key}1": "1", f"{key}2": "1"}, now=100.0) is None
+    assert watch.silent_peer({f"{key}0": "8", f"{key}1": "2", f"{key}2": "done"}, now=104.0) is None
+    assert watch.silent_peer({f"{key}0": "9", f"{key}1": "2", f"{key}2": "done"}, now=108.0) is None  # 4 s
+    assert watch.silent_peer({f"{key}0": "9", f"{key}1": "2", f"{key}2": "done"}, now=109.5) == 1  # 5.5 s
+    late = distributed.PeerWatch(client=None, process=1, count=2, timeout=5.0)
+    assert late.silent_peer({}, now=0.0) is None and late.silent_peer({}, now=6.0) == 0  # never heard at all
+
+
 def test_initialize_distributed_is_a_no_op_without_the_environment():
     assert distributed.initialize_distributed({}) is False
 
