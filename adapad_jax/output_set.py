@@ -108,7 +108,7 @@ def publish_set(output_dir: Path, names: Iterable[str], write: Callable[[Path], 
         os_err = os_error_in_chain(err)
         if os_err is None:
             raise
-        where = os_err.filename or staging or output_dir
+        where = os_err.filename or target_dir  # (the staging directory is gone by then)
         raise OutputWriteError(
             f"outputs not written, the previous ones are intact: {describe_os_error(os_err, where)}") from None
     finally:

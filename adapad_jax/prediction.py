@@ -157,6 +157,10 @@ def predict(
         normalised[split] = normalise_test_rows(spec, Path(path), _read_rows(Path(path)))
     if out_dir is not None and Path(out_dir).resolve() == run_dir.resolve():
         raise ConfigError(f"--out '{out_dir}' is the run directory: predictions go into a directory of their own")
+    if out_dir is not None:
+        from adapad_jax.run import check_output_dir_path
+
+        check_output_dir_path(Path(out_dir), "--out")
 
     import datasets
 

@@ -28,7 +28,7 @@ from adapad_jax import progress as progress_lib
 from adapad_jax.compilation_cache import enable_persistent_cache
 from adapad_jax.config import ConfigError
 from adapad_jax.distributed import is_main_process
-from adapad_jax.failures import OutputWriteError, describe_os_error
+from adapad_jax.failures import OutputWriteError, describe_os_error, os_error_in_chain
 from adapad_jax.host_malloc import release_free_heap
 from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
@@ -230,11 +230,11 @@ def select_best_checkpoint(
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def check_output_dir_path(output_dir: Path) -> None:
-    """``output_dir`` must be creatable: no part of its path may be a regular file."""
+def check_output_dir_path(output_dir: Path, name: str = "output_dir") -> None:
+    """``output_dir`` (the option ``name``) must be creatable: no part of its path may be a regular file."""
     blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise ConfigError(f"output_dir '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
+        raise ConfigError(f"{name} '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
 
 
 def check(config: ml_collections.ConfigDict) -> CheckedRun:
@@ -301,6 +301,7 @@ def _run(
 
     from adapad_jax.data import TrainBatches
     from adapad_jax.training import Trainer, make_mesh
+    from adapad_jax.training.sharding import process_batch_slice
 
     model = load_model_for(config, checked)
     want_train = config.train.num_steps != 0
@@ -313,8 +314,16 @@ def _run(
         raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.components),
                      None if config.adapter.method == "lora" else int(config.adapter.r_max))
+    batches = None
+    if want_train:  # before output_dir is touched: too few rows for one batch is bad input
+        process_index, process_count = process_batch_slice(mesh)
+        batches = TrainBatches(
+            data.train, int(config.train.batch_size), int(config.seed),
+            process_index=process_index, process_count=process_count,
+        )
 
     output_dir = Path(config.output_dir)
+    completed = False
     lock = take_output_dir(output_dir, checked, log)
     try:
         if main_process:
@@ -329,13 +338,6 @@ def _run(
         raise
     try:
         trainer.metrics.start()  # W&B starts (or stops the run with one line) before any compile or step
-        batches = None
-        if want_train:
-            process_index, process_count = trainer.batch_slice
-            batches = TrainBatches(
-                data.train, int(config.train.batch_size), int(config.seed),
-                process_index=process_index, process_count=process_count,
-            )
         data_state = trainer.restore_or_init(batches.state_dict() if batches is not None else {})
         if batches is not None and data_state:
             batches.load_state_dict(data_state)
@@ -383,11 +385,10 @@ def _run(
         result = RunResult(output_dir, metrics, ranks, step, num_steps)
         if keep_trainer:
             result.trainer, result.data = trainer, data
+        completed = True
         return result
     finally:
-        if not keep_trainer:
-            trainer.close()
-        _release(lock)
+        finish_run(None if keep_trainer else trainer, lock, output_dir, failed=not completed)
 
 
 def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:
@@ -397,6 +398,24 @@ def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], 
         return acquire_for_all_processes(output_dir)
     except OSError as err:
         raise OutputWriteError(describe_os_error(err, output_dir)) from None
+
+
+def finish_run(trainer: Any, lock: Any, output_dir: Path, failed: bool) -> None:
+    """Close ``trainer`` (when given) and release the lock on every path. When the run is already failing, an error
+    while closing (a TensorBoard flush onto the same full disk) is dropped: the first failure is the one reported."""
+    try:
+        if trainer is not None:
+            try:
+                trainer.close()
+            except Exception as err:  # noqa: BLE001 - a sink wraps the OS error in its own type
+                if failed:
+                    return
+                os_err = os_error_in_chain(err)
+                if os_err is None:
+                    raise
+                raise OutputWriteError(f"the run's logs not written: {describe_os_error(os_err, output_dir)}") from None
+    finally:
+        _release(lock)
 
 
 def _release(lock: Any) -> None:

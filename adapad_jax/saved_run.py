@@ -21,7 +21,7 @@ from adapad_jax.config import ConfigError
 from adapad_jax.validation import CheckedRun
 from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set
-from adapad_jax.run import CONFIG_FILE, EXPORTED_OUTPUTS, has_checkpoints, load_model_for
+from adapad_jax.run import CONFIG_FILE, EXPORTED_OUTPUTS, check_output_dir_path, has_checkpoints, load_model_for
 
 
 def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -134,6 +134,8 @@ def export_checkpoint(
         raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
     if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
+    if out_dir:
+        check_output_dir_path(Path(out_dir), "--out")
     with restored_run(run_dir, step) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
@@ -142,6 +144,7 @@ def export_checkpoint(
             if merged:
                 trainer.trained_params(), trainer.committed_peft_factors()
             return out
+        created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -168,6 +171,12 @@ def export_checkpoint(
                 write_merged_model_card(staging / "merged", trainer.ranks(), restored.config, metrics, step,
                                         merged_dtype, base_dir=base_dir)
 
-        publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
+        try:
+            publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when the failed export left it empty
+            raise
     log(f"exported step {step} of {run_dir} to {out}")
     return out

@@ -132,6 +132,29 @@ def test_distributed_settings_refuse_incomplete_or_bad_values(environ, message):
         distributed.distributed_settings(environ)
 
 
+@pytest.mark.parametrize("value, expected", [(None, 60.0), ("", 60.0), ("4", 4.0), (" 0.5 ", 0.5)])
+def test_peer_timeout_from_the_environment(value, expected):
+    environ = {} if value is None else {"ADAPAD_PEER_TIMEOUT": value}
+    assert distributed.peer_timeout(environ) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "soon"])
+def test_peer_timeout_refuses_what_is_not_a_positive_number(value):
+    with pytest.raises(ConfigError, match=f"ADAPAD_PEER_TIMEOUT='{value}' must be a positive number of seconds"):
+        distributed.peer_timeout({"ADAPAD_PEER_TIMEOUT": value})
+
+
+def test_the_peer_watch_names_the_process_whose_heartbeat_stopped_and_skips_finished_ones():
+    watch = distributed.PeerWatch(client=None, process=0, count=3, timeout=5.0)
+    key = "adapad/heartbeat/"
+    assert watch.silent_peer({f"{key}0": "7", f"{key}1": "1", f"{key}2": "1"}, now=100.0) is None
+    assert watch.silent_peer({f"{key}0": "8", f"{key}1": "2", f"{key}2": "done"}, now=104.0) is None
+    assert watch.silent_peer({f"{key}0": "9", f"{key}1": "2", f"{key}2": "done"}, now=108.0) is None  # 4 s
+    assert watch.silent_peer({f"{key}0": "9", f"{key}1": "2", f"{key}2": "done"}, now=109.5) == 1  # 5.5 s
+    late = distributed.PeerWatch(client=None, process=1, count=2, timeout=5.0)
+    assert late.silent_peer({}, now=0.0) is None and late.silent_peer({}, now=6.0) == 0  # never heard at all
+
+
 def test_initialize_distributed_is_a_no_op_without_the_environment():
     assert distributed.initialize_distributed({}) is False
 
@@ -250,3 +273,67 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
                      .splitlines() if "loss" in json.loads(line)]
     np.testing.assert_allclose([r["loss"] for r in records if "loss" in r], single_losses, rtol=1e-4, atol=1e-5)
     assert sorted(int(p.name) for p in (multi_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def _start_two(config_path: Path, port: int, extra_env: dict) -> list[subprocess.Popen]:
+    procs = []
+    for process_id in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
+                   **extra_env)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config_path)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    return procs
+
+
+def _checkpoint_steps(output_dir: Path) -> list[int]:
+    directory = output_dir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 stops within ADAPAD_PEER_TIMEOUT with one line naming process 1 and
+    exit 69 (not JAX's C++ abort after its 100 s heartbeat), and the newest checkpoint is where a rerun resumes
+    (rerun in this process on the same mesh, which is quicker than two more processes)."""
+    import signal
+    import time
+
+    from adapad_jax.failures import EXIT_PEER_LOST
+
+    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
+    files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
+    out = tmp_path / "multi"
+    fields = {**_run_fields(tmp_path, files, out), "train.num_steps": 100000, "train.log_every_steps": 50}
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
+    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": "4"})
+    try:
+        deadline = time.monotonic() + 240
+        while not _checkpoint_steps(out) and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        assert _checkpoint_steps(out), procs[0].stderr.read()[-3000:] if procs[0].poll() is not None else ""
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert procs[0].returncode == EXIT_PEER_LOST, err[-3000:]
+    assert waited < 4 + 10, waited
+    assert "Traceback" not in err and "Check failed" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "process 1 of this 2-process run was lost" in errors[0], err[-3000:]
+
+    resume_from = _checkpoint_steps(out)[-1]
+    config = base_config()
+    for dotted, value in {**fields, "train.num_steps": resume_from + 2}.items():
+        *sections, leaf = dotted.split(".")
+        (config[sections[0]] if sections else config)[leaf] = value
+    lines = []
+    result = run_lib.run(config, progress=False, log=lines.append)  # the same mesh, in one process
+    assert f"resuming {out} from step {resume_from}" in lines and result.step == resume_from + 2

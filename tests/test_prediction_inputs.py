@@ -75,4 +75,6 @@ def test_bad_predict_input_is_refused_before_any_model_is_loaded(tmp_path):
     good.write_text(json.dumps({"sentence1": "a", "sentence2": "b"}) + "\n")
     with pytest.raises(ConfigError, match="is the run directory"):
         predict(run_dir, str(good), out_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="--out '.*' cannot be created: '.*ok.jsonl' is a file, not a directory"):
+        predict(run_dir, str(good), out_dir=str(good / "predictions"))  # bad input (exit 2), as for output_dir
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]

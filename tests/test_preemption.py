@@ -127,3 +127,52 @@ def test_a_second_signal_exits_at_once_without_saving(tmp_path):
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
         "error: SIGINT again: stopping at once without saving"]
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+
+
+LINGERING_TRAIN = textwrap.dedent(
+    """
+    import atexit, sys, time
+
+    def linger():  # registered first, so it runs last: the interpreter is shutting down, the outputs are written
+        print("EXITING", flush=True)
+        time.sleep(120)
+
+    atexit.register(linger)
+    from adapad_jax.cli.train import main
+    main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_run_finished_exits_0_quietly(tmp_path):
+    """SIGTERM during interpreter shutdown, after the outputs are complete: exit 0 at once, nothing printed (not
+    "nothing new was saved, rerun to resume" with an atexit traceback)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_e2e_runs import tiny_run_config
+
+    config = tiny_run_config(tmp_path, "glue_rte", "deberta")
+    config.train.num_steps = 0  # evaluate and export: the outputs are complete when the command returns
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "config.json").write_text(config.to_json())
+    (tmp_path / "cfg.py").write_text(
+        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
+    (tmp_path / "launch.py").write_text(LINGERING_TRAIN)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), "--config", str(tmp_path / "cfg.py")],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_MALLOC": "system"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "EXITING":
+                break
+        else:
+            raise AssertionError(proc.communicate()[1][-3000:])
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "nothing new was saved" not in err and "error:" not in err, err[-3000:]
+    assert (Path(config.output_dir) / "eval_results.json").is_file()

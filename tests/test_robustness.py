@@ -495,24 +495,187 @@ def test_two_jax_processes_both_refuse_an_output_dir_held_by_another_run(tmp_pat
     assert not (out / "config.json").exists()
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path)
+# ------------------------------------------------------------------------------------------------ a real full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs mounted at ``tmp_path/disk`` (root only): real ENOSPC from every storage layer."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True,
+                             text=True, timeout=30)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to mount a tmpfs for the disk-full tests: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path, leave_kib: int = 0) -> Path:
+    """Fill ``disk`` with a ballast file up to ENOSPC, then give ``leave_kib`` KiB back; the ballast's path."""
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+        block = 4096
+        while True:  # the last few pages
+            try:
+                os.write(fd, b"\0" * block)
+            except OSError:
+                if block == 1:
+                    break
+                block //= 2
+        os.ftruncate(fd, max(os.fstat(fd).st_size - leave_kib * 1024, 0))
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def _no_partial_checkpoints(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if "orbax-checkpoint-tmp" in p.name]
+
+
+@pytest.mark.parametrize("leave_kib", [0, 48])  # 0: the metadata file's write (OSError); 48: tensorstore's
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoints(small_disk, leave_kib):
+    out = small_disk / "run"
+    trainer = _trainer(out)
     _train(trainer, 2)
-    original = trainer.checkpointer.save
-
-    def full_disk(step, state, meta, metrics=None):
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints" / str(step)))
-        except OSError as err:
-            raise RuntimeError("orbax wraps it") from err
-
-    monkeypatch.setattr(trainer.checkpointer, "save", full_disk)
+    ballast = fill(small_disk, leave_kib)
+    data = ToyBatches(trainer.model, planted_teacher(trainer.model, [2, 1, 0, 0]), 8, start=2)
     with pytest.raises(OutputWriteError, match="checkpoint for step 4 not saved: no space left on the device") as e:
-        _train(trainer, 4)
+        trainer.train(data, 4, data.state, progress=False)
     assert "\n" not in str(e.value) and "MiB free there" in str(e.value)
-    monkeypatch.setattr(trainer.checkpointer, "save", original)
     assert trainer.checkpointer.all_steps() == [2]
+    assert _no_partial_checkpoints(out), [str(p) for p in out.rglob("*orbax-checkpoint-tmp*")]
+    ballast.unlink()
     trainer.close()
+    again = _trainer(out)
+    assert again.restore_or_init({"position": 0}) == {"position": 2} and again.step == 2
+    again.close()
+
+
+FILLING_LAUNCHER = textwrap.dedent("""
+    # adapad-train / adapad-export that fill the disk at one moment: FILL_AT=checkpoint:<step> (after that
+    # checkpoint is saved) or FILL_AT=safetensors (before the adapter weights are written); FILL_LEAVE_KIB given back.
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_robustness import fill
+    from adapad_jax.models import export as export_lib
+    from adapad_jax.training import checkpointing
+
+    disk, where = Path(os.environ["FILL_DISK"]), os.environ["FILL_AT"]
+    leave = int(os.environ.get("FILL_LEAVE_KIB", "0"))
+    save, save_file = checkpointing.Checkpointer.save, export_lib.save_file
+
+    def filled_after_save(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if where == f"checkpoint:{{step}}":
+            fill(disk, leave)
+
+    def filled_before_save_file(*args, **kwargs):
+        if where == "safetensors":
+            fill(disk, leave)
+        return save_file(*args, **kwargs)
+
+    checkpointing.Checkpointer.save = filled_after_save
+    export_lib.save_file = filled_before_save_file
+    if sys.argv.pop(1) == "train":
+        from adapad_jax.cli.train import main
+    else:
+        from adapad_jax.cli.export import main
+    main()
+""")
+
+
+def _only_one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_the_commands_on_a_full_disk_end_in_one_line_release_the_lock_and_resume(tmp_path, small_disk):
+    """Real ENOSPC under adapad-train (a checkpoint, then the final export) and adapad-export (safetensors): exit 74,
+    one line, the lock record cleared, no orbax tmp folder, no staging or empty export folder; freeing space resumes."""
+    config = _tiny_run(tmp_path)
+    config.train.num_steps = 4
+    out = small_disk / "run"
+    config.output_dir = str(out)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "config.json").write_text(config.to_json())
+    (tmp_path / "cfg.py").write_text(
+        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
+    (tmp_path / "launch.py").write_text(FILLING_LAUNCHER.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FILL_DISK": str(small_disk), "ADAPAD_MALLOC": "system",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    def launch(command, fill_at, *args, leave_kib=48):
+        return subprocess.run([sys.executable, str(tmp_path / "launch.py"), command, *args], capture_output=True,
+                              text=True, timeout=600, env={**env, "FILL_AT": fill_at, "FILL_LEAVE_KIB": str(leave_kib)})
+
+    def lock_record() -> str:
+        return (out / ".adapad.lock").read_text() if (out / ".adapad.lock").exists() else ""
+
+    train = ("train", "--config", str(tmp_path / "cfg.py"))
+    line = _only_one_error_line(launch(train[0], "checkpoint:2", *train[1:]), 74)
+    assert "checkpoint for step 4 not saved: no space left on the device" in line
+    assert lock_record() == "" and _no_partial_checkpoints(out)
+    assert run_lib.has_checkpoints(out) and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+
+    (small_disk / "ballast").unlink()
+    resumed = launch(train[0], "safetensors", *train[1:], leave_kib=0)  # the final export meets a full disk
+    line = _only_one_error_line(resumed, 74)
+    assert f"resuming {out} from step 2" in resumed.stdout + resumed.stderr
+    assert "outputs not written, the previous ones are intact: no space left on the device" in line
+    assert lock_record() == "" and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".outputs-") or p.name == "adapter"]
+
+    (small_disk / "ballast").unlink()
+    exported = launch("export", "safetensors", "--run_dir", str(out), leave_kib=0)
+    assert "no space left on the device" in _only_one_error_line(exported, 74)
+    assert not (out / "export-step4").exists() and not [p for p in out.iterdir() if p.name.startswith(".outputs-")]
+
+    under_a_file = launch("export", "none", "--run_dir", str(out), "--out", str(out / "config.json" / "sub"))
+    assert "is a file, not a directory" in _only_one_error_line(under_a_file, 2)
+
+
+def test_a_storage_layers_own_error_is_recognised_as_a_write_failure(tmp_path):
+    """tensorstore (orbax's array writes) and safetensors report the OS error only in their message."""
+    import tensorstore as ts
+    from safetensors.numpy import save_file
+
+    from adapad_jax.failures import describe_os_error, os_error_in_chain
+
+    (tmp_path / "file").write_text("x")
+    caught = []
+    with pytest.raises(ValueError) as tensorstore_error:
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "file" / "z") + "/"}},
+                create=True, dtype=ts.float32, shape=[3]).result()
+    caught.append(tensorstore_error.value)
+    with pytest.raises(Exception) as safetensors_error:
+        save_file({"a": np.zeros(3, np.float32)}, str(tmp_path / "file" / "a.safetensors"))
+    caught.append(safetensors_error.value)
+    for err in caught:
+        wrapped = RuntimeError("a library wraps it")
+        wrapped.__cause__ = err
+        found = os_error_in_chain(wrapped)
+        assert found is not None and found.errno == errno.ENOTDIR, repr(err)
+        assert describe_os_error(found, tmp_path / "file" / "z") == (
+            f"cannot write {tmp_path / 'file' / 'z'}: a part of that path is a regular file, not a directory")
+    assert os_error_in_chain(ValueError("RESOURCE_EXHAUSTED: a quota, no OS error")) is None
 
 
 def test_an_output_dir_below_a_regular_file_is_refused_up_front(tmp_path):
@@ -571,3 +734,16 @@ def test_orphaned_orbax_read_tasks_are_not_logged_but_other_task_errors_are(tmp_
     finally:
         loop.close()
     assert ("Task exception was never retrieved" in caplog.text) == logged, caplog.text
+
+
+def test_a_training_file_without_one_batch_is_refused_before_output_dir_is_touched(tmp_path):
+    """One row, batch size 8: one line (DataError), and no lock, config.json or orbax checkpoint directory made."""
+    from adapad_jax.data.tasks import DataError
+
+    config = _tiny_run(tmp_path)
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(Path(config.data.train_file).read_text().splitlines()[0] + "\n")
+    config.data.train_file = str(one_row)
+    with pytest.raises(DataError, match="the training set has 1 examples, fewer than one batch of 8"):
+        run_lib.run(config, progress=False, log=lambda _: None)
+    assert not Path(config.output_dir).exists()

@@ -172,7 +172,9 @@ def test_truncate_after_keeps_earlier_records_and_replaces_the_file_atomically(t
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    from adapad_jax.failures import OutputWriteError
+
+    with pytest.raises(OutputWriteError, match="metrics not logged: cannot write .*metrics.jsonl: disk full"):
         writer.truncate_after(1)
     assert writer.path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left behind

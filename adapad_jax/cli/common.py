@@ -135,4 +135,17 @@ def run_app(main: Callable[[list[str]], None], module_name: str) -> None:
         for flag in flags.FLAGS.get_key_flags_for_module(module_name):
             if id(flag) not in registered:
                 flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main, flags_parser=help_exits_zero(parse_flags_or_fail))
+    app.run(_finishing(main), flags_parser=help_exits_zero(parse_flags_or_fail))
+
+
+def _finishing(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """``main`` that, once it returns (the outputs are complete), lets a late signal exit 0 quietly."""
+
+    def run(argv: list[str]) -> None:
+        result = main(argv)
+        from adapad_jax.training.preemption import install_finished_handlers
+
+        install_finished_handlers()
+        return result
+
+    return run

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from adapad_jax.config import ConfigError
-from adapad_jax.distributed import initialize_distributed
+from adapad_jax.distributed import await_peer_verdict, initialize_distributed
 from adapad_jax.failures import RunFailure
 
 
@@ -113,3 +113,6 @@ def user_errors():
         fail(str(err))
     except RunFailure as err:
         fail(str(err), err.exit_code)
+    except Exception as err:
+        await_peer_verdict(err)  # a collective that lost its peer process: the watch names it (exit 69)
+        raise

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,11 +71,26 @@ class Checkpointer:
             raise RuntimeError(f"checkpoints in {self.directory} were opened read-only")
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True,
-            metrics=metrics,
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True, metrics=metrics,
+            )
+            self.manager.wait_until_finished()
+        except BaseException:
+            self.discard_partial(step)
+            raise
+
+    def discard_partial(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left (orbax's ``<step>.orbax-checkpoint-tmp*``); the finished steps
+        stay. Errors of the failed save's remaining work are dropped: the save's own error is the one reported."""
+        with contextlib.suppress(Exception):
+            self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.manager.reload()
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` onto the structure, shapes and shardings of ``like_state``."""

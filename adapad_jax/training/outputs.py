@@ -83,6 +83,12 @@ def _jsonable(value: Any) -> Any:
     return array.tolist()
 
 
+def _not_logged(err: OSError, path: Path) -> Exception:
+    from adapad_jax.failures import OutputWriteError, describe_os_error
+
+    return OutputWriteError(f"metrics not logged: {describe_os_error(err, path)}")
+
+
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl``; writes nothing when not ``enabled``."""
 
@@ -98,9 +104,7 @@ class MetricsWriter:
             with self.path.open("a") as handle:
                 handle.write(dumps_strict(_jsonable(dict(record))) + "\n")
         except OSError as err:
-            from adapad_jax.failures import OutputWriteError, describe_os_error
-
-            raise OutputWriteError(f"metrics not logged: {describe_os_error(err, self.path)}") from None
+            raise _not_logged(err, self.path) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` > ``step`` (left by a run that died after its last checkpoint).
@@ -111,13 +115,18 @@ class MetricsWriter:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise _not_logged(err, self.path) from None
         try:
             with os.fdopen(handle, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise _not_logged(err, self.path) from None
             raise
 
 

@@ -2,7 +2,9 @@
 
 ``stop_requests()`` installs the handlers for the training loop (main thread only) and restores the previous
 ones afterwards. Outside the loop, ``launch/train.py`` installs ``exit_on_signal`` so that a signal during
-model loading, evaluation or export ends the run with one line instead of a KeyboardInterrupt traceback.
+model loading, evaluation or export ends the run with one line instead of a KeyboardInterrupt traceback. Once a
+command's outputs are complete, ``install_finished_handlers`` makes a late signal (during the interpreter's
+shutdown) end the process at once with exit 0 and nothing printed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import threading
 from typing import Iterator
 
-from adapad_jax.failures import EXIT_PREEMPTED, Preempted
+from adapad_jax.failures import EXIT_OK, EXIT_PREEMPTED, Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -75,3 +77,21 @@ def install_exit_on_signal() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, exit_on_signal)
+
+
+def _exit_finished(_signum: int, _frame) -> None:
+    """A signal after the outputs are complete: nothing is left to save or lose; end now, exit 0."""
+    from adapad_jax.distributed import leave_peers
+
+    leave_peers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_OK)
+
+
+def install_finished_handlers() -> None:
+    """After a command's work is done: a late SIGTERM/SIGINT (e.g. during interpreter shutdown) exits 0 quietly."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _exit_finished)

@@ -59,24 +59,40 @@ def _quiet_closed_loop_errors() -> None:
     sys.unraisablehook = hook
 
 
-class _OrphanedOrbaxReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for orbax read tasks: when one read of a damaged
-    checkpoint fails, its sibling reads fail too and are never awaited; the first failure is already reported."""
+class _OrphanedOrbaxTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" (and a gathering future's) for orbax tasks: when one
+    read or write of a checkpoint fails, its siblings fail too and are never awaited; the first failure is
+    already reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
             return True
         frames = traceback.extract_tb(record.exc_info[2])
         return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
-_ORPHANED_READS = _OrphanedOrbaxReads()
+class _OrbaxThreadErrors(logging.Filter):
+    """Drops orbax's absl log of an exception in one of its save threads: the save re-raises that exception,
+    which is reported once (one line for a write error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (f"{os.sep}orbax{os.sep}" in record.pathname and "raised an exception" in record.getMessage())
+
+
+_ORPHANED_TASKS = _OrphanedOrbaxTasks()
+_THREAD_ERRORS = _OrbaxThreadErrors()
+
+
+def quiet_orbax_failures() -> None:
+    """Install (once) the filters that keep a failed checkpoint read or write to the one error it raises."""
+    _quiet_closed_loop_errors()
+    logging.getLogger("asyncio").addFilter(_ORPHANED_TASKS)  # a filter already present is not added again
+    logging.getLogger("absl").addFilter(_THREAD_ERRORS)
 
 
 def read_or_damaged(step: int, read: Callable[[], Any]) -> Any:
     """``read()``, with any failure to read the files turned into ``CheckpointDamaged``."""
-    _quiet_closed_loop_errors()
-    logging.getLogger("asyncio").addFilter(_ORPHANED_READS)  # once: a filter already present is not added again
+    quiet_orbax_failures()
     try:
         return read()
     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
@@ -175,6 +191,7 @@ def require_finite(state: Any, step: int, what: str) -> None:
 
 def save_or_fail(checkpointer: Any, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """``checkpointer.save`` (``metrics`` rank it for the best-checkpoint policy), OS errors as one line."""
+    quiet_orbax_failures()
     try:
         checkpointer.save(step, state, meta, metrics=metrics)
     except Exception as err:  # noqa: BLE001 - orbax wraps the OS error in various types

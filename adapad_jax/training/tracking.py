@@ -12,6 +12,7 @@ that cannot start stops the run with one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -79,8 +80,25 @@ class TensorBoardSink:
         self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close the event file."""
-        self.writer.close()
+        """Flush and close the event file; after a failed flush (disk full) the file is abandoned, so that
+        neither tensorboardX's writer thread nor its exit handler tries again."""
+        try:
+            self.writer.close()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        for file_writer in (self.writer.all_writers or {}).values():
+            events = file_writer.event_writer  # tensorboardX EventFileWriter
+            if events._closed:
+                continue
+            events._closed = True  # its atexit cleanup and later flushes become no-ops
+            with contextlib.suppress(Exception):
+                events._worker.stop()
+            with contextlib.suppress(Exception):
+                events._ev_writer._py_recordio_writer.close()
+        self.writer.file_writer = self.writer.all_writers = None
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -256,10 +274,17 @@ class RunLog(MetricsWriter):
                     self._new_best(int(record["step"]), record["eval"])
 
     def close(self) -> None:
-        """Close every sink."""
-        for sink in self._sinks or ([self._wandb_sink] if self._wandb_sink is not None else []):
-            sink.close()
+        """Close every sink (all of them, also after one fails); the first failure is raised."""
+        sinks = self._sinks or ([self._wandb_sink] if self._wandb_sink is not None else [])
         self._sinks, self._wandb_sink = None, None
+        first: Exception | None = None
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as err:  # noqa: BLE001 - the others still close
+                first = first or err
+        if first is not None:
+            raise first
 
 
 def open_run_log(output_dir: str | Path, config: Any, enabled: bool = True) -> RunLog:

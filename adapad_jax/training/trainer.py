@@ -439,6 +439,8 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        """Release the checkpoint manager and the metric sinks."""
-        self.checkpointer.close()
-        self.metrics.close()
+        """Release the checkpoint manager and the metric sinks (the sinks also when the manager fails)."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.metrics.close()
