@@ -3,7 +3,7 @@
 0 ok; 1 unexpected crash (a traceback: a bug); 2 bad input (config, model, data, an output_dir in use by
 another run, a checkpoint from a different run); 3 training diverged (non-finite loss or gradients);
 74 an output could not be written (disk full, read-only directory); 75 stopped by SIGTERM/SIGINT after
-saving a checkpoint (rerun the same command to resume).
+saving a checkpoint (rerun the same command to resume), or a checkpoint being read was rotated away (retry).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ class Preempted(RunFailure):
     """SIGTERM or SIGINT arrived; the message says what was saved."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class CheckpointMoved(RunFailure):
+    """A checkpoint that export / predict was reading was removed (rotated away by the running training): retry."""
+
+    exit_code = EXIT_PREEMPTED  # EX_TEMPFAIL: the same command, run again, picks a checkpoint that is there
 
 
 class OutputWriteError(RunFailure):

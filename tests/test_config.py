@@ -239,12 +239,32 @@ def test_missing_model_and_bad_data_are_config_errors(tmp_path):
 def test_resume_refuses_a_different_structural_field(tmp_path):
     config = _valid_config(tmp_path)
     saved = config.to_json()
-    check_resume(config, saved)
-    config.train.num_steps = 123  # allowed: train longer
-    check_resume(config, saved)
+    assert check_resume(config, saved) == {}
+    config.train.num_steps = 123  # a new length re-plans the schedule: only with extend_schedule
+    with pytest.raises(ConfigError, match=r"train.num_steps=-1; this config has train.num_steps=123.*extend_schedule"):
+        check_resume(config, saved)
+    config.train.extend_schedule = True
+    assert check_resume(config, saved) == {"train.num_steps": (-1, 123), "train.extend_schedule": (False, True)}
     config.adapter.r_max = 4
     with pytest.raises(ConfigError, match="adapter.r_max=8"):
         check_resume(config, saved)
+
+
+def test_resume_names_every_field_that_alters_the_trajectory_and_allows_the_listed_ones(tmp_path):
+    """Refused by default (an allow-list): every trajectory field changed is named in the one line."""
+    config = _valid_config(tmp_path)
+    saved = config.to_json()
+    config.optim.learning_rate, config.train.batch_size, config.adapter.top_k = 1e-2, 4, 5
+    with pytest.raises(ConfigError) as refused:
+        check_resume(config, saved)
+    message = str(refused.value)
+    assert "\n" not in message
+    for field in ("optim.learning_rate=0.0005", "train.batch_size=32", "adapter.top_k=3", "optim.learning_rate=0.01"):
+        assert field in message, message
+    config = _valid_config(tmp_path)
+    config.train.log_every_steps, config.checkpoint.keep, config.mesh.data = 2, 5, 2
+    assert check_resume(config, saved) == {"train.log_every_steps": (10, 2), "checkpoint.keep": (3, 5),
+                                           "mesh.data": (1, 2)}
 
 
 def test_run_config_round_trips_through_config_json(tmp_path):
