@@ -287,3 +287,21 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("adapter", "r_max", "8", "adapter.r_max must be int, got str '8'"),
+    ("optim", "learning_rate", [0.001], "optim.learning_rate must be float, got list [0.001]"),
+    ("train", "eval_every_steps", True, "train.eval_every_steps must be int, got the bool True"),
+])
+def test_a_saved_config_of_the_wrong_type_is_one_error_naming_the_field(tmp_path, section, field, value, message):
+    """export / predict read config.json back and check it as a user's config (no TypeError traceback)."""
+    from adapad_jax.saved_run import export_checkpoint
+
+    config = _valid_config(tmp_path)
+    saved = json.loads(config.to_json())
+    saved[section][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as caught:
+        export_checkpoint(tmp_path, log=lambda _: None)
+    assert str(caught.value) == f"{tmp_path / 'config.json'}: {message}"
