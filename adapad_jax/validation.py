@@ -344,6 +344,9 @@ def check_resume(
             refused.append(dotted)
     if "train.num_epochs" in changes and int(config.train.num_steps) >= 0:
         del changes["train.num_epochs"]  # not the length while num_steps is set
+    if int(config.train.num_steps) == 0:  # evaluate and export only: trains nothing and leaves the planned length
+        for dotted in RESUME_LENGTH_FIELDS:
+            changes.pop(dotted, None)
     if not config.train.extend_schedule:
         refused += [f for f in RESUME_LENGTH_FIELDS if f in changes]
     if refused:

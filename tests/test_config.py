@@ -35,6 +35,7 @@ SCHEMA = {
     "optim.b2": 0.999, "optim.eps": 1e-6,
     "train.num_epochs": None, "train.num_steps": -1, "train.batch_size": None, "train.eval_batch_size": 64,
     "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
+    "train.extend_schedule": False,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
     "logging.tensorboard": True, "logging.wandb_project": "",
@@ -245,6 +246,8 @@ def test_resume_refuses_a_different_structural_field(tmp_path):
         check_resume(config, saved)
     config.train.extend_schedule = True
     assert check_resume(config, saved) == {"train.num_steps": (-1, 123), "train.extend_schedule": (False, True)}
+    config.train.num_steps, config.train.extend_schedule = 0, False  # evaluate and export only: no new length
+    assert check_resume(config, saved) == {}
     config.adapter.r_max = 4
     with pytest.raises(ConfigError, match="adapter.r_max=8"):
         check_resume(config, saved)
