@@ -263,10 +263,10 @@ def recorded_config(output_dir: Path) -> dict[str, Any] | None:
 
 def schedule_replan(config: ml_collections.ConfigDict, recorded: Mapping[str, Any] | None, step: int,
                     num_steps: int, steps_per_epoch: int) -> dict[str, Any] | None:
-    """A resume that changes the run's length: the planned and new lengths and the rate of step ``step + 1`` under each."""
+    """A resume that changes the run's length: the planned and new lengths, and step ``step + 1``'s rate under each."""
     from adapad_jax.training.optim import learning_rate_schedule
 
-    if recorded is None:
+    if recorded is None or num_steps <= step:  # nothing left to train under the new plan
         return None
     planned = resolve_num_steps(ml_collections.ConfigDict(recorded), steps_per_epoch)
     if planned == num_steps:
@@ -468,7 +468,7 @@ def announce_resume(output_dir: Path, step: int, changes: Mapping[str, tuple[Any
     if shown:
         line += " with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in shown.items())
     log(line + f" (recorded in {RESUMES_FILE}; config.json keeps the run's first config)")
-    if replan is not None and step < replan["num_steps"]:
+    if replan is not None:
         log(f"learning-rate schedule re-planned for {replan['num_steps']} steps (it was planned for "
             f"{replan['planned_steps']}; train.extend_schedule=True): the rate of step {replan['step']} goes from "
             f"{replan['rate_before']:.2e} to {replan['rate_after']:.2e}")

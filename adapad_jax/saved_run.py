@@ -23,7 +23,8 @@ from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set
 from adapad_jax.failures import CheckpointMoved
 from adapad_jax.run import (
-    CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, has_checkpoints, load_model_for, with_resume_changes,
+    CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, has_checkpoints, load_model_for,
+    with_resume_changes,
 )
 
 
