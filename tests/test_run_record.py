@@ -98,6 +98,18 @@ def test_predict_and_export_default_to_the_step_the_run_exported(rte_run, tmp_pa
     assert lines[0] == f"using checkpoint step {last} of {rte_run}: --step {last}"
 
 
+def test_before_the_run_exports_the_default_is_its_best_evaluated_checkpoint_so_far(rte_run, tmp_path):
+    copy, config = _copy(rte_run, tmp_path)
+    best = json.loads((copy / "eval_results.json").read_text())["best_step"]
+    (copy / "eval_results.json").unlink()  # as while the run still trains
+    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved_run.default_step(copy, config, steps) == (
+        best, "the best evaluated checkpoint so far (the run has not exported an adapter yet)")
+    config.train.select_best = False
+    assert saved_run.default_step(copy, config, steps) == (
+        steps[-1], "the newest checkpoint (the run has not exported an adapter yet)")
+
+
 def test_local_paths_are_stored_absolute(rte_run):
     ckpt = str(rte_run.parent / "ckpt")
     saved = json.loads((rte_run / "config.json").read_text())
