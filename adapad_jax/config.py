@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Length of the run: num_steps when >= 0 (0 = evaluate and export only), else num_epochs over the data.
     config.train.num_epochs = 1
     config.train.num_steps = -1
+    # A resume may change the run's length (num_steps / num_epochs) only with extend_schedule=True: the learning-rate
+    # schedule is then re-planned for the new length from the resumed step on (printed, and recorded in resumes.jsonl).
+    config.train.extend_schedule = False
     # Global batch sizes (split over mesh.data).
     config.train.batch_size = 32
     config.train.eval_batch_size = 64

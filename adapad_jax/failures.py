@@ -4,7 +4,7 @@
 another run, a checkpoint from a different run); 3 training diverged (non-finite loss or gradients);
 69 a process of a multi-process run was lost (rerun the same command to resume); 74 an output could not be
 written (disk full, read-only directory); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun the same
-command to resume).
+command to resume), or a checkpoint being read was rotated away (retry).
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ class Preempted(RunFailure):
     """SIGTERM or SIGINT arrived; the message says what was saved."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class CheckpointMoved(RunFailure):
+    """A checkpoint that export / predict was reading was removed (rotated away by the running training): retry."""
+
+    exit_code = EXIT_PREEMPTED  # EX_TEMPFAIL: the same command, run again, picks a checkpoint that is there
 
 
 class OutputWriteError(RunFailure):

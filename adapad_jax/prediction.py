@@ -134,6 +134,8 @@ def predict(
 ) -> Path:
     """Restore a run's checkpoint and write predictions (and metrics, with labels) for ``test_file`` into ``out_dir``.
 
+    ``step`` None: the step the run exported (``saved_run.default_step``); the first line logged names it and why.
+
     ``test_file``: one file, or for MNLI "matched,mismatched". ``out_dir`` defaults to
     ``<run_dir>/predict-step<N>``; it must not be the run directory itself.
     """
@@ -171,7 +173,7 @@ def predict(
     from adapad_jax.saved_run import restored_run
 
     datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory() as scratch, restored_run(run_dir, step) as restored:
+    with tempfile.TemporaryDirectory() as scratch, restored_run(run_dir, step, log) as restored:
         step = restored.step
         out = Path(out_dir) if out_dir else run_dir / f"predict-step{step}"
         paths = []

@@ -18,6 +18,8 @@ started by the command before anything imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,13 +36,16 @@ from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_at
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 from adapad_jax.run_lock import acquire_for_all_processes, refuse_if_held
 from adapad_jax.task_hooks import hooks_for
-from adapad_jax.validation import CheckedRun, check_fields, check_resume, validate_config
+from adapad_jax.validation import CheckedRun, absolute_local_paths, check_fields, check_resume, validate_config
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.jsonl"
 PROFILE_DIR = "profile"  # train.profile_start_step's jax.profiler trace (training/profiling.py)
+# One JSON object per resume: time, the step it resumed from, the fields it changed ([old, new]) and, when the length
+# changed, the re-planned learning-rate schedule. config.json stays as the run first wrote it.
+RESUMES_FILE = "resumes.jsonl"
 EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
 
 
@@ -230,6 +235,76 @@ def select_best_checkpoint(
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def read_resumes(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``RESUMES_FILE`` (none when there is no such file; unreadable lines are skipped)."""
+    try:
+        lines = (Path(output_dir) / RESUMES_FILE).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def with_resume_changes(saved: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """``saved`` (a run's config.json) with the changes of every resume recorded in ``output_dir`` applied."""
+    for record in read_resumes(output_dir):
+        for dotted, change in (record.get("changes") or {}).items():
+            *sections, leaf = dotted.split(".")
+            node = saved
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = change[1]
+    return saved
+
+
+def recorded_config(output_dir: Path) -> dict[str, Any] | None:
+    """The config a run's checkpoints were trained with (config.json + resumes.jsonl); None without a readable one."""
+    try:
+        saved = json.loads((Path(output_dir) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return with_resume_changes(saved, output_dir) if isinstance(saved, dict) else None
+
+
+def schedule_replan(config: ml_collections.ConfigDict, recorded: Mapping[str, Any] | None, step: int,
+                    num_steps: int, steps_per_epoch: int) -> dict[str, Any] | None:
+    """A resume that changes the run's length: the planned and new lengths, and step ``step + 1``'s rate under each."""
+    from adapad_jax.training.optim import learning_rate_schedule
+
+    if recorded is None or num_steps <= step:  # nothing left to train under the new plan
+        return None
+    planned = resolve_num_steps(ml_collections.ConfigDict(recorded), steps_per_epoch)
+    if planned == num_steps:
+        return None
+    optim = config.optim
+
+    def rate(total: int) -> float:
+        return float(learning_rate_schedule(optim.learning_rate, optim.warmup_steps, total, optim.schedule)(step))
+
+    return {"planned_steps": planned, "num_steps": num_steps, "step": step + 1, "rate_before": rate(planned),
+            "rate_after": rate(num_steps)}
+
+
+def record_resume(output_dir: Path, step: int, changes: Mapping[str, tuple[Any, Any]],
+                  replan: Mapping[str, Any] | None) -> None:
+    """Append this resume (its step, the fields it changed, a re-planned schedule) to ``RESUMES_FILE``."""
+    record: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "from_step": int(step),
+        "changes": {dotted: [old, new] for dotted, (old, new) in changes.items()},
+    }
+    if replan is not None:
+        record["schedule"] = dict(replan)
+    write_jsonl_atomic(output_dir / RESUMES_FILE, read_resumes(output_dir) + [record])
+
+
 def check_output_dir_path(output_dir: Path, name: str = "output_dir") -> None:
     """``output_dir`` (the option ``name``) must be creatable: no part of its path may be a regular file."""
     blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
@@ -254,9 +329,10 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
     refuse_if_held(output_dir)  # before loading anything; the lock itself is taken before the first write
-    if has_checkpoints(output_dir) and (output_dir / CONFIG_FILE).is_file():
+    recorded = recorded_config(output_dir) if has_checkpoints(output_dir) else None
+    if recorded is not None:
         same_backbone = check_backbone(output_dir, checked.checkpoint_dir, config.model.name_or_path)
-        check_resume(config, (output_dir / CONFIG_FILE).read_text(), same_backbone)
+        checked.resume_changes = check_resume(config, recorded, same_backbone)
     return checked
 
 
@@ -288,7 +364,9 @@ def _run(
     hooks = hooks_for(config.task)
     if hooks is not None:
         hooks.prepare_config(config, log=log)
+    absolute_local_paths(config)  # config.json, the adapter and the model card name them from any directory
     checked = check(config)
+    recorded = recorded_config(Path(config.output_dir)) if has_checkpoints(Path(config.output_dir)) else None
     enable_persistent_cache(config.compilation_cache_dir)  # before this run's first compile
     main_process = is_main_process()
     if not main_process:
@@ -326,8 +404,10 @@ def _run(
     completed = False
     lock = take_output_dir(output_dir, checked, log)
     try:
-        if main_process:
+        if main_process and recorded is None:  # a resume keeps config.json and records its changes (record_resume)
             write_text_atomic(output_dir / CONFIG_FILE, config.to_json(indent=2) + "\n")
+            (output_dir / RESUMES_FILE).unlink(missing_ok=True)  # a previous run's, whose checkpoints are gone
+        if main_process:
             write_backbone_fingerprint(output_dir, checked.checkpoint_dir)
         trainer = Trainer(model, config, mesh, output_dir)
     except OSError as err:
@@ -341,8 +421,12 @@ def _run(
         data_state = trainer.restore_or_init(batches.state_dict() if batches is not None else {})
         if batches is not None and data_state:
             batches.load_state_dict(data_state)
-        num_steps = resolve_num_steps(config, batches.steps_per_epoch if batches is not None else 0)
-        if trainer.step:
+        steps_per_epoch = batches.steps_per_epoch if batches is not None else 0
+        num_steps = resolve_num_steps(config, steps_per_epoch)
+        if recorded is not None:
+            announce_resume(output_dir, trainer.step, checked.resume_changes,
+                            schedule_replan(config, recorded, trainer.step, num_steps, steps_per_epoch), log)
+        elif trainer.step:  # checkpoints beside an unreadable config.json (rewritten above)
             log(f"resuming {output_dir} from step {trainer.step}")
         eval_batch = int(config.train.eval_batch_size)
         evals = EvalMemo(data, eval_batch)
@@ -389,6 +473,22 @@ def _run(
         return result
     finally:
         finish_run(None if keep_trainer else trainer, lock, output_dir, failed=not completed)
+
+
+def announce_resume(output_dir: Path, step: int, changes: Mapping[str, tuple[Any, Any]],
+                    replan: Mapping[str, Any] | None, log: Callable[[str], None]) -> None:
+    """Say that the run resumes (with the fields it changes and a re-planned schedule) and record it."""
+    shown = {k: v for k, v in changes.items() if k != "compilation_cache_dir"}
+    line = f"resuming {output_dir} from step {step}"
+    if shown:
+        line += " with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in shown.items())
+    log(line + f" (recorded in {RESUMES_FILE}; config.json keeps the run's first config)")
+    if replan is not None:
+        log(f"learning-rate schedule re-planned for {replan['num_steps']} steps (it was planned for "
+            f"{replan['planned_steps']}; train.extend_schedule=True): the rate of step {replan['step']} goes from "
+            f"{replan['rate_before']:.2e} to {replan['rate_after']:.2e}")
+    if is_main_process():
+        record_resume(output_dir, step, changes, replan)
 
 
 def take_output_dir(output_dir: Path, checked: CheckedRun, log: Callable[[str], None]) -> Any:

@@ -21,12 +21,20 @@ from adapad_jax.config import ConfigError
 from adapad_jax.validation import CheckedRun
 from adapad_jax.distributed import is_main_process
 from adapad_jax.output_set import publish_set
-from adapad_jax.run import CONFIG_FILE, EXPORTED_OUTPUTS, check_output_dir_path, has_checkpoints, load_model_for
+from adapad_jax.failures import CheckpointMoved
+from adapad_jax.run import (
+    CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, check_output_dir_path, has_checkpoints,
+    load_model_for, with_resume_changes,
+)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote into its output directory."""
+    """The config a run's checkpoints were trained with: its config.json plus the changes its resumes recorded.
+
+    Checked like a user's config (``validation.check_fields``): a field of the wrong type is one ConfigError.
+    """
     from adapad_jax.config import base_config
+    from adapad_jax.validation import check_fields
 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -35,21 +43,35 @@ def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a run config: it holds a JSON {type(saved).__name__}, not an object")
     config = base_config()
-    _merge(config, saved, "")
+    where = f"{path} (with {RESUMES_FILE})" if (Path(run_dir) / RESUMES_FILE).is_file() else str(path)
+    _merge(config, with_resume_changes(saved, Path(run_dir)), "", where)
+    try:
+        check_fields(config, installed_packages=False)  # exporting needs no logging package
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return config
 
 
-def _merge(config: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: str) -> None:
+def _merge(config: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: str, where: str) -> None:
     for key, value in saved.items():
-        if isinstance(value, dict):
-            if key not in config:
+        known = key in config
+        if isinstance(value, dict) and (not known or isinstance(config[key], ml_collections.ConfigDict)):
+            if not known:
                 config[key] = ml_collections.ConfigDict()
-            _merge(config[key], value, f"{prefix}{key}.")
-        elif key in config and isinstance(config[key], tuple):
-            config[key] = tuple(value)
-        else:
+            _merge(config[key], value, f"{prefix}{key}.", where)
+            continue
+        if known and isinstance(config[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
             config[key] = value
+        except TypeError:  # ml_collections keeps each field's type
+            expected = type(config[key]).__name__
+            raise ConfigError(
+                f"{where}: {prefix}{key} must be {expected}, got {type(value).__name__} {value!r}"
+            ) from None
 
 
 @dataclasses.dataclass
@@ -64,10 +86,62 @@ class RestoredRun:
     step: int
 
 
-@contextlib.contextmanager
-def restored_run(run_dir: str | os.PathLike, step: int | None = None):
-    """Rebuild a run's model from its config.json and restore checkpoint ``step`` (None = newest); yields RestoredRun.
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def default_step(run_dir: Path, config: ml_collections.ConfigDict, steps: list[int]) -> tuple[int, str]:
+    """The checkpoint export / predict use without ``--step``, and why: the step the run exported (its best with
+    ``train.select_best``); while the run has exported none, its best evaluated checkpoint so far, else the newest."""
+    results = _read_json(run_dir / EVAL_RESULTS_FILE)
+    exported = results.get("step")
+    if isinstance(exported, int) and exported in steps:
+        key, last_step = results.get("main_metric"), results.get("last_step")
+        if not key or "best_step" not in results:
+            return exported, "the step the run exported (its last; train.select_best is off)"
+        best = _number(results.get("best_metrics", {}).get(key))
+        if last_step == exported:
+            return exported, f"the run's best checkpoint, which it exported ({key} {best}, at its last step)"
+        last = _number(results.get("last_metrics", {}).get(key))
+        return exported, (f"the run's best checkpoint, which it exported ({key} {best}; the last step, {last_step}, "
+                          f"had {last})")
+    gone = f"the step the run exported, {exported}, is no longer in checkpoints/" if isinstance(exported, int) \
+        else "the run has not exported an adapter yet"
+    if config.train.select_best:
+        from adapad_jax.training.checkpointing import Checkpointer
+        from adapad_jax.training.trainer import best_checkpoint_metric
+
+        reader = Checkpointer(run_dir / "checkpoints", keep=0, read_only=True, best=best_checkpoint_metric(config))
+        try:
+            best_step = reader.best_step()
+        finally:
+            reader.close()
+        if best_step in steps:
+            return best_step, f"the best evaluated checkpoint so far ({gone})"
+    return steps[-1], f"the newest checkpoint ({gone})"
+
+
+def _check_local_model(run_dir: Path, name_or_path: str) -> None:
+    """A run's local base model that is gone gets its own line (not the hub's "not in the local cache")."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isabs(path) and not os.path.exists(path):
+        raise ConfigError(f"the base model of run '{run_dir}', the local directory '{name_or_path}' "
+                          f"(model.name_or_path in its {CONFIG_FILE}), no longer exists: put the checkpoint back there")
+
+
+@contextlib.contextmanager
+def restored_run(run_dir: str | os.PathLike, step: int | None = None, log: Callable[[str], None] | None = None):
+    """Rebuild a run's model from its config.json and restore checkpoint ``step``; yields RestoredRun.
+
+    ``step`` None: ``default_step`` (the step the run exported). ``log`` gets one line naming the step and why.
     Reads the run directory only (the trainer writes into a scratch directory). With several processes every
     process must enter it (the mesh spans every device, adapters replicated).
     """
@@ -90,9 +164,15 @@ def restored_run(run_dir: str | os.PathLike, step: int | None = None):
     finally:
         reader.close()
     if step is None:
-        step = steps[-1]
+        step, why = default_step(run_dir, config, steps)
+        why += "; --step N picks another"
     elif step not in steps:
         raise ConfigError(f"run directory '{run_dir}' has no checkpoint for step {step} (it has {steps})")
+    else:
+        why = f"--step {step}"
+    if log is not None and is_main_process():
+        log(f"using checkpoint step {step} of {run_dir}: {why}")
+    _check_local_model(run_dir, str(config.model.name_or_path))
     try:
         checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.get("revision") or None)
     except CheckpointError as err:
@@ -113,6 +193,11 @@ def restored_run(run_dir: str | os.PathLike, step: int | None = None):
             try:
                 trainer.restore(step)
             except ValueError as err:
+                if not (checkpoints / str(step)).is_dir():
+                    raise CheckpointMoved(
+                        f"checkpoint step {step} of {run_dir} was removed while it was being read (a running "
+                        "training rotates old checkpoints out, see checkpoint.keep); run the command again"
+                    ) from None
                 raise ConfigError(str(err)) from None
             yield RestoredRun(run_dir, config, checked, model, trainer, step)
         finally:
@@ -136,7 +221,7 @@ def export_checkpoint(
         raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     if out_dir:
         check_output_dir_path(Path(out_dir), "--out")
-    with restored_run(run_dir, step) as restored:
+    with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
         if not is_main_process():

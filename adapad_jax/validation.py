@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -28,20 +28,42 @@ from adapad_jax.config import (
     ConfigError,
 )
 
-# Fields that must not change when a run is resumed from the checkpoints in its output directory.
-RESUME_INVARIANT_FIELDS = (
-    "task",
-    "seed",
-    "model.name_or_path",
-    "model.revision",
-    "adapter.method",
-    "adapter.target_modules",
-    "adapter.r_max",
-    "adapter.lora_rank",
-    "adapter.initial_rank",
-    "data.label_names",  # task=custom: the classes, hence the task head
-    "data.problem_type",
+# The fields a resume may change (README "When things go wrong"). None of them alters the training trajectory except
+# the run's length (RESUME_LENGTH_FIELDS, only with train.extend_schedule=True: the schedule is re-planned) and
+# adapter.rank_budget (checked against the resumed state). Every other field, including any added later, must keep
+# the run's value. The changes are recorded in the run's resumes.jsonl, never merged into its config.json.
+RESUME_CHANGEABLE_FIELDS = (
+    "output_dir",
+    "compilation_cache_dir",
+    "train.num_steps",
+    "train.num_epochs",
+    "train.extend_schedule",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.eval_batch_size",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "logging.tensorboard",
+    "logging.wandb",
+    "logging.wandb_project",
+    "logging.wandb_entity",
+    "logging.wandb_name",
+    "logging.wandb_tags",
+    "logging.wandb_group",
+    "train.profile_start_step",
+    "train.profile_num_steps",
+    "train.grad_accum_steps",
+    "data.cache_features",
+    "data.cache_dir",
+    "mesh.data",
+    "mesh.components",
+    "adapter.slot_chunk_size",
+    "adapter.remat",
+    "adapter.rank_budget",
 )
+RESUME_LENGTH_FIELDS = ("train.num_steps", "train.num_epochs")
+# Local paths, stored absolute (``absolute_local_paths``) and compared as paths; hub ids stay ids.
+LOCAL_PATH_FIELDS = ("model.name_or_path", "data.train_file", "data.validation_file")
 
 
 @dataclasses.dataclass
@@ -52,6 +74,7 @@ class CheckedRun:
     checkpoint_dir: Any  # pathlib.Path
     hf_config: Any  # transformers.PretrainedConfig
     num_modules: int
+    resume_changes: dict = dataclasses.field(default_factory=dict)  # {field: (old, new)} allowed on this resume
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -125,8 +148,8 @@ def check_finite_numbers(config: ml_collections.ConfigDict, prefix: str = "") ->
             raise ConfigError(f"{prefix}{key}={value} is not a finite number")
 
 
-def check_fields(config: ml_collections.ConfigDict) -> None:
-    """Check every field's type and range (no file or device access)."""
+def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool = True) -> None:
+    """Check every field's type and range (no file or device access); ``installed_packages``: also logging's."""
     integer, real = (int,), (int, float)
     check_finite_numbers(config)
     _require_choice(config, "task", TASK_NAMES)
@@ -202,6 +225,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
     _require_range(config, "train.num_epochs", integer, 1)
     _require_range(config, "train.num_steps", integer, -1)
+    _require_type(config, "train.extend_schedule", (bool,))
     batch = _require_range(config, "train.batch_size", integer, 1)
     eval_batch = _require_range(config, "train.eval_batch_size", integer, 1)
     accum = _require_range(config, "train.grad_accum_steps", integer, 1)
@@ -220,7 +244,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     _require_type(config, "logging.wandb", (bool,))
     for name in ("project", "entity", "name", "tags", "group"):
         _require_type(config, f"logging.wandb_{name}", (str,))
-    check_logging_packages(config)
+    if installed_packages:
+        check_logging_packages(config)
 
     _require_range(config, "checkpoint.every_steps", integer, 0)
     _require_range(config, "checkpoint.keep", integer, 1)
@@ -340,31 +365,93 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
     return checkpoint_dir, hf_config, num_modules
 
 
-def check_resume(config: ml_collections.ConfigDict, previous_config_json: str, same_backbone: bool = False) -> None:
-    """A rerun on an output_dir with checkpoints must keep the fields that shape the checkpointed state.
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
+
+def _as_paths(value: Any) -> Any:
+    """A comma-separated list of local paths in canonical form (hub ids and other values unchanged)."""
+    from adapad_jax.resume_identity import normalise_model_path
+
+    if not isinstance(value, str):
+        return value
+    return ",".join(normalise_model_path(part.strip()) for part in value.split(",") if part.strip())
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, previous: str | Mapping[str, Any], same_backbone: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """A rerun on an output_dir with checkpoints may change only ``RESUME_CHANGEABLE_FIELDS``; returns those changes.
+
+    ``previous``: the config the checkpoints were trained with (JSON text or dict; ``run.recorded_config``).
+    Every refused field is named in one ConfigError. A new length needs ``train.extend_schedule=True``.
     ``same_backbone``: the backbone was already compared by content (resume_identity), so its path may differ.
     """
-    try:
-        previous = json.loads(previous_config_json)
-    except json.JSONDecodeError:
-        return
-    current = json.loads(config.to_json())
-    for dotted in RESUME_INVARIANT_FIELDS:
-        old, new = previous, current
-        for part in dotted.split("."):
-            old = old.get(part) if isinstance(old, dict) else None
-            new = new.get(part) if isinstance(new, dict) else None
-        if dotted == "model.name_or_path" and old is not None:
-            from adapad_jax.resume_identity import normalise_model_path
+    from adapad_jax.config import base_config
 
-            if same_backbone or normalise_model_path(str(old)) == normalise_model_path(str(new)):
-                continue
-        if old is not None and old != new:
-            raise ConfigError(
-                f"output_dir '{config.output_dir}' holds a run with {dotted}={old!r}, this config has {new!r}; "
-                f"use another output_dir (or the same {dotted}) to resume"
-            )
+    if isinstance(previous, str):
+        try:
+            previous = json.loads(previous)
+        except json.JSONDecodeError:
+            return {}
+    old_fields = {**_flatten(json.loads(base_config().to_json())), **_flatten(previous)}
+    changes: dict[str, tuple[Any, Any]] = {}
+    refused: list[str] = []
+    for dotted, new in _flatten(json.loads(config.to_json())).items():
+        if dotted not in old_fields:
+            continue
+        old = old_fields[dotted]
+        if dotted in LOCAL_PATH_FIELDS and _as_paths(old) == _as_paths(new):
+            continue
+        if old == new or dotted == "output_dir":
+            continue
+        changes[dotted] = (old, new)
+        if dotted == "model.name_or_path" and same_backbone:
+            continue
+        if dotted not in RESUME_CHANGEABLE_FIELDS:
+            refused.append(dotted)
+    if "train.num_epochs" in changes and int(config.train.num_steps) >= 0:
+        del changes["train.num_epochs"]  # not the length while num_steps is set
+    if int(config.train.num_steps) == 0:  # evaluate and export only: trains nothing and leaves the planned length
+        for dotted in RESUME_LENGTH_FIELDS:
+            changes.pop(dotted, None)
+    if not config.train.extend_schedule:
+        refused += [f for f in RESUME_LENGTH_FIELDS if f in changes]
+    if refused:
+        length = any(f in RESUME_LENGTH_FIELDS for f in refused)
+        raise ConfigError(
+            f"output_dir '{config.output_dir}' holds a run trained with "
+            + ", ".join(f"{f}={changes[f][0]!r}" for f in refused) + "; this config has "
+            + ", ".join(f"{f}={changes[f][1]!r}" for f in refused)
+            + ": these change the training, so they cannot change on resume; use the run's values or another "
+            "output_dir" + ("" if not length else " (a new length needs --config.train.extend_schedule=True, which "
+                                                   "re-plans the learning-rate schedule for it)")
+        )
+    return changes
+
+
+def absolute_local_paths(config: ml_collections.ConfigDict) -> None:
+    """Make local model / data paths absolute (hub ids stay ids), so that the run's records hold from any directory."""
+    import os
+
+    def absolute(value: str) -> str:
+        parts = [part.strip() for part in value.split(",")]
+        return ",".join(
+            os.path.abspath(os.path.expanduser(p)) if p and os.path.exists(os.path.expanduser(p)) else p for p in parts
+        )
+
+    model = os.path.expanduser(config.model.name_or_path)
+    if model and os.path.exists(model):
+        config.model.name_or_path = os.path.abspath(model)
+    for field in ("train_file", "validation_file"):
+        if config.data[field]:
+            config.data[field] = absolute(config.data[field])
 
 
 def validate_config(

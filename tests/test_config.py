@@ -38,6 +38,7 @@ SCHEMA = {
     "train.num_epochs": None, "train.num_steps": -1, "train.batch_size": None, "train.eval_batch_size": 64,
     "train.eval_every_steps": 0, "train.log_every_steps": 10, "train.select_best": False,
     "train.grad_accum_steps": 1, "train.profile_start_step": 0, "train.profile_num_steps": 3,
+    "train.extend_schedule": False,
     "checkpoint.every_steps": 500, "checkpoint.keep": 3,
     "mesh.data": 1, "mesh.components": 1,
     "logging.tensorboard": True, "logging.wandb": False, "logging.wandb_project": "", "logging.wandb_entity": "",
@@ -266,9 +267,14 @@ def test_missing_model_and_bad_data_are_config_errors(tmp_path):
 def test_resume_refuses_a_different_structural_field(tmp_path):
     config = _valid_config(tmp_path)
     saved = config.to_json()
-    check_resume(config, saved)
-    config.train.num_steps = 123  # allowed: train longer
-    check_resume(config, saved)
+    assert check_resume(config, saved) == {}
+    config.train.num_steps = 123  # a new length re-plans the schedule: only with extend_schedule
+    with pytest.raises(ConfigError, match=r"train.num_steps=-1; this config has train.num_steps=123.*extend_schedule"):
+        check_resume(config, saved)
+    config.train.extend_schedule = True
+    assert check_resume(config, saved) == {"train.num_steps": (-1, 123), "train.extend_schedule": (False, True)}
+    config.train.num_steps, config.train.extend_schedule = 0, False  # evaluate and export only: no new length
+    assert check_resume(config, saved) == {}
     config.adapter.r_max = 4
     with pytest.raises(ConfigError, match="adapter.r_max=8"):
         check_resume(config, saved)
@@ -283,6 +289,23 @@ def test_resume_refuses_other_classes_of_a_custom_task(tmp_path):
     config.data.label_names = ("neg", "neutral", "pos")  # the data changed: another head
     with pytest.raises(ConfigError, match=r"data.label_names=\['neg', 'pos'\]"):
         check_resume(config, saved)
+
+
+def test_resume_names_every_field_that_alters_the_trajectory_and_allows_the_listed_ones(tmp_path):
+    """Refused by default (an allow-list): every trajectory field changed is named in the one line."""
+    config = _valid_config(tmp_path)
+    saved = config.to_json()
+    config.optim.learning_rate, config.train.batch_size, config.adapter.top_k = 1e-2, 4, 5
+    with pytest.raises(ConfigError) as refused:
+        check_resume(config, saved)
+    message = str(refused.value)
+    assert "\n" not in message
+    for field in ("optim.learning_rate=0.0005", "train.batch_size=32", "adapter.top_k=3", "optim.learning_rate=0.01"):
+        assert field in message, message
+    config = _valid_config(tmp_path)
+    config.train.log_every_steps, config.checkpoint.keep, config.mesh.data = 2, 5, 2
+    assert check_resume(config, saved) == {"train.log_every_steps": (10, 2), "checkpoint.keep": (3, 5),
+                                           "mesh.data": (1, 2)}
 
 
 def test_run_config_round_trips_through_config_json(tmp_path):
@@ -305,3 +328,21 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         write_text_atomic(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("adapter", "r_max", "8", "adapter.r_max must be int, got str '8'"),
+    ("optim", "learning_rate", [0.001], "optim.learning_rate must be float, got list [0.001]"),
+    ("train", "eval_every_steps", True, "train.eval_every_steps must be int, got the bool True"),
+])
+def test_a_saved_config_of_the_wrong_type_is_one_error_naming_the_field(tmp_path, section, field, value, message):
+    """export / predict read config.json back and check it as a user's config (no TypeError traceback)."""
+    from adapad_jax.saved_run import export_checkpoint
+
+    config = _valid_config(tmp_path)
+    saved = json.loads(config.to_json())
+    saved[section][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as caught:
+        export_checkpoint(tmp_path, log=lambda _: None)
+    assert str(caught.value) == f"{tmp_path / 'config.json'}: {message}"

@@ -281,7 +281,8 @@ def test_single_sentence_run_resumes_and_exports_any_checkpoint(tmp_path):
     import transformers
 
     config, first = train_and_check(tmp_path, "glue_cola", "deberta")
-    config.train.num_steps = 6  # rerun the same command with a longer schedule: resumes at step 4
+    config.train.num_steps = 6  # rerun with a longer schedule (re-planned, as asked): resumes at step 4
+    config.train.extend_schedule = True
     messages = []
     second = run_lib.run(config, progress=False, log=messages.append)
     assert second.step == 6 and any("resuming" in m and "from step 4" in m for m in messages)

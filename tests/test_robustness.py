@@ -408,7 +408,7 @@ def test_disk_full_during_the_final_export_keeps_the_previous_outputs_whole(tmp_
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "adapter_model.safetensors"))
 
     monkeypatch.setattr(export_lib, "write_peft_adapter", full_disk)
-    config.train.num_steps = 4
+    config.train.num_steps, config.train.extend_schedule = 4, True
     with pytest.raises(OutputWriteError, match="no space left on the device writing .*adapter_model.safetensors"):
         run_lib.run(config, progress=False, log=lambda _: None)
     after = {name: (out / name).read_bytes() for name in before}

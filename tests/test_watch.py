@@ -656,7 +656,7 @@ def test_piped_run_prints_progress_writes_events_and_exports_the_best_step(tmp_p
     from adapad_jax.saved_run import load_run_config
 
     config = load_run_config(run_dir)
-    config.train.num_steps = 12
+    config.train.num_steps, config.train.extend_schedule = 12, True
     resumed = run_lib.run(config, progress=False, log=lambda _: None)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval"] for r in records if "eval" in r}

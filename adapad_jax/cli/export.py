@@ -1,6 +1,6 @@
 """Export any checkpoint of a finished or running run as a PEFT adapter (and optionally a merged checkpoint).
 
-    adapad-export --run_dir runs/demo                       # newest checkpoint -> runs/demo/export-step<N>
+    adapad-export --run_dir runs/demo                       # the step the run exported -> runs/demo/export-step<N>
     adapad-export --run_dir runs/demo --step 100 --out /tmp/adapter_100 --merged --dtype bfloat16
 
 (``python -m adapad_jax.cli.export`` and ``python launch/export.py`` are the same command.) Reads the run's
@@ -24,7 +24,8 @@ from absl import flags  # noqa: E402
 from adapad_jax.cli.errors import fail, start_command, user_errors  # noqa: E402
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of an adapad-train run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the step the run exported, its best "
+                             "with train.select_best; the first line says which and why).")
 _OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/export-step<N>).")
 _MERGED = flags.DEFINE_bool("merged", False, "Also write a merged transformers checkpoint in <out>/merged.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the merged checkpoint's weights.")

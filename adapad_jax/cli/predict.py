@@ -37,7 +37,8 @@ def predict_fields() -> ml_collections.ConfigDict:
 
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "Output directory of an adapad-train run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to predict with (default: the newest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to predict with (default: the step the run exported, "
+                             "its best with train.select_best; the first line says which and why).")
 _OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/predict-step<N>).")
 try:  # config_flags applies --config.<field> overrides of a config dict as soon as the flag is defined
     _CONFIG = config_flags.DEFINE_config_dict("config", predict_fields(), "Fields: data.test_file, train.eval_batch_size.")
