@@ -315,7 +315,7 @@ def test_orthogonal_regulariser_is_compute_svd_orth_regu():
     want /= 2 * len(allocated)
     state = inc.init_state(3, slots, 1)
     state = type(state)(**{**state.__dict__, "allocated": np.array(allocated)})
-    got = inc.orthogonal_regulariser({"a": [jnp.asarray(x, jnp.float32) for x in a],
+    got = jax.jit(inc.orthogonal_regulariser)({"a": [jnp.asarray(x, jnp.float32) for x in a],
                                       "b": [jnp.asarray(x, jnp.float32) for x in b]},
                                      inc.allocated_mask(state, slots))
     assert float(got) == pytest.approx(want, rel=1e-5), "T compute_svd_orth_regu"
