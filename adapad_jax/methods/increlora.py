@@ -1,0 +1,329 @@
+"""IncreLoRA (Zhang et al. 2023a) as pure rules, written from ``FeiyuZhang98/IncreLoRA``.
+
+Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
+``config.py`` or ``validation.py`` yet. ``tests/test_increlora_rules.py`` checks each rule against a NumPy oracle
+written from the reference files.
+
+Sources: ``loralib/loralib/increlora.py`` (``SVDLinear``, ``RankAllocator``), ``NLU/src/transformers/trainer.py``
+(call order, ``compute_svd_orth_regu``), ``NLU/src/transformers/optimization.py`` (``Multi_LambdaLR``),
+``NLU/examples/text-classification/run_glue.py`` (argument defaults), ``NLU/scripts/rank=2/run_*.sh`` (GLUE).
+
+Layout (the project's slot-leading one): per module m, ``e`` [R] (the reference's ``lora_E`` list, one entry per
+component), ``a`` [R, in] (``lora_A`` rows) and ``b`` [R, out] (``lora_B`` columns, transposed). R is a fixed slot
+capacity; the reference's ragged ``ParameterList`` is slots ``[0, allocated_m)``: ``ranknum_m`` committed components
+followed by ``incre_rank_num`` reserves. Slots past ``allocated_m`` are unused and carry e = 0.
+
+Reference defaults (``REFERENCE_DEFAULTS``; ``run_glue.py`` arguments unless said): ``target_rank`` 16,
+``target_total_rank`` none (= target_rank x modules), ``init_warmup`` 4500, ``incre_interval`` 10, ``top_h`` 10,
+``beta1`` = ``beta2`` = 0.85, ``advance_learn`` True, ``multi_lr`` True, ``incre_rank_num`` none (then
+{2: 1, 4: 2, 6: 3, 8: 4}[target_rank], ``RankAllocator.__init__``), ``reg_orth_coef`` 0.0, ``lora_dropout`` 0.0,
+``lora_r`` / ``lora_alpha`` none (every script sets them). Init (``SVDLinear.reset_parameters``): first component
+E = 0 (trainable), A and B ~ N(0, 0.02); reserves (``add_reserve_param``): E = 1e-5 frozen with A, B ~ N(0, 0.02)
+trainable when ``advance_learn``, else E = 0 and A, B frozen. The GLUE scripts' values are ``GLUE_SETTINGS``.
+
+Rules, as the reference has them:
+
+- scale: ``lora_alpha / (ranknum + 1e-5)`` (``loraW.forward``; ``r`` stands in for alpha <= 0), ranknum = the
+  module's committed count, which grows; ΔW = Σ_j E_j b_j a_j^T * scale over every allocated slot (reserves too).
+- importance (``SVDLinear.backward_hook``): sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(numel ΔW) on the whole product; EMAs
+  Ī ← β1 Ī + (1 - β1) I, then Ū ← β2 Ū + (1 - β2) |I - Ī| against the *new* Ī (``update_ipt``); score Ī·Ū.
+  They are updated every step (step 0 and warm-up included) while total < target, then never again.
+- growth (``update_and_increase`` / ``increase_to_target_rank``): at step 0 every module gets its reserves; when
+  step > init_warmup and step % incre_interval == 0 (total < target), k = min(top_h, target - total) and every
+  module whose score is ``>=`` the k-th largest grows (ties can grow more than k, and the total can overshoot):
+  ranknum += incre_rank_num, its reserves' E join the optimiser (from their value, 1e-5), new reserves are
+  appended. No per-module cap. When total == target exactly, scoring stops and every module's last
+  ``incre_rank_num`` E (its reserves) is set to 0; after an overshoot neither happens (the EMAs still stop).
+- learning rate (``Multi_LambdaLR``): every parameter group added at step s0 gets its own linear warm-up/decay,
+  multiplier at optimiser step t: c = t - s0 - 1, T' = T - s0 - 1, c / max(1, w) while c < w, else
+  max(0, (T' - c) / max(1, T' - w)). The optimiser's own groups are s0 = -1. At t = s0 the new group runs at the
+  optimiser's default lr (multiplier 1), but none of its parameters has a gradient then (they were frozen or
+  created after the backward pass), so nothing moves. A component's A, B sit in the group of the step it became a
+  reserve, its E in the group of the step it was promoted.
+- orthogonal regulariser (``Trainer.compute_svd_orth_regu``): ||A A^T - I||_F + ||B^T B - I||_F on each module's
+  concatenated factors (reserves included), averaged over the 2M matrices; ``training.step.orthogonality_penalty``
+  with the allocated slots as its row mask, reused here, not written twice.
+- call order (``Trainer.train``): backward (the hook scores), gradient clipping, ``update_and_increase``,
+  ``optimizer.step``, ``lr_scheduler.step``.
+
+Deliberate differences:
+
+- Fixed slot capacity R instead of growing lists: ``allocate`` refuses, with one line, a growth that would need a
+  slot past R (``slots_needed`` gives a capacity that always suffices).
+- ``incre_rank_num_for`` raises one clear line for a target_rank outside {2, 4, 6, 8} with no incre_rank_num
+  (the reference raises KeyError; ``run_glue.py``'s own default target_rank 16 hits it).
+- Host-side NumPy for the schedule (``allocate``, ``select_growth``, ``group_lr_multiplier``); the array rules
+  (``module_scale``, ``delta_weight``, ``module_score``, ``update_importance``, ``orthogonal_regulariser``) jit.
+- ``slot_lr_multipliers`` returns 0 where the reference has no gradient (frozen, or a group's creation step).
+- Not here: the tensorboard logging, gradient accumulation (the reference's hook keeps the last micro-batch's
+  score), DeepSpeed, the ``frd`` LoRA type, ``advance_learn=False`` beyond its E / A / B freezing, export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapad_jax.training.step import orthogonality_penalty
+
+Params = dict[str, list[jax.Array]]
+Importance = dict[str, jax.Array]
+
+RANKNUM_EPS = 1e-5
+RESERVE_LAMBDA = 1e-5
+INIT_STD = 0.02
+INITIAL_GROUP = -1  # the optimiser's own parameter groups (created before step 0)
+FROZEN = -2  # not in any optimiser group
+EMA_KEYS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+INCRE_RANK_NUM = {2: 1, 4: 2, 6: 3, 8: 4}
+
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "target_rank": 16,
+    "target_total_rank": None,
+    "init_warmup": 4500,
+    "incre_interval": 10,
+    "top_h": 10,
+    "beta1": 0.85,
+    "beta2": 0.85,
+    "advance_learn": True,
+    "multi_lr": True,
+    "incre_rank_num": None,
+    "reg_orth_coef": 0.0,
+    "lora_dropout": 0.0,
+    "lora_r": None,
+    "lora_alpha": None,
+}
+
+# Per-task GLUE settings of the IncreLoRA repository (DeBERTaV3-base, target_rank 2, lora_r 1, batch 32,
+# warmup_steps = init_warmup = incre_interval). Each task's values come from the file named in its comment.
+GLUE_SETTINGS: dict[str, dict[str, Any]] = {
+    # NLU/scripts/rank=2/run_cola.sh
+    "cola": {"lr": 8e-4, "top_h": 3, "interval": 100, "max_len": 64, "orth": 0.1, "epochs": 25, "batch": 32,
+             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.0},
+    # NLU/scripts/rank=2/run_mrpc.sh
+    "mrpc": {"lr": 1e-3, "top_h": 6, "interval": 100, "max_len": 320, "orth": 0.1, "epochs": 30, "batch": 32,
+             "lora_alpha": 32, "lora_dropout": 0.3, "cls_dropout": 0.0, "weight_decay": 0.01},
+    # NLU/scripts/rank=2/run_rte.sh
+    "rte": {"lr": 1.2e-3, "top_h": 5, "interval": 100, "max_len": 320, "orth": 0.3, "epochs": 50, "batch": 32,
+            "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.01},
+    # NLU/scripts/rank=8/run_stsb.sh (rank=2/ has no STS-B script; this one sets target_rank=2 itself)
+    "stsb": {"lr": 2.2e-3, "top_h": 4, "interval": 100, "max_len": 128, "orth": 0.3, "epochs": 25, "batch": 32,
+             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.1},
+    # NLU/scripts/rank=2/run_sst2.sh
+    "sst2": {"lr": 8e-4, "top_h": 5, "interval": 1000, "max_len": 128, "orth": 0.1, "epochs": 24, "batch": 32,
+             "lora_alpha": 16, "lora_dropout": 0.1, "cls_dropout": 0.0, "weight_decay": 0.01},
+    # NLU/scripts/rank=2/run_qqp.sh
+    "qqp": {"lr": 4e-4, "top_h": 3, "interval": 1000, "max_len": 320, "orth": 0.1, "epochs": 7, "batch": 32,
+            "lora_alpha": 16, "lora_dropout": 0.0, "cls_dropout": 0.15, "weight_decay": 0.01},
+    # NLU/scripts/rank=2/run_mnli.sh
+    "mnli": {"lr": 3.5e-4, "top_h": 2, "interval": 1000, "max_len": 256, "orth": 0.1, "epochs": 9, "batch": 32,
+             "lora_alpha": 16, "lora_dropout": 0.2, "cls_dropout": 0.15, "weight_decay": 0.0},
+    # NLU/scripts/rank=2/run_qnli.sh
+    "qnli": {"lr": 7e-4, "top_h": 12, "interval": 500, "max_len": 512, "orth": 0.1, "epochs": 5, "batch": 32,
+             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.01},
+}
+GLUE_TARGET_RANK = 2
+GLUE_LORA_R = 1
+
+
+def incre_rank_num_for(target_rank: int, incre_rank_num: int | None = None) -> int:
+    """Ranks added per promotion: the given number, else the reference's table for target_rank 2/4/6/8."""
+    if incre_rank_num:
+        return incre_rank_num
+    if target_rank not in INCRE_RANK_NUM:
+        raise ValueError(f"increlora: no incre_rank_num given and target_rank {target_rank} is not one of "
+                         f"{sorted(INCRE_RANK_NUM)}; pass incre_rank_num")
+    return INCRE_RANK_NUM[target_rank]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """IncreLoRA's static growth settings."""
+
+    target_total: int
+    init_warmup: int
+    incre_interval: int
+    top_h: int
+    incre_rank_num: int = 1
+    beta1: float = REFERENCE_DEFAULTS["beta1"]
+    beta2: float = REFERENCE_DEFAULTS["beta2"]
+    advance_learn: bool = REFERENCE_DEFAULTS["advance_learn"]
+
+    def __post_init__(self):
+        if self.incre_interval < 1 or self.top_h < 1 or self.incre_rank_num < 1:
+            raise ValueError(f"increlora: incre_interval, top_h and incre_rank_num must be >= 1, got "
+                             f"{self.incre_interval}, {self.top_h}, {self.incre_rank_num}")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ValueError(f"increlora: beta1 and beta2 must lie in (0, 1), got {self.beta1}, {self.beta2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Host-side growth state: per module counts and, per slot, the step whose optimiser group holds it."""
+
+    ranknum: np.ndarray  # [M] committed components (the scale's r_m)
+    allocated: np.ndarray  # [M] slots in use: committed + reserves
+    e_group: np.ndarray  # [M, R] creation step of the group holding E_j; INITIAL_GROUP or FROZEN
+    ab_group: np.ndarray  # [M, R] the same for a_j, b_j
+    total_rank: int
+    scoring: bool  # total < target: scores are still read and the EMAs updated
+    importance: Importance
+
+
+def slots_needed(lora_r: int, target_total: int, num_modules: int, incre_rank_num: int) -> int:
+    """A slot capacity R no growth sequence can exceed (one module taking every round, plus its reserve)."""
+    return lora_r + max(target_total - lora_r * num_modules, 0) + 2 * incre_rank_num
+
+
+def init_state(num_modules: int, slots: int, lora_r: int) -> State:
+    """State before step 0: ``lora_r`` committed components per module in the optimiser's groups, no reserves."""
+    if lora_r < 1 or slots < lora_r:
+        raise ValueError(f"increlora: need 1 <= lora_r <= slots, got lora_r={lora_r}, slots={slots}")
+    groups = np.full((num_modules, slots), FROZEN, np.int64)
+    groups[:, :lora_r] = INITIAL_GROUP
+    return State(ranknum=np.full(num_modules, lora_r, np.int64), allocated=np.full(num_modules, lora_r, np.int64),
+                 e_group=groups.copy(), ab_group=groups.copy(), total_rank=lora_r * num_modules, scoring=True,
+                 importance={key: jnp.zeros(num_modules, jnp.float32) for key in EMA_KEYS})
+
+
+def init_lambda(num_modules: int, slots: int) -> list[jax.Array]:
+    """Every E starts at 0 (the first component's trainable 0; unused slots stay 0 until allocated)."""
+    return [jnp.zeros(slots, jnp.float32) for _ in range(num_modules)]
+
+
+def module_scale(lora_alpha: float, ranknum: Any, lora_r: int) -> Any:
+    """The forward scale alpha / (ranknum + 1e-5) (``loraW``); ``lora_r`` stands in for alpha <= 0."""
+    return (lora_alpha if lora_alpha > 0 else float(lora_r)) / (ranknum + RANKNUM_EPS)
+
+
+def delta_weight(e: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -> jax.Array:
+    """ΔW [out, in] = Σ_j e_j b_j a_j^T * scale over the slots (``loraW.forward``)."""
+    return jnp.einsum("ro,r,ri->oi", b, e, a) * scale
+
+
+def module_score(delta: jax.Array, grad: jax.Array) -> jax.Array:
+    """sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(numel) (``SVDLinear.backward_hook``)."""
+    return jnp.sum(jnp.abs(delta * grad)) / math.sqrt(delta.size)
+
+
+def update_importance(importance: Importance, scores: jax.Array, *, beta1: float = REFERENCE_DEFAULTS["beta1"],
+                      beta2: float = REFERENCE_DEFAULTS["beta2"]) -> Importance:
+    """One step of the per-module EMAs (``RankAllocator.update_ipt``): Ū is taken against the new Ī."""
+    sensitivity = beta1 * importance["exp_avg_ipt"] + (1 - beta1) * scores
+    uncertainty = beta2 * importance["exp_avg_unc"] + (1 - beta2) * jnp.abs(scores - sensitivity)
+    return {"ipt": scores, "exp_avg_ipt": sensitivity, "exp_avg_unc": uncertainty}
+
+
+def importance_score(importance: Importance) -> jax.Array:
+    """Per module Ī·Ū (``calculate_score`` with metric "ipt")."""
+    return importance["exp_avg_ipt"] * importance["exp_avg_unc"]
+
+
+def growth_due(step: int, schedule: Schedule) -> bool:
+    """Whether ``step`` is a growth step (before the total < target check)."""
+    return step > schedule.init_warmup and step % schedule.incre_interval == 0
+
+
+def select_growth(scores: np.ndarray, total_rank: int, target_total: int, top_h: int) -> np.ndarray:
+    """[M] bool: modules scoring ``>=`` the k-th largest, k = min(top_h, target - total) (``torch.topk``)."""
+    scores = np.asarray(scores, np.float32)
+    k = min(top_h, target_total - total_rank)
+    threshold = np.sort(scores)[::-1][k - 1]
+    return scores >= threshold
+
+
+def _add_reserves(e: list[jax.Array], state: dict[str, Any], m: int, step: int, schedule: Schedule) -> None:
+    """Append ``incre_rank_num`` reserves to module m (``add_reserve_param``), in place on the unfrozen copies."""
+    start, stop = int(state["allocated"][m]), int(state["allocated"][m]) + schedule.incre_rank_num
+    if stop > state["e_group"].shape[1]:
+        raise ValueError(f"increlora: module {m} needs {stop} slots but has {state['e_group'].shape[1]}; "
+                         f"size the slots with slots_needed()")
+    e[m] = e[m].at[start:stop].set(RESERVE_LAMBDA if schedule.advance_learn else 0.0)
+    state["ab_group"][m, start:stop] = step if schedule.advance_learn else FROZEN
+    state["e_group"][m, start:stop] = FROZEN
+    state["allocated"][m] = stop
+
+
+def _promote(state: dict[str, Any], m: int, step: int, schedule: Schedule) -> None:
+    """Commit module m's reserves: their E (and, without advance learning, A and B) join a new group."""
+    stop = int(state["allocated"][m])
+    start = stop - schedule.incre_rank_num
+    state["e_group"][m, start:stop] = step
+    if not schedule.advance_learn:
+        state["ab_group"][m, start:stop] = step
+    state["ranknum"][m] += schedule.incre_rank_num
+    state["total_rank"] += schedule.incre_rank_num
+
+
+def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, step: int, schedule: Schedule
+             ) -> tuple[list[jax.Array], State, np.ndarray | None]:
+    """New ``e``, state and grown modules (or None) after ``step`` (``update_and_increase``, before the optimiser).
+
+    ``scores`` are this step's per-module ``module_score`` values; they are read only while scoring.
+    """
+    e = list(e)
+    work = {"ranknum": state.ranknum.copy(), "allocated": state.allocated.copy(), "e_group": state.e_group.copy(),
+            "ab_group": state.ab_group.copy(), "total_rank": state.total_rank}
+    if step == 0:
+        for m in range(len(e)):
+            _add_reserves(e, work, m, step, schedule)
+    importance, scoring, grown = state.importance, state.scoring, None
+    if state.total_rank < schedule.target_total:
+        if scores is None:
+            raise ValueError(f"increlora: step {step} is still scoring but no module scores were given")
+        importance = update_importance(importance, jnp.asarray(scores, jnp.float32),
+                                       beta1=schedule.beta1, beta2=schedule.beta2)
+        if growth_due(step, schedule):
+            grown = select_growth(np.asarray(importance_score(importance)), state.total_rank,
+                                  schedule.target_total, schedule.top_h)
+            for m in np.flatnonzero(grown):
+                _promote(work, int(m), step, schedule)
+                _add_reserves(e, work, int(m), step, schedule)
+            if work["total_rank"] == schedule.target_total:
+                for m in range(len(e)):
+                    stop = int(work["allocated"][m])
+                    e[m] = e[m].at[stop - schedule.incre_rank_num:stop].set(0.0)
+        scoring = work["total_rank"] < schedule.target_total
+    return e, State(importance=importance, scoring=scoring, **work), grown
+
+
+def trainable_masks(state: State) -> tuple[np.ndarray, np.ndarray]:
+    """[M, R] bool masks of the E and of the A / B slots that are in an optimiser group."""
+    return state.e_group != FROZEN, state.ab_group != FROZEN
+
+
+def group_lr_multiplier(step: int, created_at: int, warmup: int, total_steps: int) -> float:
+    """lr multiplier at optimiser step ``step`` of a group added at ``created_at`` (``Multi_LambdaLR``)."""
+    if created_at != INITIAL_GROUP and step == created_at:
+        return 1.0  # the optimiser's default lr; none of the group's parameters has a gradient at this step
+    count, horizon = step - created_at - 1, total_steps - created_at - 1
+    if count < warmup:
+        return float(count) / float(max(1, warmup))
+    return max(0.0, float(horizon - count) / float(max(1, horizon - warmup)))
+
+
+def slot_lr_multipliers(state: State, step: int, warmup: int, total_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """[M, R] multipliers for E and for A / B at ``step``; 0 where the reference has no gradient."""
+    def table(groups: np.ndarray) -> np.ndarray:
+        out = np.zeros(groups.shape, np.float64)
+        for created in np.unique(groups):
+            if created == FROZEN or created == step:
+                continue
+            out[groups == created] = group_lr_multiplier(step, int(created), warmup, total_steps)
+        return out
+    return table(state.e_group), table(state.ab_group)
+
+
+def allocated_mask(state: State, slots: int) -> jax.Array:
+    """[M, R] bool: the slots in use (committed and reserves)."""
+    return jnp.arange(slots)[None, :] < jnp.asarray(state.allocated)[:, None]
+
+
+def orthogonal_regulariser(params: Params, allocated: jax.Array) -> jax.Array:
+    """``compute_svd_orth_regu`` (unweighted) over each module's allocated slots, reserves included."""
+    return orthogonality_penalty({"a": params["a"], "b": params["b"]}, allocated)
