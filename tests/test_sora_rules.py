@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from adapad_jax.methods import sora
+from reference_libs import import_reference
 
 
 def _np_sparse_adamw(p, grads, *, lr, xi, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
@@ -77,6 +78,7 @@ def test_gate_step_matches_sparse_adamw_over_several_steps(weight_decay):
     ours = [jnp.asarray(g) for g in gates]
     state = sora.init_gate_state(ours)
     zeroed = revived = 0
+    worst = 0.0
     for t, step_grads in enumerate(grads):
         before = [np.asarray(g) for g in ours]
         ours, state = step(ours, [jnp.asarray(g, jnp.float32) for g in step_grads], state, lr, xi)
@@ -85,11 +87,13 @@ def test_gate_step_matches_sparse_adamw_over_several_steps(weight_decay):
             mine, ref = np.asarray(ours[m]), refs[m][t]
             np.testing.assert_array_equal(mine == 0, ref == 0,
                                           err_msg=f"step {t + 1} module {m}: zero gates, sparse_optimizer.py")
+            worst = max(worst, float(np.max(np.abs(mine - ref))))
             np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {t + 1} module {m}: SparseAdamW.step, sparse_optimizer.py")
             zeroed += int(np.sum((before[m] != 0) & (mine == 0)))
             revived += int(np.sum((before[m] == 0) & (mine != 0)))
     assert zeroed >= 2 and revived >= 1, (zeroed, revived)  # the run exercises both
+    assert worst < 1e-6, f"max |ours - reference| {worst}: float32 1 - 0.999**t alone costs ~5e-6 here"
 
 
 def test_gate_step_threshold_is_not_scaled_by_lr():
@@ -196,3 +200,47 @@ def test_parameter_counts_by_hand_beside_the_reference_count():
     assert sparse == total - 5 * hidden * 2, "src/util.py: minus zero gates * hidden_size * 2"
     # the undercount: 3 zeroed slots on the FFN module free 40 each, util.py deducts 16 each
     assert sparse - (72 + head) == 3 * (40 - 2 * hidden)
+
+
+def test_export_fold_loads_into_peft_lora_and_reproduces_the_gated_forward():
+    """The folded modules, given to PEFT LoRA as ``rank_pattern`` = ``alpha_pattern`` = k (scaling 1), make PEFT's
+    forward equal the gated ``src/lora.py`` forward of the unfolded adapters (different k per module)."""
+    torch = import_reference("torch")
+    peft = import_reference("peft")
+    rng = np.random.default_rng(2)
+    sizes, r, alpha = {"fc1": (5, 6), "fc2": (6, 3)}, 4, 16
+    gates = {"fc1": np.array([0.0, 1.1, -0.7, 0.0], np.float32), "fc2": np.array([0.4, 0.0, 0.0, 0.0], np.float32)}
+    factors = {name: (rng.standard_normal((r, i)).astype(np.float32), rng.standard_normal((r, o)).astype(np.float32))
+               for name, (i, o) in sizes.items()}
+    folded = {name: sora.export_fold(jnp.asarray(gates[name]), jnp.asarray(a), jnp.asarray(b), sora.scaling(alpha, r))
+              for name, (a, b) in factors.items()}
+    assert {name: f["rank"] for name, f in folded.items()} == {"fc1": 2, "fc2": 1}
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("fc1", torch.nn.Linear(*sizes["fc1"]))
+    base.add_module("act", torch.nn.ReLU())
+    base.add_module("fc2", torch.nn.Linear(*sizes["fc2"]))
+    weights = {name: (getattr(base, name).weight.detach().numpy().astype(np.float64),
+                      getattr(base, name).bias.detach().numpy().astype(np.float64)) for name in sizes}
+    ranks = {name: f["rank"] for name, f in folded.items()}
+    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=list(sizes), rank_pattern=ranks, alpha_pattern=ranks)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, f in folded.items():
+            layer = model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(f["a"]))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(f["b"].T)))
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    with torch.no_grad():
+        peft_out = model(torch.from_numpy(x)).numpy()
+
+    h = x.astype(np.float64)
+    for name in ("fc1", "fc2"):
+        w, bias = weights[name]
+        a, b = factors[name]
+        gated = ((h @ a.T) * gates[name]) @ b * (alpha / r)  # src/lora.py forward, B^T in our [r, out] layout
+        h = h @ w.T + bias + gated
+        if name == "fc1":
+            h = np.maximum(h, 0.0)
+    np.testing.assert_allclose(peft_out, h, rtol=1e-5, atol=1e-5, err_msg="PEFT LoRA of export_fold vs gated forward")
