@@ -11,12 +11,14 @@ Layout (the repo's slot-leading one): per module m, ``g`` [R] (reference ``gate`
 Reference defaults (``REFERENCE_DEFAULTS`` below): ``lora_r`` 16 in ``run_glue.py``'s ``SparseArguments`` (8 in
 ``LowRankLinear`` and in both GLUE scripts), ``lora_alpha`` 16 (``config/lora_config.json``), dropout 0;
 ``sparse_lambda`` (eta, the L1 weight in the loss) 1e-3; ``sparse_lambda_2`` (xi, the threshold) 1e-3;
-``sparse_lr`` = the main learning rate, with its own linear warm-up/decay schedule (``get_linear_schedule_with_warmup``,
-warm-up ratio of the run); the gate optimiser is ``transformers.AdamW``'s defaults: betas (0.9, 0.999), eps 1e-6,
-weight decay 0, ``correct_bias`` True; ``lambda_schedule`` none, ``max_lambda`` 10, ``lambda_num`` 10. The
-adapted modules are opendelta's default q, k, v, attention output and both FFN linears. Init: g ~ N(0, 1),
-A Kaiming-uniform (a = sqrt 5, i.e. U(-1/sqrt(in), 1/sqrt(in))), B = 0. Scripts: STS-B eta 10, xi 3e-4, lr 8e-4;
-RTE ("schedule_dense") eta 1e-3, xi linear from 0 to 7e-4 over 7 values, lr 1.2e-3; both r 8, clip 0.1.
+``sparse_lr`` = the main learning rate, with its own linear warm-up/decay schedule
+(``get_linear_schedule_with_warmup``, warm-up ratio of the run); the gate optimiser is ``transformers.AdamW``'s
+defaults: betas (0.9, 0.999), eps 1e-6, weight decay 0, ``correct_bias`` True (eps 1e-6, not the main
+optimiser's ``adam_epsilon`` 1e-8: ``run_glue.py`` passes no eps to ``SparseAdamW``); ``lambda_schedule`` none,
+``max_lambda`` 10, ``lambda_num`` 10. The adapted modules are opendelta's default q, k, v, attention output and
+both FFN linears. Init: g ~ N(0, 1), A Kaiming-uniform (a = sqrt 5, i.e. U(-1/sqrt(in), 1/sqrt(in))), B = 0.
+Scripts: STS-B eta 10, xi 3e-4, lr 8e-4; RTE ("schedule_dense") eta 1e-3, xi linear from 0 to 7e-4 over 7
+values, lr 1.2e-3; both r 8, clip 0.1.
 
 Rules, as the reference has them:
 
@@ -36,16 +38,20 @@ Rules, as the reference has them:
   training stage (15 epochs each in ``run_glue.py``, ``lambda_num - 1`` of them) takes the next entry of
   ``linear``: linspace(xi, max, n); ``log_linear``: log(linspace(e^xi, e^max, n)); ``exp_linear``:
   exp(linspace(log xi, log max, n)); past the end the last value is kept.
-- rank: a slot whose gate is exactly 0 is not committed; its A row and B column keep training through the
-  forward's zero only via the gate, and a later Adam step can move the gate off zero again (revival).
-- ``src/util.py``'s count: every trainable non-gate parameter (all A/B at full rank, the head and whatever else
-  is unfrozen) minus ``2 * hidden_size`` per zero gate. That is right for a hidden x hidden module but deducts
-  only 2 * 768 = 1,536 of the 768 + 3,072 = 3,840 factor entries a zero gate frees on a DeBERTaV3-base FFN
-  module, so its "sparse" count is too high by 2,304 per zeroed FFN slot; gates are left out of both of its
-  numbers. ``parameter_counts`` gives ours (factors of non-zero gates, gates, head separately) beside it.
+- rank: a slot whose gate is exactly 0 is not committed. Its A and B rows get no gradient while it is 0 (their
+  coefficient is 0), but the gate itself still does, so a later step (its Adam momentum plus the new gradient)
+  can move it past the threshold again: the slot revives. Nothing is ever pruned for good during training.
+- ``src/util.py``'s count: every trainable non-gate parameter (all A/B at full rank plus whatever else the run
+  leaves trainable, passed here as ``other_trainable``: the head, per BASELINES.md, and the unfrozen norms)
+  minus ``2 * hidden_size`` per zero gate. That is right for a hidden x hidden module but deducts only
+  2 * 768 = 1,536 of the 768 + 3,072 = 3,840 factor entries a zero gate frees on a DeBERTaV3-base FFN module, so
+  its "sparse" count is too high by 2,304 per zeroed FFN slot; gates are left out of both of its numbers.
+  ``parameter_counts`` gives ours (factors of non-zero gates, gates, head separately) beside it.
 
 Deliberate differences:
 
+- ``gate_step`` computes ``1 - beta^t`` as ``-expm1(t log beta)`` in float32 (the reference does it in Python
+  float64); float32 ``1 - 0.999**t`` would be off by ~1e-5 relative in the early steps.
 - ``gate_step`` is a pure function, not an optax ``GradientTransformation``: the threshold must leave exact
   zeros, and ``optax.apply_updates`` (p + (new - p)) does not guarantee that in floating point.
 - ``check_xi_schedule`` refuses an unknown kind, lambda_num < 1, and ``exp_linear`` from xi <= 0 (the reference
