@@ -1,0 +1,234 @@
+"""SoRA (Ding et al. 2023, sparse low-rank adaptation) as pure rules, written from ``TsinghuaC3I/SoRA``.
+
+Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
+``config.py`` or ``validation.py`` yet. ``tests/test_sora_rules.py`` checks every rule against a NumPy
+re-derivation of the reference files (``src/lora.py``, ``src/sparse_optimizer.py``, ``src/trainer.py``,
+``src/util.py``, ``run_glue.py``, ``scripts/run_glue_sora_*.sh``).
+
+Layout (the repo's slot-leading one): per module m, ``g`` [R] (reference ``gate`` [1, r]), ``a`` [R, in]
+(reference ``lora_A``) and ``b`` [R, out] (reference ``lora_B`` [out, r], transposed).
+
+Reference defaults (``REFERENCE_DEFAULTS`` below): ``lora_r`` 16 in ``run_glue.py``'s ``SparseArguments`` (8 in
+``LowRankLinear`` and in both GLUE scripts), ``lora_alpha`` 16 (``config/lora_config.json``), dropout 0;
+``sparse_lambda`` (eta, the L1 weight in the loss) 1e-3; ``sparse_lambda_2`` (xi, the threshold) 1e-3;
+``sparse_lr`` = the main learning rate, with its own linear warm-up/decay schedule
+(``get_linear_schedule_with_warmup``, warm-up ratio of the run); the gate optimiser is ``transformers.AdamW``'s
+defaults: betas (0.9, 0.999), eps 1e-6, weight decay 0, ``correct_bias`` True (eps 1e-6, not the main
+optimiser's ``adam_epsilon`` 1e-8: ``run_glue.py`` passes no eps to ``SparseAdamW``); ``lambda_schedule`` none,
+``max_lambda`` 10, ``lambda_num`` 10. The adapted modules are opendelta's default q, k, v, attention output and
+both FFN linears. Init: g ~ N(0, 1), A Kaiming-uniform (a = sqrt 5, i.e. U(-1/sqrt(in), 1/sqrt(in))), B = 0.
+Scripts: STS-B eta 10, xi 3e-4, lr 8e-4; RTE ("schedule_dense") eta 1e-3, xi linear from 0 to 7e-4 over 7
+values, lr 1.2e-3; both r 8, clip 0.1.
+
+Rules, as the reference has them:
+
+- forward: ``((x A^T) * g) B^T * alpha / r`` (``LowRankLinear.forward``); here ``g * alpha / r`` is folded into the
+  per-slot coefficient of ``adapters.layer.low_rank_delta``.
+- loss: ``eta * sum_all |g| / (number of gate entries over all modules)`` (``SparseTrainerMixin.compute_loss``),
+  i.e. a mean over every gate of every module, not per module.
+- gate step (``SparseAdamW.step``): HF AdamW with the bias correction folded into the step size,
+  ``p += -lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` (eps added to sqrt(v) before correction),
+  weight decay ``-lr * wd * p`` on the pre-step p; then the threshold by xi itself, NOT times lr (the file
+  ``run_glue.py`` imports is ``sparse_optimizer.py``; ``sparse_optimizer_multiply_lr.py`` is unused).
+- the threshold is three in-place masked writes done in order: ``p[p > xi] -= xi``, ``p[p < -xi] += xi``,
+  ``p[|p| < xi] = 0``; the third mask reads the already-shifted values, so the rule is NOT textbook soft
+  thresholding: |p| < xi -> 0; |p| == xi stays; xi < |p| < 2 xi -> 0; |p| == 2 xi -> sign(p) xi;
+  |p| > 2 xi -> p - sign(p) xi. ``reference_threshold`` reproduces exactly that; xi <= 0 does nothing.
+- xi schedule (``SparseAdamW._build_lambda_list`` / ``step_lambda``): stage 0 uses xi itself; each later
+  training stage (15 epochs each in ``run_glue.py``, ``lambda_num - 1`` of them) takes the next entry of
+  ``linear``: linspace(xi, max, n); ``log_linear``: log(linspace(e^xi, e^max, n)); ``exp_linear``:
+  exp(linspace(log xi, log max, n)); past the end the last value is kept.
+- rank: a slot whose gate is exactly 0 is not committed. Its A and B rows get no gradient while it is 0 (their
+  coefficient is 0), but the gate itself still does, so a later step (its Adam momentum plus the new gradient)
+  can move it past the threshold again: the slot revives. Nothing is ever pruned for good during training.
+- ``src/util.py``'s count: every trainable non-gate parameter (all A/B at full rank plus whatever else the run
+  leaves trainable, passed here as ``other_trainable``: the head, per BASELINES.md, and the unfrozen norms)
+  minus ``2 * hidden_size`` per zero gate. That is right for a hidden x hidden module but deducts only
+  2 * 768 = 1,536 of the 768 + 3,072 = 3,840 factor entries a zero gate frees on a DeBERTaV3-base FFN module, so
+  its "sparse" count is too high by 2,304 per zeroed FFN slot; gates are left out of both of its numbers.
+  ``parameter_counts`` gives ours (factors of non-zero gates, gates, head separately) beside it.
+
+Deliberate differences:
+
+- ``gate_step`` computes ``1 - beta^t`` as ``-expm1(t log beta)`` in float32 (the reference does it in Python
+  float64); float32 ``1 - 0.999**t`` would be off by ~1e-5 relative in the early steps.
+- ``gate_step`` is a pure function, not an optax ``GradientTransformation``: the threshold must leave exact
+  zeros, and ``optax.apply_updates`` (p + (new - p)) does not guarantee that in floating point.
+- ``check_xi_schedule`` refuses an unknown kind, lambda_num < 1, and ``exp_linear`` from xi <= 0 (the reference
+  takes log(0) and starts from -inf / nan) with one line each, before any compute.
+- the gates' share of global gradient clipping (the reference clips every parameter together, max norm 0.1 in
+  the scripts) and the sparse lr schedule are the trainer's; ``gate_step`` takes the lr of the step.
+- ``export_fold`` returns rank 0 for a module whose gates are all zero; PEFT cannot hold r = 0, so the caller
+  leaves such a module out of ``target_modules`` / ``rank_pattern``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapad_jax.adapters.layer import low_rank_delta
+
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "lora_r": 16,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "sparse_lambda": 1e-3,
+    "sparse_lambda_2": 1e-3,
+    "lambda_schedule": None,
+    "max_lambda": 10.0,
+    "lambda_num": 10,
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.0,
+    "stage_epochs": 15,
+}
+XI_SCHEDULES = ("linear", "log_linear", "exp_linear")
+
+
+def init_module(key: jax.Array, rank: int, in_features: int, out_features: int) -> dict[str, jax.Array]:
+    """One module's SoRA factors: g ~ N(0, 1) [R], A ~ U(+-1/sqrt(in)) [R, in] (Kaiming a=sqrt 5), B = 0 [R, out]."""
+    key_g, key_a = jax.random.split(key)
+    bound = 1.0 / math.sqrt(in_features)
+    return {
+        "g": jax.random.normal(key_g, (rank,), jnp.float32),
+        "a": jax.random.uniform(key_a, (rank, in_features), jnp.float32, -bound, bound),
+        "b": jnp.zeros((rank, out_features), jnp.float32),
+    }
+
+
+def scaling(lora_alpha: float, rank: int) -> float:
+    """The reference's fixed forward scale alpha / r."""
+    return lora_alpha / rank
+
+
+def gated_delta(x: jax.Array, g: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The adapter's output ``((x a^T) * g) b * scale`` (``LowRankLinear.forward``)."""
+    return low_rank_delta(x, a, b, g * scale)
+
+
+def l1_gate_penalty(gates: Sequence[jax.Array], eta: float) -> jax.Array:
+    """``eta * sum |g| / #gates`` over all modules together (``SparseTrainerMixin.compute_loss``)."""
+    total = sum(jnp.sum(jnp.abs(g)) for g in gates)
+    count = sum(int(np.prod(g.shape)) for g in gates)
+    return eta * total / count
+
+
+def reference_threshold(p: jax.Array, xi: float | jax.Array) -> jax.Array:
+    """``SparseAdamW``'s three in-order masked writes by xi (see the module docstring); nothing when xi <= 0."""
+    shifted = jnp.where(p > xi, p - xi, p)
+    shifted = jnp.where(shifted < -xi, shifted + xi, shifted)
+    shifted = jnp.where(jnp.abs(shifted) < xi, jnp.zeros_like(shifted), shifted)
+    return jnp.where(xi > 0, shifted, p)
+
+
+class GateState(NamedTuple):
+    """Adam moments of the gates and the number of steps taken."""
+
+    count: jax.Array
+    exp_avg: list[jax.Array]
+    exp_avg_sq: list[jax.Array]
+
+
+def init_gate_state(gates: Sequence[jax.Array]) -> GateState:
+    """Zero moments, step 0 (``SparseAdamW`` state initialisation)."""
+    zeros = [jnp.zeros_like(g) for g in gates]
+    return GateState(jnp.zeros((), jnp.int32), zeros, [jnp.zeros_like(g) for g in gates])
+
+
+def gate_step(gates: Sequence[jax.Array], grads: Sequence[jax.Array], state: GateState, *,
+              lr: float | jax.Array, xi: float | jax.Array,
+              betas: tuple[float, float] = REFERENCE_DEFAULTS["betas"], eps: float = REFERENCE_DEFAULTS["eps"],
+              weight_decay: float = REFERENCE_DEFAULTS["weight_decay"]) -> tuple[list[jax.Array], GateState]:
+    """One ``SparseAdamW.step``: HF AdamW (bias correction in the step size), then ``reference_threshold`` by xi."""
+    beta1, beta2 = betas
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    # 1 - beta^t as -expm1(t log beta): float32 ``1 - 0.999**t`` loses ~1e-5 of the step to cancellation
+    correction1 = -jnp.expm1(t * math.log(beta1)) if beta1 > 0 else 1.0
+    correction2 = -jnp.expm1(t * math.log(beta2)) if beta2 > 0 else 1.0
+    step_size = lr * jnp.sqrt(correction2) / correction1
+    exp_avg = [beta1 * m + (1.0 - beta1) * g for m, g in zip(state.exp_avg, grads)]
+    exp_avg_sq = [beta2 * v + (1.0 - beta2) * g * g for v, g in zip(state.exp_avg_sq, grads)]
+    new_gates = []
+    for p, m, v in zip(gates, exp_avg, exp_avg_sq):
+        to_add = -step_size * (m / (jnp.sqrt(v) + eps))
+        if weight_decay > 0.0:
+            to_add = to_add - lr * weight_decay * p
+        new_gates.append(reference_threshold(p + to_add, xi))
+    return new_gates, GateState(count, exp_avg, exp_avg_sq)
+
+
+def check_xi_schedule(kind: str | None, xi: float, max_xi: float, num: int) -> None:
+    """Refuse a xi schedule the reference cannot run sensibly, with one line naming the problem."""
+    if kind is None:
+        return
+    if kind not in XI_SCHEDULES:
+        raise ValueError(f"sora: xi schedule must be one of {', '.join(XI_SCHEDULES)} or none, got {kind!r}")
+    if num < 1:
+        raise ValueError(f"sora: the xi schedule needs lambda_num >= 1, got {num}")
+    if kind == "exp_linear" and (xi <= 0 or max_xi <= 0):
+        raise ValueError(f"sora: exp_linear needs xi > 0 and max_xi > 0 (it takes their logs), got {xi}, {max_xi}")
+
+
+def xi_values(kind: str, xi: float, max_xi: float, num: int) -> np.ndarray:
+    """The reference's list of thresholds (``SparseAdamW._build_lambda_list``), float64."""
+    check_xi_schedule(kind, xi, max_xi, num)
+    if kind == "linear":
+        return np.linspace(xi, max_xi, num)
+    if kind == "log_linear":
+        return np.log(np.linspace(np.exp(xi), np.exp(max_xi), num))
+    return np.exp(np.linspace(np.log(xi), np.log(max_xi), num))
+
+
+def xi_at_stage(stage: int, kind: str | None, xi: float, max_xi: float = REFERENCE_DEFAULTS["max_lambda"],
+                num: int = REFERENCE_DEFAULTS["lambda_num"]) -> float:
+    """xi in training stage ``stage``: xi itself at stage 0, then the list entry, held at the last one."""
+    if kind is None or stage <= 0:
+        check_xi_schedule(kind, xi, max_xi, num)
+        return float(xi)
+    values = xi_values(kind, xi, max_xi, num)
+    return float(values[min(stage, len(values) - 1)])
+
+
+def committed(gates: Sequence[jax.Array]) -> list[jax.Array]:
+    """Per module, [R] bool: the slot counts (its gate is not exactly 0)."""
+    return [g != 0 for g in gates]
+
+
+def ranks(gates: Sequence[jax.Array]) -> list[int]:
+    """Per module, the number of non-zero gates."""
+    return [int(np.count_nonzero(np.asarray(g))) for g in gates]
+
+
+def parameter_counts(gates: Sequence[jax.Array], shapes: Sequence[tuple[int, int]], head: int = 0
+                     ) -> dict[str, int]:
+    """Our count: factors of non-zero gates (in + out each), all gate entries, and the head, separately."""
+    factors = sum(r * (fan_in + fan_out) for r, (fan_in, fan_out) in zip(ranks(gates), shapes))
+    return {"factors": factors, "gates": sum(int(np.prod(g.shape)) for g in gates), "head": head}
+
+
+def reference_count(gates: Sequence[jax.Array], shapes: Sequence[tuple[int, int]], hidden_size: int,
+                    other_trainable: int = 0) -> tuple[int, int]:
+    """``src/util.py``'s (sparse, total): full-rank A/B plus other trainables, minus 2 * hidden per zero gate."""
+    total = sum(int(g.shape[0]) * (fan_in + fan_out) for g, (fan_in, fan_out) in zip(gates, shapes))
+    total += other_trainable
+    zeros = sum(int(np.prod(g.shape)) - r for g, r in zip(gates, ranks(gates)))
+    return total - zeros * hidden_size * 2, total
+
+
+def export_fold(g: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> dict[str, Any]:
+    """One module ready for PEFT LoRA at scaling 1: zero gates dropped, ``g * scale`` folded into ``b``.
+
+    Returns ``a`` [k, in] (PEFT ``lora_A``), ``b`` [k, out] (PEFT ``lora_B`` transposed) and ``rank`` k; give PEFT
+    ``r = lora_alpha = k`` for this module so its own scaling is 1.
+    """
+    keep = np.flatnonzero(np.asarray(g))
+    coef = np.asarray(g, np.float64)[keep] * scale
+    a_kept = np.asarray(a)[keep]
+    b_kept = (np.asarray(b, np.float64)[keep] * coef[:, None]).astype(np.asarray(b).dtype)
+    return {"a": a_kept, "b": b_kept, "rank": int(keep.size)}
