@@ -53,12 +53,12 @@ def test_slots_suite_refuses_a_log_every_below_one_before_any_work(tmp_path):
     assert proc.stdout == "" and not (tmp_path / "s.json").exists()
 
 
-def test_slots_suite_passes_log_every_to_its_workers(monkeypatch):
+def test_slots_suite_passes_log_every_and_grad_accum_to_its_workers(monkeypatch):
     bench = _benchmark_module()
     calls = []
     monkeypatch.setattr(bench, "_run_worker", lambda args: calls.append(args) or {"median_s": 1.0})
-    rows = bench.suite_slots(type("Args", (), {"repeats": 3, "log_every": 1})(), [0])
-    assert calls and all(call[0] == "slots" and call[-1] == "1" for call in calls)
+    rows = bench.suite_slots(type("Args", (), {"repeats": 3, "log_every": 1, "grad_accum_steps": 2})(), [0])
+    assert calls and all(call[0] == "slots" and call[-2:] == ["1", "2"] for call in calls)
     assert [row["live_slots"] for row in rows] == [1, 1, 2, 4, 8]
 
 def test_models_suite_workers_get_the_preloaded_library(monkeypatch):
