@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     # or ~/.cache/adapad_jax/features.
     config.data.cache_features = True
     config.data.cache_dir = ""
-    # task=custom only (README "Your own data"). The text column (one) or pair of columns, in model input order.
+    # task=custom only (docs/USAGE.md "Your own data"). Text column (one) or pair of columns, in model input order.
     config.data.text_columns = ()
     # The column holding the label: a class name or id, or a number for regression.
     config.data.label_column = "label"
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.orth_reg = 0.0
     # Dropout on the adapter input x.
     config.adapter.dropout = 0.0
-    # Memory knobs (same numbers either way; see README "Memory"). slot_chunk_size: live slots per pass on each
+    # Memory knobs (same numbers either way; docs/USAGE.md "Memory"). slot_chunk_size: live slots per pass on each
     # device, the rest run one chunk after another under lax.scan; 0 = all live slots in one vmapped pass,
     # which holds activations for L forwards at once (8x LoRA's at L = 8). 1 holds about LoRA's.
     config.adapter.slot_chunk_size = 1
@@ -168,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 64
     # Gradient accumulation: each optimizer step runs its batch_size batch as this many micro-batches in turn
     # (batch_size / (grad_accum_steps x mesh.data) rows per device at a time) and sums their gradients, so the step
-    # is the full batch's (same numbers, to float rounding) with a micro-batch's activation memory (README "Memory").
+    # is the full batch's (same numbers, to float rounding) with a micro-batch's activation memory (USAGE.md "Memory").
     config.train.grad_accum_steps = 1
     # Evaluate every N steps during training (0 = only at the end).
     config.train.eval_every_steps = 0

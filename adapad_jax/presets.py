@@ -112,7 +112,7 @@ def squad_config(version_2: bool, rank_budget: int = 784) -> ml_collections.Conf
 
 
 def custom_config() -> ml_collections.ConfigDict:
-    """task=custom (your own data, README "Your own data") on DeBERTaV3-base with GLUE-like settings.
+    """task=custom (your own data, docs/USAGE.md "Your own data") on DeBERTaV3-base with GLUE-like settings.
 
     Budget 144 with r_max 4 as the GLUE rows; alpha 16, top-k 3, T 100, 10 epochs of batch 32 and AdaLoRA's
     CoLA / MNLI learning rate 5e-4 are untuned starting points. ``data.text_columns`` ("text") and

@@ -28,7 +28,7 @@ from adapad_jax.config import (
     ConfigError,
 )
 
-# The fields a resume may change (README "When things go wrong"). None of them alters the training trajectory except
+# The fields a resume may change (docs/TROUBLESHOOTING.md). None of them alters the training trajectory except
 # the run's length (RESUME_LENGTH_FIELDS, only with train.extend_schedule=True: the schedule is re-planned) and
 # adapter.rank_budget (checked against the resumed state). Every other field, including any added later, must keep
 # the run's value. The changes are recorded in the run's resumes.jsonl, never merged into its config.json.

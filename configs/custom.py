@@ -1,6 +1,6 @@
 """Your own sentence / sentence-pair classification or regression data with AdaPaD on DeBERTaV3-base.
 
-Run (README "Your own data"):
+Run (README "Your own data"; every field in docs/USAGE.md "Your own data"):
     python launch/train.py --config configs/custom.py \
         --config.data.train_file=train.tsv --config.data.validation_file=dev.tsv \
         --config.data.text_columns='("review",)' --config.data.label_column=verdict

@@ -1,6 +1,6 @@
-"""The README's figures for advance learning's reserve: on the toy task (lr 1e-2, 20 steps) a ``joint`` reserve
-(in the forward at E = 1e-5, so its gradient is E-scaled and Adam's eps damps its update) moves a small fraction
-as far as a committed slot, an ``adapad`` reserve (its own full-scale deflated forward) about as far."""
+"""docs/DESIGN.md's figures (Conventions) for advance learning's reserve: on the toy task (lr 1e-2, 20 steps) a
+``joint`` reserve (in the forward at E = 1e-5, so its gradient is E-scaled and Adam's eps damps its update) moves a
+small fraction as far as a committed slot, an ``adapad`` reserve (its own full-scale deflated forward) about as far."""
 
 import re
 from pathlib import Path
@@ -14,16 +14,16 @@ from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_to
 
 enable_compilation_cache()
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DESIGN = Path(__file__).resolve().parents[1] / "docs" / "DESIGN.md"
 STEPS = 20
 
 
-def readme_figures() -> dict[str, float]:
-    """{"joint": x, "adapad": y} from the README's sentence '... a `joint` reserve moved Xx ... an `adapad` reserve Yx'."""
-    text = " ".join(README.read_text().split())
+def design_figures() -> dict[str, float]:
+    """{"joint": x, "adapad": y} from DESIGN.md: '... a `joint` reserve moved Xx ... an `adapad` reserve Yx'."""
+    text = " ".join(DESIGN.read_text().split())
     match = re.search(r"a `joint` reserve moved ([0-9.]+)x as far as a committed slot, an `adapad` reserve ([0-9.]+)x",
                       text)
-    assert match, "the README's reserve-damping sentence changed; update this test with it"
+    assert match, "docs/DESIGN.md's reserve-damping sentence changed; update this test with it"
     return {"joint": float(match.group(1)), "adapad": float(match.group(2))}
 
 
@@ -51,8 +51,8 @@ def reserve_to_committed_movement(method: str, tmp_path: Path) -> float:
 
 
 @pytest.mark.parametrize("method", ["joint", "adapad"])
-def test_reserve_moves_as_far_as_the_readme_says(method, tmp_path):
-    stated = readme_figures()[method]
+def test_reserve_moves_as_far_as_the_design_doc_says(method, tmp_path):
+    stated = design_figures()[method]
     measured = reserve_to_committed_movement(method, tmp_path)
     assert measured == pytest.approx(stated, rel=0.2), (method, measured, stated)
     if method == "joint":

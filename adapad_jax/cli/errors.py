@@ -1,4 +1,4 @@
-"""How the commands fail: one ``error: ...`` line on stderr and an exit code (see README "When things go wrong").
+"""How the commands fail: one ``error: ...`` line on stderr and an exit code (docs/TROUBLESHOOTING.md).
 
 Bad input (config, model, data) exits 2; run-time failures (divergence, preemption, unwritable outputs) exit
 with their own code from ``adapad_jax.failures``; anything else is a crash with a traceback (exit 1).
