@@ -3,8 +3,10 @@
 ``validate_config`` checks a config before any compute and before the output directory is touched: field
 values, the model checkpoint (its ``config.json`` only, to count the adapted modules), the budget against
 that count, the mesh against the devices and ``r_max``, and the local data files. Every problem is raised
-as one ``ConfigError`` whose message names the field and the fix. The trainer and the mesh builder call the
-shared rules here (``check_components_divide``, ``check_rank_budget``) rather than restating them.
+as one ``ConfigError`` whose message names the field and the fix. The trainer, the allocator, the step, the mesh
+builder and ``run`` call the shared rules here (``check_components_divide``, ``check_rank_budget``,
+``check_initial_rank``, ``check_method``, ``check_lora_rank``, ``has_slot_axis``, ``batch_splits``, the output_dir /
+process / loaded-data checks) rather than restating them; docs/ARCHITECTURE.md lists the owner of each rule.
 """
 
 from __future__ import annotations
