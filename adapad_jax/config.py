@@ -12,21 +12,11 @@ import re
 import ml_collections
 
 from adapad_jax.compilation_cache import default_cache_dir
+from adapad_jax.data.tasks import TASKS
+from adapad_jax.task_hooks import REGISTERED
 
-TASK_NAMES = (
-    "glue_cola",
-    "glue_sst2",
-    "glue_mrpc",
-    "glue_qqp",
-    "glue_stsb",
-    "glue_mnli",
-    "glue_qnli",
-    "glue_rte",
-    "squad",
-    "squad_v2",
-    "demo",
-    "custom",
-)
+# Every task a run accepts: the data pipeline's GLUE / SQuAD specs, then the tasks that bring their own hooks.
+TASK_NAMES = tuple(TASKS) + tuple(REGISTERED)
 METHODS = ("adapad", "joint", "lora")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("auto", "hub", "local")

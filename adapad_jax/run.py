@@ -28,7 +28,6 @@ import numpy as np
 
 from adapad_jax import progress as progress_lib
 from adapad_jax.compilation_cache import enable_persistent_cache
-from adapad_jax.config import ConfigError
 from adapad_jax.distributed import is_main_process
 from adapad_jax.failures import OutputWriteError, describe_os_error, os_error_in_chain
 from adapad_jax.host_malloc import release_free_heap
@@ -36,7 +35,10 @@ from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_at
 from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
 from adapad_jax.run_lock import acquire_for_all_processes, refuse_if_held
 from adapad_jax.task_hooks import hooks_for
-from adapad_jax.validation import CheckedRun, absolute_local_paths, check_fields, check_resume, validate_config
+from adapad_jax.validation import (
+    CheckedRun, absolute_local_paths, check_fields, check_loaded_data, check_output_dir_is_directory,
+    check_output_dir_path, check_processes_use_all_devices, check_resume, has_slot_axis, validate_config,
+)
 
 CONFIG_FILE = "config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -305,13 +307,6 @@ def record_resume(output_dir: Path, step: int, changes: Mapping[str, tuple[Any, 
     write_jsonl_atomic(output_dir / RESUMES_FILE, read_resumes(output_dir) + [record])
 
 
-def check_output_dir_path(output_dir: Path, name: str = "output_dir") -> None:
-    """``output_dir`` (the option ``name``) must be creatable: no part of its path may be a regular file."""
-    blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise ConfigError(f"{name} '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
-
-
 def check(config: ml_collections.ConfigDict) -> CheckedRun:
     """All up-front checks against this process's devices and the output directory's previous run."""
     import jax
@@ -319,15 +314,9 @@ def check(config: ml_collections.ConfigDict) -> CheckedRun:
     check_output_dir_path(Path(config.output_dir))
     devices = jax.devices()
     checked = validate_config(config, num_devices=len(devices), platform=devices[0].platform)
-    mesh_size = int(config.mesh.data) * int(config.mesh.components)
-    if jax.process_count() > 1 and mesh_size != len(devices):
-        raise ConfigError(
-            f"with {jax.process_count()} processes the mesh must use all {len(devices)} devices: "
-            f"mesh.data={config.mesh.data} x mesh.components={config.mesh.components} = {mesh_size}"
-        )
+    check_processes_use_all_devices(config, len(devices), jax.process_count())
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
+    check_output_dir_is_directory(output_dir)
     refuse_if_held(output_dir)  # before loading anything; the lock itself is taken before the first write
     recorded = recorded_config(output_dir) if has_checkpoints(output_dir) else None
     if recorded is not None:
@@ -384,14 +373,9 @@ def _run(
     model = load_model_for(config, checked)
     want_train = config.train.num_steps != 0
     data = load_data_for(config, checked, model, include_train=want_train)
-    if want_train and data.train is None:
-        raise ConfigError(
-            "training needs data: give data.train_file (or use the hub source), or set train.num_steps=0"
-        )
-    if not data.evals:
-        raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
+    check_loaded_data(data, want_train)
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.components),
-                     None if config.adapter.method == "lora" else int(config.adapter.r_max))
+                     int(config.adapter.r_max) if has_slot_axis(config.adapter.method) else None)
     batches = None
     if want_train:  # before output_dir is touched: too few rows for one batch is bad input
         process_index, process_count = process_batch_slice(mesh)
@@ -528,7 +512,7 @@ def rank_schedule_line(schedule: Mapping[str, Any], config: ml_collections.Confi
     adapter = config.adapter
     line = (f"rank schedule: growth can reach total rank {schedule['reachable_total_rank']} of the budget "
             f"{schedule['rank_budget']}")
-    if adapter.method != "lora" and schedule["reachable_total_rank"] < schedule["rank_budget"]:
+    if has_slot_axis(adapter.method) and schedule["reachable_total_rank"] < schedule["rank_budget"]:
         line += (f" (initial ranks + (floor(steps / T) - 1) x top_k with T={adapter.growth_interval}, "
                  f"top_k={adapter.top_k}; more steps, a smaller T or a larger top_k would spend the rest)")
     return line

@@ -3,14 +3,17 @@
 ``validate_config`` checks a config before any compute and before the output directory is touched: field
 values, the model checkpoint (its ``config.json`` only, to count the adapted modules), the budget against
 that count, the mesh against the devices and ``r_max``, and the local data files. Every problem is raised
-as one ``ConfigError`` whose message names the field and the fix. The trainer and the mesh builder call the
-shared rules here (``check_components_divide``, ``check_rank_budget``) rather than restating them.
+as one ``ConfigError`` whose message names the field and the fix. The trainer, the allocator, the step, the mesh
+builder and ``run`` call the shared rules here (``check_components_divide``, ``check_rank_budget``,
+``check_initial_rank``, ``check_method``, ``check_lora_rank``, ``has_slot_axis``, ``batch_splits``, the output_dir /
+process / loaded-data checks) rather than restating them; docs/ARCHITECTURE.md lists the owner of each rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -112,6 +115,36 @@ def _require_range(config, dotted: str, kinds: tuple[type, ...], low=None, high=
     return value
 
 
+def has_slot_axis(method: str) -> bool:
+    """adapad and joint keep ``adapter.r_max`` slots grown by the allocator; lora trains a fixed rank: no slot axis."""
+    return method != "lora"
+
+
+def check_method(method: str) -> None:
+    """``adapter.method`` must be one of ``METHODS``."""
+    if method not in METHODS:
+        raise ConfigError(f"adapter.method='{method}' is not one of: {', '.join(METHODS)}")
+
+
+def check_lora_rank(lora_rank: int) -> None:
+    """lora's fixed rank (``adapter.lora_rank``) is at least 1."""
+    if lora_rank < 1:
+        raise ConfigError(f"adapter.lora_rank={lora_rank} must be >= 1")
+
+
+def check_initial_rank(initial_rank: int, r_max: int | None) -> None:
+    """Every module starts with 1 to ``r_max`` committed slots (``r_max`` None: lora, no slot axis to bound it)."""
+    if initial_rank < 1:
+        raise ConfigError(f"adapter.initial_rank={initial_rank} must be >= 1")
+    if r_max is not None and initial_rank > r_max:
+        raise ConfigError(f"adapter.initial_rank={initial_rank} is larger than adapter.r_max={r_max}")
+
+
+def batch_splits(rows: int, data: int, accum: int = 1) -> bool:
+    """``rows`` split evenly over ``mesh.data`` devices and, on each, into ``accum`` equal micro-batches."""
+    return rows % (accum * data) == 0
+
+
 def check_components_divide(r_max: int, components: int) -> None:
     """The slot axis (``adapter.r_max`` slots) is split over the ``components`` mesh axis: it must divide evenly."""
     if r_max % components:
@@ -180,7 +213,8 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
     _require_type(config, "data.cache_dir", (str,))
     check_custom_fields(config)
 
-    method = _require_choice(config, "adapter.method", METHODS)
+    method = _require_type(config, "adapter.method", (str,))
+    check_method(method)
     targets = _get(config, "adapter.target_modules")
     if isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not all(
         isinstance(t, str) and t for t in targets
@@ -188,12 +222,10 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
         raise ConfigError(f"adapter.target_modules must be a tuple of module names, got {targets!r}")
     r_max = _require_range(config, "adapter.r_max", integer, 1)
     _require_range(config, "adapter.rank_budget", integer, 1)
-    _require_range(config, "adapter.lora_rank", integer, 1)
+    check_lora_rank(_require_type(config, "adapter.lora_rank", integer))
     _require_range(config, "adapter.alpha", real, 0.0)
     _require_range(config, "adapter.init_std", real, 0.0)
-    initial_rank = _require_range(config, "adapter.initial_rank", integer, 1)
-    if method != "lora" and initial_rank > r_max:
-        raise ConfigError(f"adapter.initial_rank={initial_rank} is larger than adapter.r_max={r_max}")
+    check_initial_rank(_require_type(config, "adapter.initial_rank", integer), r_max if has_slot_axis(method) else None)
     _require_range(config, "adapter.top_k", integer, 1)
     _require_range(config, "adapter.growth_interval", integer, 1)
     _require_range(config, "adapter.sync_every", integer, 0)
@@ -252,15 +284,15 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
 
     data = _require_range(config, "mesh.data", integer, 1)
     components = _require_range(config, "mesh.components", integer, 1)
-    if method != "lora":
+    if has_slot_axis(method):
         check_components_divide(r_max, components)
-    if batch % data:
+    if not batch_splits(batch, data):
         raise ConfigError(f"train.batch_size={batch} is not divisible by mesh.data={data}")
-    if batch % (accum * data):
+    if not batch_splits(batch, data, accum):
         raise ConfigError(f"train.batch_size={batch} is not divisible by train.grad_accum_steps={accum} x "
                           f"mesh.data={data} = {accum * data}: every data device splits its rows into "
                           f"grad_accum_steps equal micro-batches")
-    if eval_batch % data:
+    if not batch_splits(eval_batch, data):
         raise ConfigError(f"train.eval_batch_size={eval_batch} is not divisible by mesh.data={data}")
 
 
@@ -326,6 +358,39 @@ def check_logging_packages(config: ml_collections.ConfigDict) -> None:
                           "--config.logging.wandb=False --config.logging.wandb_project='')")
 
 
+def check_output_dir_path(output_dir: Path, name: str = "output_dir") -> None:
+    """``output_dir`` (the option ``name``) must be creatable: no part of its path may be a regular file."""
+    blocking = next((parent for parent in output_dir.absolute().parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"{name} '{output_dir}' cannot be created: '{blocking}' is a file, not a directory")
+
+
+def check_output_dir_is_directory(output_dir: Path) -> None:
+    """An existing ``output_dir`` must be a directory."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir '{output_dir}' exists and is not a directory")
+
+
+def check_processes_use_all_devices(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """With several processes (``jax.distributed``) the mesh spans every device."""
+    mesh_size = int(config.mesh.data) * int(config.mesh.components)
+    if process_count > 1 and mesh_size != num_devices:
+        raise ConfigError(
+            f"with {process_count} processes the mesh must use all {num_devices} devices: "
+            f"mesh.data={config.mesh.data} x mesh.components={config.mesh.components} = {mesh_size}"
+        )
+
+
+def check_loaded_data(data: Any, want_train: bool) -> None:
+    """The loaded ``TaskData`` has training rows when the run trains, and validation rows always."""
+    if want_train and data.train is None:
+        raise ConfigError(
+            "training needs data: give data.train_file (or use the hub source), or set train.num_steps=0"
+        )
+    if not data.evals:
+        raise ConfigError("no validation data: give data.validation_file (or use the hub source)")
+
+
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: str = "") -> None:
     """The mesh must fit the devices this process sees."""
     need = config.mesh.data * config.mesh.components
@@ -360,7 +425,7 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
         raise ConfigError(str(err)) from None
     num_modules = count_adapter_targets(hf_config, task_kind, config.adapter.target_modules)
     adapter = config.adapter
-    if adapter.method != "lora" and adapter.grow:
+    if has_slot_axis(adapter.method) and adapter.grow:
         check_rank_budget(adapter.rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
     return checkpoint_dir, hf_config, num_modules
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -12,6 +12,8 @@ import numpy as np
 from adapad_jax.adapters.target import AdapterTarget, FlaxPath  # noqa: F401 - part of the model contract
 
 Task = Literal["classification", "regression", "qa", "lm"]
+# The heads a model can be built with (every family supports a subset); the loss of each is training/losses.py.
+MODEL_TASKS: tuple[str, ...] = get_args(Task)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from adapad_jax.models.base import (
     FlaxPath,
     LoadedModel,
     LoadReport,
+    MODEL_TASKS,
     ModelOptions,
     Task,
     model_options,
@@ -46,7 +47,6 @@ __all__ = ["DEFAULT_TARGETS", "Qwen3ConfigError", "hf_architecture", "hf_backbon
 
 logger = logging.getLogger(__name__)
 
-_TASKS = ("lm", "classification", "regression", "qa")
 _ARCHITECTURES = {
     "lm": "Qwen3ForCausalLM",
     "classification": "Qwen3ForSequenceClassification",
@@ -189,8 +189,8 @@ def load(
     o = model_options(options, fields)
     task, num_labels, dtype, target_names = o.task, o.num_labels, o.dtype, o.target_names
     adapter_dropout, classifier_dropout, seed = o.adapter_dropout, o.classifier_dropout, o.seed
-    if task not in _TASKS:
-        raise ValueError(f"task '{task}' is not supported by Qwen3 (supported: {', '.join(_TASKS)})")
+    if task not in MODEL_TASKS:
+        raise ValueError(f"task '{task}' is not supported by Qwen3 (supported: {', '.join(MODEL_TASKS)})")
     if task == "regression":
         num_labels = 1
     if task == "classification" and int(num_labels) < 1:

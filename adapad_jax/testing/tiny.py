@@ -171,8 +171,6 @@ def train_bpe_tokenizer(
 # --------------------------------------------------------------------------------------------------------
 # Random checkpoints.
 
-_MODEL_TASKS = ("classification", "regression", "qa", "lm")
-
 
 def _save_quietly(model: Any, directory: Path) -> None:
     """save_pretrained as safetensors without the shard-writing progress bar."""
@@ -188,8 +186,10 @@ def _save_quietly(model: Any, directory: Path) -> None:
 
 
 def _check_model_task(task: str, num_labels: int) -> int:
-    if task not in _MODEL_TASKS:
-        raise ValueError(f"task must be one of {_MODEL_TASKS}, got '{task}'")
+    from adapad_jax.models.base import MODEL_TASKS
+
+    if task not in MODEL_TASKS:
+        raise ValueError(f"task must be one of {MODEL_TASKS}, got '{task}'")
     if task == "regression":
         return 1
     if task == "qa":

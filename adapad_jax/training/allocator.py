@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adapad_jax.validation import check_initial_rank, check_rank_budget
+
 AllocState = dict[str, jax.Array]
 
 
@@ -51,13 +53,8 @@ def masks_from_rank(rank: jax.Array, r_max: int, budget_left: jax.Array) -> tupl
 
 def init_allocator(num_modules: int, r_max: int, initial_rank: int, rank_budget: int) -> AllocState:
     """Every module starts with ``initial_rank`` committed slots and one reserve."""
-    if not 0 <= initial_rank <= r_max:
-        raise ValueError(f"adapter.initial_rank={initial_rank} must be between 0 and adapter.r_max={r_max}")
-    if num_modules * initial_rank > rank_budget:
-        raise ValueError(
-            f"adapter.rank_budget={rank_budget} is smaller than the initial ranks: {num_modules} modules x "
-            f"initial_rank {initial_rank} = {num_modules * initial_rank}; raise the budget to at least that"
-        )
+    check_initial_rank(initial_rank, r_max)
+    check_rank_budget(rank_budget, num_modules, initial_rank)
     rank = jnp.full((num_modules,), initial_rank, jnp.int32)
     budget_left = jnp.asarray(rank_capacity(rank_budget, num_modules, r_max) - num_modules * initial_rank, jnp.int32)
     committed, reserve = masks_from_rank(rank, r_max, budget_left)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TASKS = ("classification", "regression", "qa", "lm")
+from adapad_jax.models.base import MODEL_TASKS
 
 
 def _weights(batch: Mapping[str, Any], size: int) -> jax.Array:
@@ -50,6 +50,6 @@ def loss_terms(task: str, outputs: Mapping[str, jax.Array], batch: Mapping[str, 
         weight = _weights(batch, logits.shape[0])[:, None] * token_mask
         return (per_token * weight).sum(), weight.sum()
     else:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        raise ValueError(f"unknown task {task!r}; expected one of {MODEL_TASKS}")
     weight = _weights(batch, per_example.shape[0])
     return (per_example * weight).sum(), weight.sum()

@@ -173,7 +173,7 @@ def apply_budget_change(trainer: Any, meta: dict, step: int) -> Any:
             "output_dir"
         )
     alloc = dict(state["alloc"])
-    capacity = min(new, len(trainer.model.targets) * trainer.num_slots)  # as in allocator.init_allocator
+    capacity = alloc_lib.rank_capacity(new, len(trainer.model.targets), trainer.num_slots)
     budget_left = jnp.asarray(capacity - total, alloc["budget_left"].dtype)
     committed, reserve = alloc_lib.masks_from_rank(alloc["rank"], trainer.num_slots, budget_left)
     alloc.update(budget_left=budget_left, committed=committed, reserve=reserve)

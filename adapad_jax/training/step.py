@@ -26,6 +26,7 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.collectives import psum_packed
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
+from adapad_jax.validation import batch_splits
 
 
 
@@ -164,7 +165,7 @@ def accumulate_micro_batches(terms: Callable[[Any, jax.Array], Any], batch: Mapp
     if steps == 1:
         return terms(batch, first_row)
     rows = next(iter(batch.values())).shape[0]
-    if rows % steps:
+    if not batch_splits(rows, 1, steps):
         raise ValueError(f"train.grad_accum_steps={steps} does not divide the {rows} batch rows each data device "
                          "holds; train.batch_size must be divisible by train.grad_accum_steps x mesh.data")
     micro_rows = rows // steps

@@ -21,7 +21,9 @@ from adapad_jax import progress as progress_lib
 from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.validation import check_components_divide, check_rank_budget
+from adapad_jax.validation import (
+    batch_splits, check_components_divide, check_lora_rank, check_method, check_rank_budget, has_slot_axis,
+)
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
 from adapad_jax.training.guard import FiniteGuard
@@ -38,7 +40,6 @@ from adapad_jax.training.sharding import (
     replicated,
     train_state_shardings,
 )
-from adapad_jax.config import METHODS
 from adapad_jax.training.step import (
     StepSpec, build_eval_forward, build_train_step, head_key, is_log_step, merge_head,
 )
@@ -87,8 +88,7 @@ class Trainer:
     ):
         """``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``)."""
         adapter = config.adapter
-        if adapter.method not in METHODS:
-            raise ValueError(f"adapter.method must be one of {METHODS}, got {adapter.method!r}")
+        check_method(adapter.method)
         if not model.targets:
             raise ValueError("the model has no adapter targets; check adapter.target_modules")
         self.model, self.config, self.mesh = model, config, mesh
@@ -99,9 +99,8 @@ class Trainer:
         self.batch_slice = process_batch_slice(mesh)
         self.writes_files = jax.process_index() == 0
         num_modules = len(model.targets)
-        if self.method == "lora":
-            if adapter.lora_rank < 1:
-                raise ValueError(f"adapter.lora_rank must be >= 1, got {adapter.lora_rank}")
+        if not has_slot_axis(self.method):
+            check_lora_rank(adapter.lora_rank)
             self.num_slots = adapter.lora_rank
             self.scaling = float(adapter.alpha) / adapter.lora_rank
             initial_rank, budget, grow = adapter.lora_rank, num_modules * adapter.lora_rank, False
@@ -118,7 +117,7 @@ class Trainer:
             beta1=float(adapter.ema_beta1), beta2=float(adapter.ema_beta2), importance=adapter.importance, grow=grow,
         )
         # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
-        self.advance_learning = bool(adapter.advance_learning) and self.method != "lora"
+        self.advance_learning = bool(adapter.advance_learning) and has_slot_axis(self.method)
         self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
         # Steps whose metrics the trainer writes; AdaPaD computes the committed loss only on those (`StepSpec`).
         self.log_every = max(int(config.train.get("log_every_steps", 10)), 1)
@@ -269,7 +268,7 @@ class Trainer:
 
     def put_batch(self, batch: dict) -> dict:
         size = len(next(iter(batch.values()))) * self.batch_slice[1]
-        if size % self.data_size:
+        if not batch_splits(size, self.data_size):
             raise ValueError(f"batch size {size} is not divisible by mesh.data={self.data_size}")
         return self._place({k: np.asarray(v) for k, v in batch.items()})
 
@@ -386,7 +385,7 @@ class Trainer:
         count = self.batch_slice[1]
         size = len(next(iter(batch.values()))) * count
         pad = (-size) % self.data_size
-        if pad and count > 1:
+        if count > 1 and not batch_splits(size, self.data_size):
             raise ValueError(f"global eval batch of {size} rows is not divisible by mesh.data={self.data_size}")
         inputs = {k: np.asarray(batch[k]) for k in self.input_keys}
         if pad:
