@@ -8,7 +8,6 @@ the rules it applies live elsewhere: the step (``step.py``), sharding (``shardin
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,10 +23,12 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.validation import check_components_divide, check_rank_budget
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
-from adapad_jax.training.guard import FiniteGuard
+from adapad_jax.training.hooks import (
+    Cadence, CheckpointHook, EvalHook, GuardHook, LogHook, PreemptionHook, ProfileHook, StepInfo, TrainerHooks,
+)
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.training.outputs import plot_ranks, write_allocator_json, write_ranks_json
+from adapad_jax.training.outputs import export_trainer
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.profiling import step_profiler
 from adapad_jax.training.sharding import (
@@ -40,7 +41,7 @@ from adapad_jax.training.sharding import (
 )
 from adapad_jax.config import METHODS
 from adapad_jax.training.step import (
-    StepSpec, build_eval_forward, build_train_step, head_key, is_log_step, merge_head,
+    StepSpec, build_eval_forward, build_train_step, head_key, merge_head,
 )
 from adapad_jax.training.tracking import open_run_log
 
@@ -307,55 +308,52 @@ class Trainer:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
         profile = step_profiler(self.config.train, self.output_dir, num_steps, self.writes_files)
-        every = int(self.config.checkpoint.every_steps)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         step = self.step
-        last_time, last_logged = time.perf_counter(), step
-        guard = FiniteGuard(step)
         with stop_requests() as stop, profile as profiler:
+            hooks = self.default_hooks(step, num_steps, data_state_fn, eval_fn, eval_every, bar, stop, profiler)
             # The step count is kept on the host: reading it from the state would wait for every step to finish
             # before the next is dispatched.
             while step < num_steps:
                 batch = next(batches)
-                profiler.before_step(step + 1)
+                hooks.before_step(step + 1)
                 self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
-                guard.update(metrics)
                 step += 1
-                profiler.after_step(step, metrics)
-                if alloc_lib.is_growth_step(step, self.alloc_config):
-                    live = self.live_slots
-                if is_log_step(step, self.log_every, num_steps):
-                    guard.check(self.checkpointer.latest_step())
-                    host = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
-                        "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
-                        "slot_losses": host["slot_losses"],
-                        "seconds_per_step": (now - last_time) / (step - last_logged),  # the last record: fewer steps
-                    }
-                    last_time, last_logged = now, step
-                    self.metrics.write(record)
-                    self.metrics.write_ranks(step, self.ranks())
-                    bar.logged(record)
-                bar.advance(1)
-                evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
-                if evaluated:  # the last step's evaluation is the run's final one
-                    final = {"final": True} if step == num_steps else {}
-                    self.metrics.write({"step": step, "eval": eval_fn(self), **final})
-                    bar.evaluated(step, self.metrics.last_eval)
-                saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
-                if saving:
-                    guard.check(self.checkpointer.latest_step())
-                    self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
-                if recovery.stop_agreed(stop.requested, is_log_step(step, self.log_every, num_steps)):
-                    guard.check(self.checkpointer.latest_step())
-                    if not saving:
-                        self.save(data_state_fn())
-                    recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
-            guard.check(self.checkpointer.latest_step())
+                info = StepInfo(step, num_steps, metrics, live)
+                hooks.run(info)
+                live = info.live_slots
+            hooks.finish()
         bar.close()
+
+    def default_hooks(
+        self, start_step: int, num_steps: int, data_state_fn: Callable[[], dict],
+        eval_fn: Callable[["Trainer"], dict] | None, eval_every: int, bar: Any, stop: Any, profiler: Any,
+    ) -> TrainerHooks:
+        """The run's hooks, in their order of effects: guard, profile, L, log, progress, eval, checkpoint, stop."""
+        hooks = TrainerHooks()
+        guard = GuardHook(start_step, self.checkpointer.latest_step)
+        hooks.add_hook(guard.update, every=1)
+        hooks.add_hook(ProfileHook(profiler), every=1)
+        hooks.add_hook(self._refresh_live, when=lambda info: bool(alloc_lib.is_growth_step(info.step, self.alloc_config)))
+        hooks.add_hook(guard.check, every=self.log_every)
+        hooks.add_hook(LogHook(start_step, self.ranks, self.metrics, sinks=(bar.logged,)), every=self.log_every)
+        hooks.add_hook(lambda info: bar.advance(1), every=1)
+        if eval_fn is not None:
+            hooks.add_hook(EvalHook(lambda: eval_fn(self), self.metrics, sinks=(bar.evaluated,)),
+                           every=eval_every, at_end=self.select_best)
+        checkpoint = CheckpointHook(int(self.config.checkpoint.every_steps),
+                                    lambda best: self.save(data_state_fn(), best), guard.check, self.select_best)
+        hooks.add_hook(checkpoint, when=checkpoint.due)
+        log_step = Cadence(self.log_every, at_end=True)
+        hooks.add_hook(PreemptionHook(stop, lambda info: log_step.due(info.step, info.num_steps),
+                                      lambda: self.save(data_state_fn()), guard.check, self.checkpointer), every=1)
+        hooks.add_finish(guard.check)
+        return hooks
+
+    def _refresh_live(self, info: StepInfo) -> None:
+        """After a growth step: L for the next steps' compiled step."""
+        info.live_slots = self.live_slots
 
     def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
         """Evaluate after ``step``? Every ``eval_every`` steps before the end; at the end when selecting the best."""
@@ -415,28 +413,8 @@ class Trainer:
         return merge_head(self.model.params, to_host(self.state["trainable"]["head"]))  # full-precision backbone
 
     def export(self, out_dir: str | Path | None = None) -> Path:
-        """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``.
-
-        Every process must call it (the adapters are gathered); only process 0 writes.
-        """
-        out = Path(out_dir) if out_dir is not None else self.output_dir
-        recovery.require_finite(self.state, self.step, "export")
-        params, factors = self.trained_params(), self.committed_peft_factors()
-        if not self.writes_files:
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        ranks = self.ranks()
-        write_ranks_json(out / "ranks.json", ranks)
-        plot_ranks(out / "ranks.png", ranks, title=f"{self.method}: committed rank (total {sum(ranks.values())})")
-        if self.model.exports_to_peft:
-            from adapad_jax.models.export import write_peft_adapter
-
-            write_peft_adapter(
-                out / "adapter", self.model, params, factors, self.scaling,
-                self.config.model.name_or_path,
-            )
-        write_allocator_json(out / "allocator.json", self.scaling, self.method, self.step, self.state["alloc"])
-        return out
+        """``outputs.export_trainer(self, out_dir)``: the run's output files, written outside the Trainer."""
+        return export_trainer(self, out_dir)
 
     def close(self) -> None:
         """Release the checkpoint manager and the metric sinks (the sinks also when the manager fails)."""
