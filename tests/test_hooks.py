@@ -3,6 +3,7 @@ on stub state, without a model or a Trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ def test_preemption_hook_checks_saves_once_and_raises_preempted(tmp_path, alread
     stop = types.SimpleNamespace(requested=True, signal_name="SIGTERM")
     hook = PreemptionHook(stop, lambda info: True, lambda: calls.append("save"), lambda: calls.append("guard"),
                           types.SimpleNamespace(directory=tmp_path))
-    with pytest.raises(Preempted, match=rf"SIGTERM: stopped after step 7 and saved a checkpoint at step 7 in {tmp_path}"):
+    expected = rf"SIGTERM: stopped after step 7 and saved a checkpoint at step 7 in {tmp_path}"
+    with pytest.raises(Preempted, match=expected):
         hook(StepInfo(7, 10, None, 1, saved=already_saved))
     assert calls == (["guard"] if already_saved else ["guard", "save"])
 
@@ -161,5 +163,20 @@ def test_eval_hook_marks_only_the_last_steps_evaluation_final():
     first, last = StepInfo(2, 4, None, 1), StepInfo(4, 4, None, 1)
     hook(first)
     hook(last)
-    assert log.records == [{"step": 2, "eval": {"accuracy": 0.25}}, {"step": 4, "eval": {"accuracy": 0.25}, "final": True}]
+    assert log.records == [{"step": 2, "eval": {"accuracy": 0.25}},
+                           {"step": 4, "eval": {"accuracy": 0.25}, "final": True}]
     assert first.eval_metrics == {"accuracy": 0.25} and sunk == [(2, {"accuracy": 0.25}), (4, {"accuracy": 0.25})]
+
+
+def test_trainer_settings_read_the_fields_once_with_the_loops_defaults():
+    from adapad_jax.testing.toy import toy_config
+    from adapad_jax.training.settings import TrainerSettings
+
+    config = toy_config(**{"train.log_every_steps": 0, "train.num_steps": -1, "checkpoint.every_steps": 7,
+                           "optim.learning_rate": 3e-3})
+    del config.train["profile_num_steps"]  # an older config without the field: one traced step
+    settings = TrainerSettings.from_config(config)
+    assert (settings.log_every, settings.num_steps, settings.checkpoint_every) == (1, 1, 7)
+    assert settings.profile_num_steps == 1 and settings.optim.learning_rate == 3e-3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.log_every = 5

@@ -160,7 +160,7 @@ def export_trainer(trainer: Any, out_dir: str | Path | None = None) -> Path:
         from adapad_jax.models.export import write_peft_adapter
 
         write_peft_adapter(out / "adapter", trainer.model, params, factors, trainer.scaling,
-                           trainer.config.model.name_or_path)
+                           trainer.settings.model_name_or_path)
     write_allocator_json(out / "allocator.json", trainer.scaling, trainer.method, trainer.step,
                          trainer.state["alloc"])
     return out

@@ -8,6 +8,7 @@ the rules it applies live elsewhere: the step (``step.py``), sharding (``shardin
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from adapad_jax.training.optim import make_optimizer
 from adapad_jax.training.outputs import export_trainer
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.profiling import step_profiler
+from adapad_jax.training.settings import TrainerSettings
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -86,67 +88,70 @@ class Trainer:
         self, model: LoadedModel, config: Any, mesh: Mesh, output_dir: str | Path,
         *, checkpoint_dir: str | Path | None = None,
     ):
-        """``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``)."""
-        adapter = config.adapter
-        if adapter.method not in METHODS:
-            raise ValueError(f"adapter.method must be one of {METHODS}, got {adapter.method!r}")
+        """``config``: the run's ConfigDict, read once into ``self.settings`` (``TrainerSettings``); the run log
+        (W&B/TensorBoard) and the best-checkpoint metric take it whole at construction.
+
+        ``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``).
+        """
+        if config.adapter.method not in METHODS:
+            raise ValueError(f"adapter.method must be one of {METHODS}, got {config.adapter.method!r}")
         if not model.targets:
             raise ValueError("the model has no adapter targets; check adapter.target_modules")
-        self.model, self.config, self.mesh = model, config, mesh
+        self.settings = settings = TrainerSettings.from_config(config)
+        self.model, self.mesh = model, mesh
         self.output_dir = Path(output_dir)
-        self.method = adapter.method
+        self.method = settings.method
         self.data_size = mesh.shape[DATA_AXIS]
         self.components = mesh.shape[COMPONENTS_AXIS]
         self.batch_slice = process_batch_slice(mesh)
         self.writes_files = jax.process_index() == 0
         num_modules = len(model.targets)
         if self.method == "lora":
-            if adapter.lora_rank < 1:
-                raise ValueError(f"adapter.lora_rank must be >= 1, got {adapter.lora_rank}")
-            self.num_slots = adapter.lora_rank
-            self.scaling = float(adapter.alpha) / adapter.lora_rank
-            initial_rank, budget, grow = adapter.lora_rank, num_modules * adapter.lora_rank, False
+            if settings.lora_rank < 1:
+                raise ValueError(f"adapter.lora_rank must be >= 1, got {settings.lora_rank}")
+            self.num_slots = settings.lora_rank
+            self.scaling = float(settings.alpha) / settings.lora_rank
+            initial_rank, budget, grow = settings.lora_rank, num_modules * settings.lora_rank, False
         else:
-            check_components_divide(adapter.r_max, self.components)
-            self.num_slots = adapter.r_max
-            self.scaling = float(adapter.alpha) / adapter.r_max
-            initial_rank, grow = adapter.initial_rank, bool(adapter.grow)
-            budget = adapter.rank_budget if grow else num_modules * initial_rank
+            check_components_divide(settings.r_max, self.components)
+            self.num_slots = settings.r_max
+            self.scaling = float(settings.alpha) / settings.r_max
+            initial_rank, grow = settings.initial_rank, bool(settings.grow)
+            budget = settings.rank_budget if grow else num_modules * initial_rank
             check_rank_budget(budget, num_modules, initial_rank)
         self._initial_rank, self._budget = initial_rank, budget
         self.alloc_config = alloc_lib.AllocatorConfig(
-            r_max=self.num_slots, top_k=int(adapter.top_k), growth_interval=int(adapter.growth_interval),
-            beta1=float(adapter.ema_beta1), beta2=float(adapter.ema_beta2), importance=adapter.importance, grow=grow,
+            r_max=self.num_slots, top_k=settings.top_k, growth_interval=settings.growth_interval,
+            beta1=settings.ema_beta1, beta2=settings.ema_beta2, importance=settings.importance, grow=grow,
         )
         # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
-        self.advance_learning = bool(adapter.advance_learning) and self.method != "lora"
-        self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
+        self.advance_learning = settings.advance_learning and self.method != "lora"
+        self.sync_every = settings.sync_every or settings.growth_interval
         # Steps whose metrics the trainer writes; AdaPaD computes the committed loss only on those (`StepSpec`).
-        self.log_every = max(int(config.train.get("log_every_steps", 10)), 1)
+        self.log_every = settings.log_every
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
-        self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
+        self.use_dropout = settings.dropout > 0 or settings.classifier_dropout > 0
         # bf16 models keep their frozen kernels and embeddings in bf16 on the devices (same numbers, half the memory)
         self.frozen = jax.device_put(frozen_storage(model.params, module_dtype(model.module)), replicated(mesh))
-        self.select_best = bool(config.train.get("select_best", False))
+        self.select_best = settings.select_best
         best = best_checkpoint_metric(config) if self.select_best else None
         if checkpoint_dir is None:
-            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep), best=best)
+            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", settings.checkpoint_keep, best=best)
         else:
             self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True, best=best)
         self.metrics = open_run_log(self.output_dir, config, enabled=self.writes_files)
         self.state: dict[str, Any] | None = None
         self._steps: dict[tuple[int, int], Callable] = {}
-        self._total_steps = max(int(config.train.get("num_steps", -1)), 1)
-        self.tx, self.schedule = make_optimizer(config.optim, self._total_steps)
+        self._total_steps = settings.num_steps
+        self.tx, self.schedule = make_optimizer(settings.optim, self._total_steps)
         self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.scaling, self.input_keys))
 
     # ----------------------------------------------------------------- state
     def init_state(self) -> dict[str, Any]:
         """A fresh train state (slots from ``config.seed``), placed on the mesh by ``state_shardings``."""
-        adapter = self.config.adapter
-        root = jax.random.PRNGKey(int(self.config.seed))
+        root = jax.random.PRNGKey(self.settings.seed)
         slots = slots_lib.init_slots(
-            self.model.targets, self.num_slots, float(adapter.init_std), jax.random.fold_in(root, 1),
+            self.model.targets, self.num_slots, self.settings.init_std, jax.random.fold_in(root, 1),
             zero_b=self.method == "lora",
         )
         # Copies (jnp.array): the train step donates the state, which must not take the model's own head arrays.
@@ -237,15 +242,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _spec(self, live: int) -> StepSpec:
-        adapter = self.config.adapter
+        settings = self.settings
         padded = live if self.method != "adapad" else math.ceil(live / self.components) * self.components
         return StepSpec(
             method=self.method, task=self.model.task, scaling=self.scaling, live_slots=live, padded_slots=padded,
-            advance_learning=self.advance_learning, orth_reg=float(adapter.orth_reg), sync_every=self.sync_every,
-            slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
+            advance_learning=self.advance_learning, orth_reg=settings.orth_reg, sync_every=self.sync_every,
+            slot_chunk_size=settings.slot_chunk_size, remat=settings.remat, use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
-            head_gradient=str(adapter.head_gradient), log_every=self.log_every, num_steps=self._total_steps,
-            grad_accum_steps=int(self.config.train.get("grad_accum_steps", 1)),
+            head_gradient=settings.head_gradient, log_every=self.log_every, num_steps=self._total_steps,
+            grad_accum_steps=settings.grad_accum_steps,
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
@@ -266,7 +271,7 @@ class Trainer:
         total = max(int(total), 1)
         if total != self._total_steps:
             self._total_steps = total
-            self.tx, self.schedule = make_optimizer(self.config.optim, total)
+            self.tx, self.schedule = make_optimizer(self.settings.optim, total)
 
     def put_batch(self, batch: dict) -> dict:
         size = len(next(iter(batch.values()))) * self.batch_slice[1]
@@ -307,7 +312,8 @@ class Trainer:
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
-        profile = step_profiler(self.config.train, self.output_dir, num_steps, self.writes_files)
+        profile = step_profiler(self.settings.profile_start_step, self.settings.profile_num_steps, self.output_dir,
+                                num_steps, self.writes_files)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         step = self.step
@@ -335,19 +341,21 @@ class Trainer:
         guard = GuardHook(start_step, self.checkpointer.latest_step)
         hooks.add_hook(guard.update, every=1)
         hooks.add_hook(ProfileHook(profiler), every=1)
-        hooks.add_hook(self._refresh_live, when=lambda info: bool(alloc_lib.is_growth_step(info.step, self.alloc_config)))
-        hooks.add_hook(guard.check, every=self.log_every)
-        hooks.add_hook(LogHook(start_step, self.ranks, self.metrics, sinks=(bar.logged,)), every=self.log_every)
+        hooks.add_hook(self._refresh_live, when=lambda info: alloc_lib.is_growth_step(info.step, self.alloc_config))
+        hooks.add_hook(guard.check, every=self.log_every)  # where the loop syncs anyway
+        log = LogHook(start_step, self.ranks, self.metrics, sinks=(bar.logged,), clock=time.perf_counter)
+        hooks.add_hook(log, every=self.log_every)
         hooks.add_hook(lambda info: bar.advance(1), every=1)
-        if eval_fn is not None:
-            hooks.add_hook(EvalHook(lambda: eval_fn(self), self.metrics, sinks=(bar.evaluated,)),
-                           every=eval_every, at_end=self.select_best)
-        checkpoint = CheckpointHook(int(self.config.checkpoint.every_steps),
-                                    lambda best: self.save(data_state_fn(), best), guard.check, self.select_best)
+        if eval_fn is not None:  # at the end only with select_best (run.py evaluates the final state otherwise)
+            evaluate = EvalHook(lambda: eval_fn(self), self.metrics, sinks=(bar.evaluated,))
+            hooks.add_hook(evaluate, every=eval_every, at_end=self.select_best)
+        checkpoint = CheckpointHook(self.settings.checkpoint_every, lambda best: self.save(data_state_fn(), best),
+                                    guard.check, self.select_best)
         hooks.add_hook(checkpoint, when=checkpoint.due)
         log_step = Cadence(self.log_every, at_end=True)
-        hooks.add_hook(PreemptionHook(stop, lambda info: log_step.due(info.step, info.num_steps),
-                                      lambda: self.save(data_state_fn()), guard.check, self.checkpointer), every=1)
+        stop_hook = PreemptionHook(stop, lambda info: log_step.due(info.step, info.num_steps),
+                                   lambda: self.save(data_state_fn()), guard.check, self.checkpointer)
+        hooks.add_hook(stop_hook, every=1)
         hooks.add_finish(guard.check)
         return hooks
 
