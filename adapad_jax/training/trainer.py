@@ -1,8 +1,10 @@
-"""The training loop: state init/restore, compiled steps cached by L, logging, checkpoints, export.
+"""The training loop: state init/restore, compiled steps cached by L, and a plain step loop calling hooks.
 
-One class over ~400 lines because it owns one object's lifecycle (state, compiled steps, checkpointer, sinks);
-the rules it applies live elsewhere: the step (``step.py``), sharding (``sharding.py``), growth
-(``allocator.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), outputs (``outputs.py``).
+One class because it owns one object's lifecycle (state, compiled steps, checkpointer, sinks); the rules it
+applies live elsewhere: the config fields it reads (``settings.py``), the step (``step.py``), sharding
+(``sharding.py``), growth (``allocator.py``), what happens after a step: logging, evaluation, checkpoints, the
+guard, preemption (``hooks.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), output
+files (``outputs.export_trainer``).
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ class Trainer:
     """Trains the adapters and head of ``model`` with ``config.adapter.method`` on ``mesh``.
 
     Use: ``Trainer(model, config, mesh, output_dir)``; ``data_state = trainer.restore_or_init(data_state)``;
-    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors`` /
-    ``export``. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
+    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors``;
+    ``outputs.export_trainer(trainer)`` writes the output files. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
     ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
 
     Several processes (``jax.distributed``): every process runs the same calls; each feeds its block of the
@@ -304,7 +306,8 @@ class Trainer:
         eval_every: int = 0,
         progress: bool = True,
     ) -> None:
-        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing.
+        """Train until ``num_steps`` total steps (the schedule ends there); after each step ``default_hooks`` log,
+        evaluate, checkpoint, guard and stop.
 
         ``eval_fn`` runs every ``eval_every`` steps (and at the last step with ``train.select_best``, whose
         checkpoints then carry the metrics); ``progress``: see ``adapad_jax.progress``.
