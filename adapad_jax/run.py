@@ -69,16 +69,18 @@ class RunResult:
 
 def export_output_set(trainer: Any, output_dir: Path, results: dict | None = None, rows: list | None = None,
                       extra_dir: str | None = None, after_export: Callable[[Path], None] | None = None) -> None:
-    """``trainer.export`` plus eval_results.json and predictions.jsonl (when given), staged and swapped in as one set.
+    """``export_trainer`` plus eval_results.json and predictions.jsonl (when given), staged and swapped in as one set.
 
     Every process must call it (the export gathers the adapters); only process 0 writes.
     """
+    from adapad_jax.training.outputs import export_trainer
+
     if not is_main_process():
-        trainer.export(None)
+        export_trainer(trainer, None)
         return
 
     def write(staging: Path) -> None:
-        trainer.export(staging)
+        export_trainer(trainer, staging)
         if after_export is not None:
             after_export(staging)
         if results is not None:

@@ -221,11 +221,13 @@ def export_checkpoint(
         raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     if out_dir:
         check_output_dir_path(Path(out_dir), "--out")
+    from adapad_jax.training.outputs import export_trainer
+
     with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
         if not is_main_process():
-            trainer.export(None)
+            export_trainer(trainer, None)
             if merged:
                 trainer.trained_params(), trainer.committed_peft_factors()
             return out
@@ -238,7 +240,7 @@ def export_checkpoint(
             raise OutputWriteError(describe_os_error(err, out)) from None
 
         def write(staging: Path) -> None:
-            trainer.export(staging)
+            export_trainer(trainer, staging)
             metrics = metrics_at_step(run_dir, step)
             base_dir = restored.checked.checkpoint_dir
             if (staging / "adapter").is_dir():

@@ -62,11 +62,11 @@ def check_profile_window(start: int, count: int, num_steps: int) -> None:
 
 
 @contextlib.contextmanager
-def step_profiler(train_config: Any, run_dir: Path, num_steps: int, enabled: bool) -> Iterator[StepProfiler]:
-    """The run's ``StepProfiler`` (from ``train.profile_*``); the trace is stopped on the way out, whatever happens."""
+def step_profiler(start: int, count: int, run_dir: Path, num_steps: int, enabled: bool) -> Iterator[StepProfiler]:
+    """The run's ``StepProfiler`` (``train.profile_start_step``, ``train.profile_num_steps``); the trace is stopped on
+    the way out, whatever happens."""
     from adapad_jax.run import PROFILE_DIR
 
-    start, count = int(train_config.get("profile_start_step", 0)), int(train_config.get("profile_num_steps", 1))
     if start > 0:
         check_profile_window(start, count, num_steps)
     profiler = StepProfiler(Path(run_dir) / PROFILE_DIR, start, count, enabled)

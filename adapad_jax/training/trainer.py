@@ -1,8 +1,10 @@
-"""The training loop: state init/restore, compiled steps cached by L, logging, checkpoints, export.
+"""The training loop: state init/restore, compiled steps cached by L, and a plain step loop calling hooks.
 
-One class over ~400 lines because it owns one object's lifecycle (state, compiled steps, checkpointer, sinks);
-the rules it applies live elsewhere: the step (``step.py``), sharding (``sharding.py``), growth
-(``allocator.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), outputs (``outputs.py``).
+One class because it owns one object's lifecycle (state, compiled steps, checkpointer, sinks); the rules it
+applies live elsewhere: the config fields it reads (``settings.py``), the step (``step.py``), sharding
+(``sharding.py``), growth (``allocator.py``), what happens after a step: logging, evaluation, checkpoints, the
+guard, preemption (``hooks.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), output
+files (``outputs.export_trainer``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from adapad_jax.validation import (
 )
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
-from adapad_jax.training.guard import FiniteGuard
+from adapad_jax.training.hooks import (
+    Cadence, CheckpointHook, EvalHook, GuardHook, LogHook, PreemptionHook, ProfileHook, StepInfo, TrainerHooks,
+)
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.training.outputs import plot_ranks, write_allocator_json, write_ranks_json
+from adapad_jax.training.outputs import export_trainer
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.profiling import step_profiler
+from adapad_jax.training.settings import TrainerSettings
 from adapad_jax.training.sharding import (
     COMPONENTS_AXIS,
     DATA_AXIS,
@@ -41,7 +46,7 @@ from adapad_jax.training.sharding import (
     train_state_shardings,
 )
 from adapad_jax.training.step import (
-    StepSpec, build_eval_forward, build_train_step, head_key, is_log_step, merge_head,
+    StepSpec, build_eval_forward, build_train_step, head_key, merge_head,
 )
 from adapad_jax.training.tracking import open_run_log
 
@@ -73,8 +78,8 @@ class Trainer:
     """Trains the adapters and head of ``model`` with ``config.adapter.method`` on ``mesh``.
 
     Use: ``Trainer(model, config, mesh, output_dir)``; ``data_state = trainer.restore_or_init(data_state)``;
-    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors`` /
-    ``export``. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
+    ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors``;
+    ``outputs.export_trainer(trainer)`` writes the output files. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
     ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
 
     Several processes (``jax.distributed``): every process runs the same calls; each feeds its block of the
@@ -86,65 +91,68 @@ class Trainer:
         self, model: LoadedModel, config: Any, mesh: Mesh, output_dir: str | Path,
         *, checkpoint_dir: str | Path | None = None,
     ):
-        """``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``)."""
-        adapter = config.adapter
-        check_method(adapter.method)
+        """``config``: the run's ConfigDict, read once into ``self.settings`` (``TrainerSettings``); the run log
+        (W&B/TensorBoard) and the best-checkpoint metric take it whole at construction.
+
+        ``checkpoint_dir``: another run's checkpoints, opened read-only (default: ``output_dir/checkpoints``).
+        """
+        check_method(config.adapter.method)
         if not model.targets:
             raise ValueError("the model has no adapter targets; check adapter.target_modules")
-        self.model, self.config, self.mesh = model, config, mesh
+        self.settings = settings = TrainerSettings.from_config(config)
+        self.model, self.mesh = model, mesh
         self.output_dir = Path(output_dir)
-        self.method = adapter.method
+        self.method = settings.method
         self.data_size = mesh.shape[DATA_AXIS]
         self.components = mesh.shape[COMPONENTS_AXIS]
         self.batch_slice = process_batch_slice(mesh)
         self.writes_files = jax.process_index() == 0
         num_modules = len(model.targets)
         if not has_slot_axis(self.method):
-            check_lora_rank(adapter.lora_rank)
-            self.num_slots = adapter.lora_rank
-            self.scaling = float(adapter.alpha) / adapter.lora_rank
-            initial_rank, budget, grow = adapter.lora_rank, num_modules * adapter.lora_rank, False
+            check_lora_rank(settings.lora_rank)
+            self.num_slots = settings.lora_rank
+            self.scaling = float(settings.alpha) / settings.lora_rank
+            initial_rank, budget, grow = settings.lora_rank, num_modules * settings.lora_rank, False
         else:
-            check_components_divide(adapter.r_max, self.components)
-            self.num_slots = adapter.r_max
-            self.scaling = float(adapter.alpha) / adapter.r_max
-            initial_rank, grow = adapter.initial_rank, bool(adapter.grow)
-            budget = adapter.rank_budget if grow else num_modules * initial_rank
+            check_components_divide(settings.r_max, self.components)
+            self.num_slots = settings.r_max
+            self.scaling = float(settings.alpha) / settings.r_max
+            initial_rank, grow = settings.initial_rank, bool(settings.grow)
+            budget = settings.rank_budget if grow else num_modules * initial_rank
             check_rank_budget(budget, num_modules, initial_rank)
         self._initial_rank, self._budget = initial_rank, budget
         self.alloc_config = alloc_lib.AllocatorConfig(
-            r_max=self.num_slots, top_k=int(adapter.top_k), growth_interval=int(adapter.growth_interval),
-            beta1=float(adapter.ema_beta1), beta2=float(adapter.ema_beta2), importance=adapter.importance, grow=grow,
+            r_max=self.num_slots, top_k=settings.top_k, growth_interval=settings.growth_interval,
+            beta1=settings.ema_beta1, beta2=settings.ema_beta2, importance=settings.importance, grow=grow,
         )
         # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
-        self.advance_learning = bool(adapter.advance_learning) and has_slot_axis(self.method)
-        self.sync_every = int(adapter.sync_every) or int(adapter.growth_interval)
+        self.advance_learning = settings.advance_learning and has_slot_axis(self.method)
+        self.sync_every = settings.sync_every or settings.growth_interval
         # Steps whose metrics the trainer writes; AdaPaD computes the committed loss only on those (`StepSpec`).
-        self.log_every = max(int(config.train.get("log_every_steps", 10)), 1)
+        self.log_every = settings.log_every
         self.input_keys = ("input_ids", "attention_mask") + (("token_type_ids",) if model.uses_token_type_ids else ())
-        self.use_dropout = float(adapter.dropout) > 0 or float(config.model.get("classifier_dropout", 0.0)) > 0
+        self.use_dropout = settings.dropout > 0 or settings.classifier_dropout > 0
         # bf16 models keep their frozen kernels and embeddings in bf16 on the devices (same numbers, half the memory)
         self.frozen = jax.device_put(frozen_storage(model.params, module_dtype(model.module)), replicated(mesh))
-        self.select_best = bool(config.train.get("select_best", False))
+        self.select_best = settings.select_best
         best = best_checkpoint_metric(config) if self.select_best else None
         if checkpoint_dir is None:
-            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", int(config.checkpoint.keep), best=best)
+            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", settings.checkpoint_keep, best=best)
         else:
             self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True, best=best)
         self.metrics = open_run_log(self.output_dir, config, enabled=self.writes_files)
         self.state: dict[str, Any] | None = None
         self._steps: dict[tuple[int, int], Callable] = {}
-        self._total_steps = max(int(config.train.get("num_steps", -1)), 1)
-        self.tx, self.schedule = make_optimizer(config.optim, self._total_steps)
+        self._total_steps = settings.num_steps
+        self.tx, self.schedule = make_optimizer(settings.optim, self._total_steps)
         self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.scaling, self.input_keys))
 
     # ----------------------------------------------------------------- state
     def init_state(self) -> dict[str, Any]:
         """A fresh train state (slots from ``config.seed``), placed on the mesh by ``state_shardings``."""
-        adapter = self.config.adapter
-        root = jax.random.PRNGKey(int(self.config.seed))
+        root = jax.random.PRNGKey(self.settings.seed)
         slots = slots_lib.init_slots(
-            self.model.targets, self.num_slots, float(adapter.init_std), jax.random.fold_in(root, 1),
+            self.model.targets, self.num_slots, self.settings.init_std, jax.random.fold_in(root, 1),
             zero_b=self.method == "lora",
         )
         # Copies (jnp.array): the train step donates the state, which must not take the model's own head arrays.
@@ -235,15 +243,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _spec(self, live: int) -> StepSpec:
-        adapter = self.config.adapter
+        settings = self.settings
         padded = live if self.method != "adapad" else math.ceil(live / self.components) * self.components
         return StepSpec(
             method=self.method, task=self.model.task, scaling=self.scaling, live_slots=live, padded_slots=padded,
-            advance_learning=self.advance_learning, orth_reg=float(adapter.orth_reg), sync_every=self.sync_every,
-            slot_chunk_size=int(adapter.slot_chunk_size), remat=bool(adapter.remat), use_dropout=self.use_dropout,
+            advance_learning=self.advance_learning, orth_reg=settings.orth_reg, sync_every=self.sync_every,
+            slot_chunk_size=settings.slot_chunk_size, remat=settings.remat, use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
-            head_gradient=str(adapter.head_gradient), log_every=self.log_every, num_steps=self._total_steps,
-            grad_accum_steps=int(self.config.train.get("grad_accum_steps", 1)),
+            head_gradient=settings.head_gradient, log_every=self.log_every, num_steps=self._total_steps,
+            grad_accum_steps=settings.grad_accum_steps,
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
@@ -264,7 +272,7 @@ class Trainer:
         total = max(int(total), 1)
         if total != self._total_steps:
             self._total_steps = total
-            self.tx, self.schedule = make_optimizer(self.config.optim, total)
+            self.tx, self.schedule = make_optimizer(self.settings.optim, total)
 
     def put_batch(self, batch: dict) -> dict:
         size = len(next(iter(batch.values()))) * self.batch_slice[1]
@@ -297,7 +305,8 @@ class Trainer:
         eval_every: int = 0,
         progress: bool = True,
     ) -> None:
-        """Train until ``num_steps`` total steps (the schedule ends there), logging and checkpointing.
+        """Train until ``num_steps`` total steps (the schedule ends there); after each step ``default_hooks`` log,
+        evaluate, checkpoint, guard and stop.
 
         ``eval_fn`` runs every ``eval_every`` steps (and at the last step with ``train.select_best``, whose
         checkpoints then carry the metrics); ``progress``: see ``adapad_jax.progress``.
@@ -305,56 +314,56 @@ class Trainer:
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")
         self._set_total_steps(num_steps)
-        profile = step_profiler(self.config.train, self.output_dir, num_steps, self.writes_files)
-        every = int(self.config.checkpoint.every_steps)
+        profile = step_profiler(self.settings.profile_start_step, self.settings.profile_num_steps, self.output_dir,
+                                num_steps, self.writes_files)
         bar = progress_lib.train_progress(progress, num_steps, self.step, self.method)
         live = self.live_slots
         step = self.step
-        last_time, last_logged = time.perf_counter(), step
-        guard = FiniteGuard(step)
         with stop_requests() as stop, profile as profiler:
+            hooks = self.default_hooks(step, num_steps, data_state_fn, eval_fn, eval_every, bar, stop, profiler)
             # The step count is kept on the host: reading it from the state would wait for every step to finish
             # before the next is dispatched.
             while step < num_steps:
                 batch = next(batches)
-                profiler.before_step(step + 1)
+                hooks.before_step(step + 1)
                 self.state, metrics = self.compiled_step(live)(self.state, self.frozen, self.put_batch(batch))
-                guard.update(metrics)
                 step += 1
-                profiler.after_step(step, metrics)
-                if alloc_lib.is_growth_step(step, self.alloc_config):
-                    live = self.live_slots
-                if is_log_step(step, self.log_every, num_steps):
-                    guard.check(self.checkpointer.latest_step())
-                    host = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "loss": host["loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
-                        "orth_penalty": host["orth_penalty"], "live_slots": live, "total_rank": host["total_rank"],
-                        "slot_losses": host["slot_losses"],
-                        "seconds_per_step": (now - last_time) / (step - last_logged),  # the last record: fewer steps
-                    }
-                    last_time, last_logged = now, step
-                    self.metrics.write(record)
-                    self.metrics.write_ranks(step, self.ranks())
-                    bar.logged(record)
-                bar.advance(1)
-                evaluated = eval_fn is not None and self.eval_due(step, num_steps, eval_every)
-                if evaluated:  # the last step's evaluation is the run's final one
-                    final = {"final": True} if step == num_steps else {}
-                    self.metrics.write({"step": step, "eval": eval_fn(self), **final})
-                    bar.evaluated(step, self.metrics.last_eval)
-                saving = (every > 0 and step % every == 0) or step == num_steps or (evaluated and self.select_best)
-                if saving:
-                    guard.check(self.checkpointer.latest_step())
-                    self.save(data_state_fn(), self.metrics.last_eval if evaluated and self.select_best else None)
-                if recovery.stop_agreed(stop.requested, is_log_step(step, self.log_every, num_steps)):
-                    guard.check(self.checkpointer.latest_step())
-                    if not saving:
-                        self.save(data_state_fn())
-                    recovery.preempted(stop.signal_name or "a signal on another process", step, self.checkpointer)
-            guard.check(self.checkpointer.latest_step())
+                info = StepInfo(step, num_steps, metrics, live)
+                hooks.run(info)
+                live = info.live_slots
+            hooks.finish()
         bar.close()
+
+    def default_hooks(
+        self, start_step: int, num_steps: int, data_state_fn: Callable[[], dict],
+        eval_fn: Callable[["Trainer"], dict] | None, eval_every: int, bar: Any, stop: Any, profiler: Any,
+    ) -> TrainerHooks:
+        """The run's hooks, in their order of effects: guard, profile, L, log, progress, eval, checkpoint, stop."""
+        hooks = TrainerHooks()
+        guard = GuardHook(start_step, self.checkpointer.latest_step)
+        hooks.add_hook(guard.update, every=1)
+        hooks.add_hook(ProfileHook(profiler), every=1)
+        hooks.add_hook(self._refresh_live, when=lambda info: alloc_lib.is_growth_step(info.step, self.alloc_config))
+        hooks.add_hook(guard.check, every=self.log_every)  # where the loop syncs anyway
+        log = LogHook(start_step, self.ranks, self.metrics, sinks=(bar.logged,), clock=time.perf_counter)
+        hooks.add_hook(log, every=self.log_every)
+        hooks.add_hook(lambda info: bar.advance(1), every=1)
+        if eval_fn is not None:  # at the end only with select_best (run.py evaluates the final state otherwise)
+            evaluate = EvalHook(lambda: eval_fn(self), self.metrics, sinks=(bar.evaluated,))
+            hooks.add_hook(evaluate, every=eval_every, at_end=self.select_best)
+        checkpoint = CheckpointHook(self.settings.checkpoint_every, lambda best: self.save(data_state_fn(), best),
+                                    guard.check, self.select_best)
+        hooks.add_hook(checkpoint, when=checkpoint.due)
+        log_step = Cadence(self.log_every, at_end=True)
+        stop_hook = PreemptionHook(stop, lambda info: log_step.due(info.step, info.num_steps),
+                                   lambda: self.save(data_state_fn()), guard.check, self.checkpointer)
+        hooks.add_hook(stop_hook, every=1)
+        hooks.add_finish(guard.check)
+        return hooks
+
+    def _refresh_live(self, info: StepInfo) -> None:
+        """After a growth step: L for the next steps' compiled step."""
+        info.live_slots = self.live_slots
 
     def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
         """Evaluate after ``step``? Every ``eval_every`` steps before the end; at the end when selecting the best."""
@@ -414,28 +423,8 @@ class Trainer:
         return merge_head(self.model.params, to_host(self.state["trainable"]["head"]))  # full-precision backbone
 
     def export(self, out_dir: str | Path | None = None) -> Path:
-        """Write ranks.json, ranks.png and (when the exporter is available) the PEFT adapter in ``adapter/``.
-
-        Every process must call it (the adapters are gathered); only process 0 writes.
-        """
-        out = Path(out_dir) if out_dir is not None else self.output_dir
-        recovery.require_finite(self.state, self.step, "export")
-        params, factors = self.trained_params(), self.committed_peft_factors()
-        if not self.writes_files:
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        ranks = self.ranks()
-        write_ranks_json(out / "ranks.json", ranks)
-        plot_ranks(out / "ranks.png", ranks, title=f"{self.method}: committed rank (total {sum(ranks.values())})")
-        if self.model.exports_to_peft:
-            from adapad_jax.models.export import write_peft_adapter
-
-            write_peft_adapter(
-                out / "adapter", self.model, params, factors, self.scaling,
-                self.config.model.name_or_path,
-            )
-        write_allocator_json(out / "allocator.json", self.scaling, self.method, self.step, self.state["alloc"])
-        return out
+        """``outputs.export_trainer(self, out_dir)``: the run's output files, written outside the Trainer."""
+        return export_trainer(self, out_dir)
 
     def close(self) -> None:
         """Release the checkpoint manager and the metric sinks (the sinks also when the manager fails)."""
