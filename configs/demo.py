@@ -6,7 +6,7 @@ Run:
 No network. Builds once (cached in ~/.cache/adapad_jax/demo, or --config.demo.assets_dir) a random
 DeBERTaV3-architecture backbone (hidden 64, 2 layers, 12 adapted modules) with a SentencePiece tokenizer,
 and a 6-class task whose labels come from a teacher = backbone + planted adapter deltas of rank 4, 3 and 2
-in three FFN modules (rank 0 elsewhere; see adapad_jax/demo.py for why these modules and six classes). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
+in three FFN modules (rank 0 elsewhere; see adapad_jax/studies/demo.py for why these modules and six classes). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
 for a few hundred steps and prints validation accuracy against chance and against the backbone alone, plus
 a planted-vs-found rank table with its agreement (share of rank on planted modules, Spearman). Then, because
 in a transformer other modules can stand in for a planted one, it trains AdaPaD on the planted benchmark's
@@ -16,8 +16,8 @@ Outputs in runs/demo: metrics.jsonl, eval_results.json, predictions.jsonl, check
 ranks.json, ranks.png, planted_vs_found.png, planted_vs_found.json, planted_vs_found_branches.json, config.json.
 """
 
-from adapad_jax.config import base_config
-from adapad_jax.demo import PLACEHOLDER_MODEL, demo_settings
+from adapad_jax.config.schema import base_config
+from adapad_jax.studies.demo import PLACEHOLDER_MODEL, demo_settings
 
 
 def get_config():

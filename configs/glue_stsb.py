@@ -8,12 +8,12 @@ Offline, with local files in the GLUE schema and a local checkpoint:
         --config.data.train_file=train.jsonl --config.data.validation_file=dev.jsonl
 Writes metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json,
 ranks.png and config.json to --config.output_dir (default runs/glue_stsb). The learning rate is not in the
-paper text we have: see adapad_jax.presets.GLUE_LEARNING_RATES.
+paper text we have: see adapad_jax.config.presets.GLUE_LEARNING_RATES.
 r_max is 4 (inferred: the paper's CoLA histogram of 72 modules, 16/44/8/4, sums to the budget 144
-only for ranks 1, 2, 3, 4), so the scaling is alpha / 4; see adapad_jax.presets.glue_config.
+only for ranks 1, 2, 3, 4), so the scaling is alpha / 4; see adapad_jax.config.presets.glue_config.
 """
 
-from adapad_jax.presets import glue_config
+from adapad_jax.config.presets import glue_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python launch/planted.py --config configs/planted.py --config.results_doc=docs/RESULTS.md
     python launch/planted.py --config configs/planted.py --config.quick=True --config.output_dir=/tmp/planted
 
-Tasks (adapad_jax/training/planted_study.py): the toy model with a teacher that adds a rank-r delta to a few
+Tasks (adapad_jax/studies/planted.py): the toy model with a teacher that adds a rank-r delta to a few
 modules and nothing elsewhere; regression on the teacher's outputs for fresh random token sequences.
 - branches: 8 adapted 16x16 modules, each on its own branch from the pooled input to its own outputs, so a
   delta planted in one module can only be learnt there. Planted ranks 4, 3, 2 in modules 1, 4, 6.
@@ -26,7 +26,7 @@ adapad_fixed_rank_alpha8, adapad_T100, joint_T100) run with --config.variants= -
 
 import ml_collections
 
-from adapad_jax.training.planted_study import STUDY_ADAPTER, STUDY_OPTIM
+from adapad_jax.studies.planted import STUDY_ADAPTER, STUDY_OPTIM
 
 VARIANTS = "adapad,joint,lora,adapad_uniform,adapad_no_advance,adapad_fixed_rank"
 DIAGNOSTICS = ",".join([
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.seeds = 3
     config.tasks = "branches,residual"
     config.variants = VARIANTS
-    # task:variant pairs run after the main table, to explain it (planted_study.DIAGNOSTICS); same seeds.
+    # task:variant pairs run after the main table, to explain it (studies/planted.DIAGNOSTICS); same seeds.
     config.diagnostics = DIAGNOSTICS
     config.task_settings = ml_collections.ConfigDict({
         "branches": _task(layout="branches", planted="0,4,0,0,3,0,2,0", hidden=16, num_layers=4, scale=1.0,

@@ -13,7 +13,7 @@ Writes metrics.jsonl, eval_results.json, predictions.jsonl (id, prediction_text)
 checkpoints/, adapter/ (PEFT), ranks.json, ranks.png and config.json to --config.output_dir (default runs/squad).
 """
 
-from adapad_jax.presets import squad_config
+from adapad_jax.config.presets import squad_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ Same settings as configs/squad_v2.py otherwise (3 epochs, batch 16, max length 3
 warmup 1000, top-k 10, T 400, r_max 8, bf16 compute). Writes to --config.output_dir (default runs/squad_v2_1176).
 """
 
-from adapad_jax.presets import squad_config
+from adapad_jax.config.presets import squad_config
 
 
 def get_config():

@@ -259,7 +259,7 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
             torch.set_num_threads(1)
     setup = _jax_model_setup if fw == "jax" else _torch_model_setup
     run = setup(name, mode, batch, seq)
-    from adapad_jax.host_malloc import release_free_heap
+    from adapad_jax.runtime.host_malloc import release_free_heap
 
     release_free_heap()  # as adapad-train does before its first step; both sides alike
     start = time.perf_counter()
@@ -281,7 +281,7 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
 
 def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int, log_every: int,
                   grad_accum_steps: int) -> dict:
-    from adapad_jax.training.benchmarking import time_train_step
+    from adapad_jax.studies.benchmarking import time_train_step
 
     return time_train_step(method=method, live_slots=live_slots, repeats=repeats, slot_chunk_size=slot_chunk_size,
                            log_every=log_every, grad_accum_steps=grad_accum_steps)
@@ -291,7 +291,7 @@ def _memory_worker(name: str, method: str, live: int, chunk: int, remat: bool, b
     import jax.numpy as jnp
 
     from adapad_jax.models.registry import model_from_config
-    from adapad_jax.training.benchmarking import step_memory
+    from adapad_jax.studies.benchmarking import step_memory
 
     spec = MODEL_SPECS[name]
     dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
@@ -346,13 +346,13 @@ class _Server:
 
     def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1,
                  preload: str = "", malloc: str = "tuned"):
-        from adapad_jax.host_malloc import OPT_OUT, cpu_worker_environment
+        from adapad_jax.runtime.host_malloc import OPT_OUT, cpu_worker_environment
 
         self.timeout_s = timeout_s
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ADAPAD_BENCH_CORE": "" if core < 0 else str(core)}
         if preload:
             env["LD_PRELOAD"] = preload
-        if malloc == "tuned":  # what adapad-train runs under (adapad_jax/host_malloc.py)
+        if malloc == "tuned":  # what adapad-train runs under (adapad_jax/runtime/host_malloc.py)
             env = cpu_worker_environment(env)
         else:
             env = {**env, OPT_OUT: "system"}
@@ -500,7 +500,7 @@ def _jax_model(name: str, dtype: str):
 
 
 def _gpu_jax_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats: int) -> dict:
-    from adapad_jax.training.benchmarking import time_real_step
+    from adapad_jax.studies.benchmarking import time_real_step
 
     result = time_real_step(_jax_model(name, dtype), "lora", 8, batch, seq, repeats=repeats)
     return {**result, "peak_mib": _peak_memory_mib("jax")}
@@ -554,7 +554,7 @@ def _gpu_torch_lora_worker(name: str, dtype: str, batch: int, seq: int, repeats:
 def _gpu_adapad_worker(name: str, dtype: str, batch: int, seq: int, components: int, repeats: int,
                        deadline: float) -> list[dict]:
     """adapad step for L = 1, 2, 4, 8 x slot_chunk_size 0/1 x remat off/on in one process, until ``deadline``."""
-    from adapad_jax.training.benchmarking import time_real_step
+    from adapad_jax.studies.benchmarking import time_real_step
 
     model = _jax_model(name, dtype)
     rows = []
@@ -663,8 +663,7 @@ def load_average() -> str:
 
 
 def suite_scaling(args) -> dict:
-    from adapad_jax.training import scaling
-
+    from adapad_jax.studies import scaling
     counts = sorted({int(c) for c in args.processes.split(",")})
     size = scaling.QUICK_SIZE if args.quick else (scaling.parse_shape(args.shape) if args.shape
                                                    else scaling.DEFAULT_SIZE)
@@ -755,7 +754,7 @@ def main() -> None:
                              "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     parser.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
                         help="models: both sides under the glibc malloc settings adapad-train uses (tuned, default; "
-                             "adapad_jax/host_malloc.py) or glibc's defaults (system)")
+                             "adapad_jax/runtime/host_malloc.py) or glibc's defaults (system)")
     args = parser.parse_args()
     unknown = set(args.models.split(",")) - set(MODEL_SPECS)
     if unknown:
@@ -767,7 +766,7 @@ def main() -> None:
     if args.preload and not Path(args.preload).is_file():
         parser.error(f"--preload {args.preload}: no such file")
     if args.shape:
-        from adapad_jax.training.scaling import parse_shape
+        from adapad_jax.studies.scaling import parse_shape
 
         try:
             parse_shape(args.shape)

@@ -58,7 +58,7 @@ def apply_quick(config) -> None:
 
 def parse_tasks(config, names: list[str] | None = None) -> list:
     """The config's task names (or ``names``) -> PlantedTask objects; one clear error per bad entry."""
-    from adapad_jax.training.planted_study import PlantedTask
+    from adapad_jax.studies.planted import PlantedTask
 
     tasks = []
     for name in names or list(filter(None, (n.strip() for n in config.tasks.split(",")))):
@@ -78,7 +78,7 @@ def parse_tasks(config, names: list[str] | None = None) -> list:
 
 def parse_diagnostics(config) -> list[tuple]:
     """``config.diagnostics`` ("task:variant,...") -> [(PlantedTask, variant)]; tasks from ``task_settings``."""
-    from adapad_jax.training.planted_study import ALL_VARIANTS
+    from adapad_jax.studies.planted import ALL_VARIANTS
 
     pairs = []
     for item in filter(None, (n.strip() for n in config.diagnostics.split(","))):
@@ -109,8 +109,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/planted.py")
-    from adapad_jax.training import planted_study as study
-    from adapad_jax.training.outputs import write_ranks_json
+    from adapad_jax.studies import planted as study
+    from adapad_jax.outputs.rank_outputs import write_ranks_json
     from adapad_jax.testing.toy import enable_compilation_cache
 
     with config.unlocked():

@@ -212,7 +212,7 @@ def test_reachable_total_rank_of_the_paper_rte_config():
 
 
 def test_trainer_reports_the_rank_schedule(tmp_path):
-    from adapad_jax.run import rank_schedule_line
+    from adapad_jax.run.core import rank_schedule_line
     from adapad_jax.training import Trainer, make_mesh
     from adapad_jax.testing.toy import ToyBatches, make_toy_model, planted_teacher, toy_config
 

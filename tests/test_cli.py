@@ -155,7 +155,7 @@ def test_train_help_names_show_config_which_lists_every_field_with_its_meaning(t
     """--help points at --show_config; --show_config prints each field as `field = value  # meaning`, with the
     config file and overrides applied, and exits 0 without creating anything."""
     from adapad_jax.cli.common import flatten_config
-    from adapad_jax.config import base_config, field_docs
+    from adapad_jax.config.schema import base_config, field_docs
 
     help_text = run_cli(TRAIN, ["--help"])
     assert help_text.returncode == 0 and "--[no]show_config" in help_text.stdout

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax.compilation_cache import CACHE_ENV_VAR, default_cache_dir, enable_persistent_cache
-from adapad_jax.config import ConfigError, base_config
-from adapad_jax.validation import check_fields
+from adapad_jax.runtime.compilation_cache import CACHE_ENV_VAR, default_cache_dir, enable_persistent_cache
+from adapad_jax.config.schema import ConfigError, base_config
+from adapad_jax.config.validation import check_fields
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_empty_turns_it_off_and_a_bad_type_is_refused():
 def test_a_compiled_program_lands_in_the_cache_dir(tmp_path):
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp
-        from adapad_jax.compilation_cache import enable_persistent_cache
+        from adapad_jax.runtime.compilation_cache import enable_persistent_cache
         assert enable_persistent_cache({str(tmp_path / "cache")!r})
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         print(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax import validation
-from adapad_jax.config import ConfigError, base_config
-from adapad_jax.validation import check_fields, check_mesh, check_resume, validate_config
-from adapad_jax.output_set import write_text_atomic
-from adapad_jax.saved_run import load_run_config
+from adapad_jax.config import validation
+from adapad_jax.config.schema import ConfigError, base_config
+from adapad_jax.config.validation import check_fields, check_mesh, check_resume, validate_config
+from adapad_jax.outputs.output_set import write_text_atomic
+from adapad_jax.run.saved_run import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ GLUE_TABLE = {
 
 # The paper's text lost its learning-rate row (SPEC). The presets take AdaLoRA's published DeBERTaV3-base learning
 # rates (Zhang et al. 2023, hyper-parameter table for GLUE, whose protocol the paper's Table 8 follows), as
-# adapad_jax/presets.py documents; pinned here literally so a changed value is a deliberate, visible edit.
+# adapad_jax/config/presets.py documents; pinned here literally so a changed value is a deliberate, visible edit.
 GLUE_LEARNING_RATES = {"cola": 5e-4, "rte": 1.2e-3, "mrpc": 1e-3, "stsb": 2.2e-3, "sst2": 8e-4, "qnli": 1.2e-3,
                        "qqp": 5e-4, "mnli": 5e-4}
 
@@ -337,7 +337,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
 ])
 def test_a_saved_config_of_the_wrong_type_is_one_error_naming_the_field(tmp_path, section, field, value, message):
     """export / predict read config.json back and check it as a user's config (no TypeError traceback)."""
-    from adapad_jax.saved_run import export_checkpoint
+    from adapad_jax.run.saved_run import export_checkpoint
 
     config = _valid_config(tmp_path)
     saved = json.loads(config.to_json())

@@ -184,8 +184,8 @@ def test_label_forms_accepted_and_rejected(tmp_path):
 
 
 def test_tfds_source_is_refused_with_the_alternatives():
-    from adapad_jax.config import ConfigError, base_config
-    from adapad_jax.validation import check_fields
+    from adapad_jax.config.schema import ConfigError, base_config
+    from adapad_jax.config.validation import check_fields
 
     with pytest.raises(DataError, match=r"data.source=tfds is not supported .*data.source=hub.*data.train_file"):
         load_raw_splits("glue_rte", source="tfds")
@@ -200,7 +200,7 @@ def test_tfds_source_is_refused_with_the_alternatives():
 
 
 def _custom_config(tmp_path, train_rows, val_rows, **data):
-    from adapad_jax.config import base_config
+    from adapad_jax.config.schema import base_config
 
     config = base_config()
     config.task, config.output_dir = "custom", str(tmp_path / "run")
@@ -226,7 +226,7 @@ def _reviews(labels):
 ])
 def test_custom_task_takes_problem_type_and_label_names_from_the_training_data(tmp_path, labels, kind, names):
     from adapad_jax.data.custom import prepare_config
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     config = _custom_config(tmp_path, _reviews(labels), _reviews(labels[:2]))
     prepare_config(config, log=lambda _: None)
@@ -243,7 +243,7 @@ def test_custom_task_takes_problem_type_and_label_names_from_the_training_data(t
 
 def test_custom_task_given_names_problem_type_and_metric(tmp_path):
     from adapad_jax.data.custom import prepare_config
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     config = _custom_config(tmp_path, _reviews([0, 1, 1]), _reviews([1]), label_names=("neg", "pos"),
                             problem_type="classification", metric="matthews_correlation")
@@ -264,8 +264,8 @@ def test_custom_task_given_names_problem_type_and_metric(tmp_path):
     (dict(problem_type="sorting"), "data.problem_type='sorting' is not one of"),
 ])
 def test_custom_task_bad_fields_are_one_line_config_errors(tmp_path, data, message):
-    from adapad_jax.config import ConfigError
-    from adapad_jax.validation import check_fields
+    from adapad_jax.config.schema import ConfigError
+    from adapad_jax.config.validation import check_fields
 
     config = _custom_config(tmp_path, _reviews(["a", "b"]), _reviews(["a"]), **data)
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -273,8 +273,8 @@ def test_custom_task_bad_fields_are_one_line_config_errors(tmp_path, data, messa
 
 
 def test_custom_fields_are_refused_for_a_glue_task(tmp_path):
-    from adapad_jax.config import ConfigError
-    from adapad_jax.validation import check_fields
+    from adapad_jax.config.schema import ConfigError
+    from adapad_jax.config.validation import check_fields
 
     config = _custom_config(tmp_path, _reviews(["a", "b"]), _reviews(["a"]))
     config.task = "glue_sst2"
@@ -292,7 +292,7 @@ def test_custom_task_data_problems_are_named_before_any_compute(tmp_path):
     # A validation label the training data never had.
     config = _custom_config(tmp_path, _reviews(["bad", "good"]), _reviews(["good", "great"]))
     prepare_config(config, log=lambda _: None)
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     with pytest.raises(DataError, match=r"row 2: label 'great' is not a number or one of \['bad', 'good'\]"):
         validate_data_files(task_spec_for(config), config.data.train_file, config.data.validation_file)
@@ -312,9 +312,9 @@ def test_custom_task_from_a_dataset_takes_its_classlabel_names(tmp_path):
     # metadata keeps the ClassLabel, whose names (not the ids seen) are the classes.
     import datasets
 
-    from adapad_jax.config import base_config
+    from adapad_jax.config.schema import base_config
     from adapad_jax.data.custom import prepare_config
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     features = datasets.Features({"a": datasets.Value("string"), "b": datasets.Value("string"),
                                   "y": datasets.ClassLabel(names=["no", "maybe", "yes"])})

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import demo
-
+from adapad_jax.studies import demo
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 EXTERNAL = {"jax", "flax", "optax", "orbax", "numpy", "np", "os", "peft", "transformers", "torch", "nn", "lax",
             "huggingface_hub", "glibc", "tensorboardX", "wandb", "datasets", "ml_collections", "safetensors",
             "module", "deberta"}  # module.clone: a Flax module instance; deberta.encoder...: a transformers path
-# `train.batch_size` and the like are config fields: checked against the schema, adapad_jax/config.py.
+# `train.batch_size` and the like are config fields: checked against the schema, adapad_jax/config/schema.py.
 CONFIG_SECTIONS = {"adapter", "checkpoint", "mesh", "train", "data", "optim", "logging", "model", "stop"}
 # What follows the dot of a file name, not an attribute: ranks.png, config.json, ...
 FILE_SUFFIXES = {"py", "json", "jsonl", "md", "png", "pb", "gz", "lock", "safetensors", "toml", "txt", "sh", "bin",
@@ -98,7 +98,7 @@ def reference_exists(ref: str) -> bool:
     if (PACKAGE / f"{as_path}.py").is_file() or (PACKAGE / as_path / "__init__.py").is_file():
         return True  # the name of a module (adapad_jax.train)
     if module in CONFIG_SECTIONS:
-        schema = (PACKAGE / "config.py").read_text()
+        schema = (PACKAGE / "config" / "schema.py").read_text()
         return re.search(rf"^\s*config\.{module}\.{name}\s*=", schema, flags=re.M) is not None
     if module == "adapad_jax" and (ROOT / name).is_dir():  # configs/ ships as adapad_jax.configs (package-dir)
         return True

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import saved_run
-from adapad_jax.config import base_config
+from adapad_jax.run import core as run_lib
+from adapad_jax.run import saved_run
+from adapad_jax.config.schema import base_config
 from adapad_jax.testing import tiny
 
 pytestmark = pytest.mark.slow

@@ -188,8 +188,8 @@ def test_bad_factors_are_refused(exported, tmp_path):
 
 def test_model_card_states_the_reachable_budget():
     # The run: 12 adapted modules, r_max 4, budget 144 -> only 12 x 4 = 48 can ever be committed.
-    from adapad_jax.config import base_config
-    from adapad_jax.models.model_card import model_card
+    from adapad_jax.config.schema import base_config
+    from adapad_jax.outputs.model_card import model_card
 
     config = base_config()
     config.task, config.adapter.rank_budget, config.adapter.r_max = "glue_rte", 144, 4

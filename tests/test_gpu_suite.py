@@ -13,7 +13,7 @@ import pytest
 
 from adapad_jax.models.registry import model_from_config
 from adapad_jax.testing import tiny
-from adapad_jax.training.benchmarking import time_real_step
+from adapad_jax.studies.benchmarking import time_real_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_models_suite_workers_get_the_preloaded_library(monkeypatch):
 
 @pytest.mark.parametrize("malloc", ["tuned", "system"])
 def test_models_suite_runs_both_sides_under_the_training_commands_malloc(monkeypatch, malloc):
-    from adapad_jax.host_malloc import OPT_OUT, TUNABLES
+    from adapad_jax.runtime.host_malloc import OPT_OUT, TUNABLES
 
     bench = _benchmark_module()
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)

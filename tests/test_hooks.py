@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapad_jax.failures import Diverged, Preempted
+from adapad_jax.runtime.failures import Diverged, Preempted
 from adapad_jax.training.hooks import (
     Cadence, CheckpointHook, EvalHook, GuardHook, LogHook, PreemptionHook, StepInfo, TrainerHooks,
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax.host_malloc import OPT_OUT, TUNABLES, tuned_environment
+from adapad_jax.runtime.host_malloc import OPT_OUT, TUNABLES, tuned_environment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_a_cpu_run_on_a_machine_with_an_accelerator_plugin_is_tuned():
 _PROBE = textwrap.dedent("""
     import ctypes, os, resource, sys
     print("before", os.environ.get("GLIBC_TUNABLES"), flush=True)
-    from adapad_jax.host_malloc import reexec_with_tuned_malloc
+    from adapad_jax.runtime.host_malloc import reexec_with_tuned_malloc
     reexec_with_tuned_malloc()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
@@ -87,7 +87,7 @@ def test_the_reexecuted_process_reuses_a_freed_large_block():
 
 _RELEASE_PROBE = textwrap.dedent("""
     import ctypes
-    from adapad_jax.host_malloc import release_free_heap, reexec_with_tuned_malloc
+    from adapad_jax.runtime.host_malloc import release_free_heap, reexec_with_tuned_malloc
     reexec_with_tuned_malloc()
     def resident_mib():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -114,7 +114,7 @@ def test_release_free_heap_hands_back_what_the_tunables_keep():
 
 
 def test_a_run_releases_set_up_memory_once_before_its_first_step(tmp_path, monkeypatch):
-    from adapad_jax import run as run_lib
+    from adapad_jax.run import core as run_lib
     from adapad_jax.training import Trainer
 
     sys.path.insert(0, str(REPO / "tests"))

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import distributed
-from adapad_jax.config import ConfigError, base_config
+from adapad_jax.run import core as run_lib
+from adapad_jax.runtime import distributed
+from adapad_jax.config.schema import ConfigError, base_config
 from adapad_jax.data.batching import TrainBatches, eval_batches
 from adapad_jax.testing import tiny
 from adapad_jax.training.sharding import batch_slice_for_process
@@ -189,7 +189,7 @@ def test_predict_split_feeds_the_trainer_its_process_block():
 CONFIG_FILE = textwrap.dedent(
     """
     import json
-    from adapad_jax.config import base_config
+    from adapad_jax.config.schema import base_config
 
     def get_config():
         config = base_config()
@@ -301,7 +301,7 @@ def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tm
     import signal
     import time
 
-    from adapad_jax.failures import EXIT_PEER_LOST
+    from adapad_jax.runtime.failures import EXIT_PEER_LOST
 
     tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
     files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)

@@ -110,7 +110,7 @@ def test_installed_commands_run_outside_the_checkout(installed):
                                 capture_output=True, text=True, timeout=120)
         # absl exits with 1 after --help
         assert helped.returncode in (0, 1) and flag in helped.stdout and not helped.stderr, (command, helped.stderr)
-    for module, flag in (("adapad_jax.train", "--preset"), ("adapad_jax.cli.predict", "--run_dir")):
+    for module, flag in (("adapad_jax.cli.train", "--preset"), ("adapad_jax.cli.predict", "--run_dir")):
         helped = subprocess.run([sys.executable, "-m", module, "--help"], env=env, cwd=installed["workdir"],
                                 capture_output=True, text=True, timeout=120)
         assert helped.returncode in (0, 1) and flag in helped.stdout and not helped.stderr, (module, helped.stderr)

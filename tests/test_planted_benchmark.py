@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax.training import planted_study as study
-
+from adapad_jax.studies import planted as study
 REPO = Path(__file__).resolve().parents[1]
 
 

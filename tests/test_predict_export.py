@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import saved_run
-from adapad_jax.prediction import predict
+from adapad_jax.run import core as run_lib
+from adapad_jax.run import saved_run
+from adapad_jax.run.prediction import predict
 
 from test_e2e_runs import read_jsonl, tiny_run_config
 

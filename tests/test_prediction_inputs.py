@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax.config import ConfigError, base_config
+from adapad_jax.config.schema import ConfigError, base_config
 from adapad_jax.data.tasks import DataError, get_task
-from adapad_jax.prediction import _read_rows, glue_submission_lines, normalise_test_rows, predict
+from adapad_jax.run.prediction import _read_rows, glue_submission_lines, normalise_test_rows, predict
 
 
 def test_glue_rows_labelled_unlabelled_and_indexed(tmp_path):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from adapad_jax.failures import EXIT_PREEMPTED
+from adapad_jax.runtime.failures import EXIT_PREEMPTED
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
@@ -156,7 +156,7 @@ def test_a_signal_after_the_run_finished_exits_0_quietly(tmp_path):
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "config.json").write_text(config.to_json())
     (tmp_path / "cfg.py").write_text(
-        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        "from adapad_jax.run.saved_run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     (tmp_path / "launch.py").write_text(LINGERING_TRAIN)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), "--config", str(tmp_path / "cfg.py")],

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import output_set
+from adapad_jax.run import core as run_lib
+from adapad_jax.outputs import output_set
 from adapad_jax.cli import errors as cli_errors
-from adapad_jax.config import ConfigError, base_config
-from adapad_jax.validation import check_fields, check_resume
-from adapad_jax.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
-from adapad_jax.output_set import dumps_strict, publish_set
-from adapad_jax.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint
-from adapad_jax.run_lock import OutputDirInUse, RunLock
+from adapad_jax.config.schema import ConfigError, base_config
+from adapad_jax.config.validation import check_fields, check_resume
+from adapad_jax.runtime.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
+from adapad_jax.outputs.output_set import dumps_strict, publish_set
+from adapad_jax.run.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint
+from adapad_jax.run.lock import OutputDirInUse, RunLock
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.recovery import ResumeMismatch
 from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
@@ -124,7 +124,7 @@ def test_strict_json_writes_null_for_non_finite_values(tmp_path):
     text = dumps_strict({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32("-inf"), "d": 2})
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": 2}
     assert "NaN" not in text and "Infinity" not in text
-    from adapad_jax.training.outputs import MetricsWriter
+    from adapad_jax.outputs.rank_outputs import MetricsWriter
 
     writer = MetricsWriter(tmp_path / "m.jsonl")
     writer.write({"step": 1, "loss": np.float32("nan")})
@@ -248,7 +248,7 @@ def test_backbone_identity_is_by_content_not_path(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from adapad_jax.run_lock import RunLock
+    from adapad_jax.run.lock import RunLock
     lock = RunLock(sys.argv[1])
     lock.acquire()
     print("LOCKED", flush=True)
@@ -422,7 +422,7 @@ def test_disk_full_during_the_final_export_keeps_the_previous_outputs_whole(tmp_
 @pytest.mark.parametrize("error, code", [(Diverged("diverged at step 3"), 3), (OutputWriteError("disk full"), 74),
                                          (ConfigError("bad field"), 2)])
 def test_run_failures_end_in_one_line_with_their_exit_code(error, code, capsys):
-    from adapad_jax.failures import Preempted
+    from adapad_jax.runtime.failures import Preempted
 
     with pytest.raises(SystemExit) as caught:
         with cli_errors.user_errors():
@@ -442,7 +442,7 @@ def test_the_command_line_falls_back_from_a_damaged_checkpoint_without_traceback
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "config.json").write_text(config.to_json())
     (tmp_path / "cfg.py").write_text(
-        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        "from adapad_jax.run.saved_run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
@@ -615,7 +615,7 @@ def test_the_commands_on_a_full_disk_end_in_one_line_release_the_lock_and_resume
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / "config.json").write_text(config.to_json())
     (tmp_path / "cfg.py").write_text(
-        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        "from adapad_jax.run.saved_run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(tmp_path / 'saved')!r})\n")
     (tmp_path / "launch.py").write_text(FILLING_LAUNCHER.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FILL_DISK": str(small_disk), "ADAPAD_MALLOC": "system",
@@ -657,7 +657,7 @@ def test_a_storage_layers_own_error_is_recognised_as_a_write_failure(tmp_path):
     import tensorstore as ts
     from safetensors.numpy import save_file
 
-    from adapad_jax.failures import describe_os_error, os_error_in_chain
+    from adapad_jax.runtime.failures import describe_os_error, os_error_in_chain
 
     (tmp_path / "file").write_text("x")
     caught = []
@@ -696,7 +696,7 @@ def test_a_config_whose_get_config_returns_none_is_named(tmp_path):
 
 
 def test_a_metrics_write_error_is_one_line(tmp_path, monkeypatch):
-    from adapad_jax.training.outputs import MetricsWriter
+    from adapad_jax.outputs.rank_outputs import MetricsWriter
 
     writer = MetricsWriter(tmp_path / "metrics.jsonl")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import saved_run
+from adapad_jax.run import core as run_lib
+from adapad_jax.run import saved_run
 from adapad_jax.cli import errors as cli_errors
-from adapad_jax.config import ConfigError
-from adapad_jax.failures import EXIT_BAD_INPUT, EXIT_PREEMPTED, CheckpointMoved
-from adapad_jax.prediction import predict
+from adapad_jax.config.schema import ConfigError
+from adapad_jax.runtime.failures import EXIT_BAD_INPUT, EXIT_PREEMPTED, CheckpointMoved
+from adapad_jax.run.prediction import predict
 from adapad_jax.testing.toy import enable_compilation_cache
 
 from test_e2e_runs import read_jsonl, tiny_run_config
@@ -209,7 +209,7 @@ def test_a_batch_size_change_on_resume_is_one_line_before_any_compute(rte_run, t
     copy, _ = _copy(rte_run, tmp_path)
     before = (copy / "config.json").read_bytes()
     (tmp_path / "cfg.py").write_text(
-        "from adapad_jax.saved_run import load_run_config\n\ndef get_config():\n"
+        "from adapad_jax.run.saved_run import load_run_config\n\ndef get_config():\n"
         f"    return load_run_config({str(copy)!r})\n")
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py"),

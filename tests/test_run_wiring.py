@@ -10,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from adapad_jax import run as run_lib
-from adapad_jax import saved_run
-from adapad_jax.config import base_config
+from adapad_jax.run import core as run_lib
+from adapad_jax.run import saved_run
+from adapad_jax.config.schema import base_config
 from adapad_jax.models.checkpoint_io import CheckpointError
 from adapad_jax.models.registry import load_hf_config, load_model, targets_for_config
 from adapad_jax.testing import tiny
 from adapad_jax.training import Trainer, make_mesh
-from adapad_jax.training.outputs import MetricsWriter, label_color, plot_ranks
+from adapad_jax.outputs.rank_outputs import MetricsWriter, label_color, plot_ranks
 from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 
 enable_compilation_cache()
@@ -172,7 +172,7 @@ def test_truncate_after_keeps_earlier_records_and_replaces_the_file_atomically(t
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    from adapad_jax.failures import OutputWriteError
+    from adapad_jax.runtime.failures import OutputWriteError
 
     with pytest.raises(OutputWriteError, match="metrics not logged: cannot write .*metrics.jsonl: disk full"):
         writer.truncate_after(1)

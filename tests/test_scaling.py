@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from adapad_jax.training.collectives import psum_packed
-from adapad_jax.training.scaling import hlo_collectives
+from adapad_jax.studies.scaling import hlo_collectives
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS, make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
     assert [op["op"] for op in two[0]["collectives"]] == ["all-reduce"], two[0]["collectives"]
     assert rows[2]["collectives_per_step"] == 1 and rows[2]["sync_collectives"] == 0
     # timed as adapad-train runs: under its malloc tunables (0 page faults per step once warm)
-    from adapad_jax.host_malloc import TUNABLES
+    from adapad_jax.runtime.host_malloc import TUNABLES
 
     if "malloc" not in os.environ.get("LD_PRELOAD", "") and "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", ""):
         assert all(w["glibc_tunables"].endswith(":".join(TUNABLES)) for run in result["runs"] for w in run["workers"])
@@ -130,14 +130,14 @@ def test_scaling_suite_quick_runs_two_pinned_processes_and_reports_its_fields(tm
 
 
 def test_scaling_refuses_more_processes_than_cores():
-    from adapad_jax.training.scaling import run_scaling
+    from adapad_jax.studies.scaling import run_scaling
 
     with pytest.raises(ValueError, match="need as many cores"):
         run_scaling((len(__import__("os").sched_getaffinity(0)) + 1,))
 
 
 def test_scaling_shape_is_four_positive_integers_or_one_clear_error():
-    from adapad_jax.training.scaling import DEFAULT_SIZE, parse_shape
+    from adapad_jax.studies.scaling import DEFAULT_SIZE, parse_shape
 
     assert parse_shape("768, 12,128,16") == DEFAULT_SIZE
     for bad in ("768,12,128", "768,12,0,16", "768,x,128,16", ""):
@@ -150,7 +150,7 @@ def test_scaling_shape_is_four_positive_integers_or_one_clear_error():
 
 
 def test_scaling_summary_keeps_the_best_round_of_each_setup_and_every_rounds_own_efficiency():
-    from adapad_jax.training.scaling import summarize_runs
+    from adapad_jax.studies.scaling import summarize_runs
 
     def run(round_index, processes, medians, independent=False):
         workers = [{"median_s": m, "cpu_median_s": m, "comm_s": 0.01 * (processes > 1), "live_slots": 4,

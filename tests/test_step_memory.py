@@ -7,7 +7,7 @@ import pytest
 
 from adapad_jax.models.registry import model_from_config
 from adapad_jax.testing.tiny import tiny_deberta_config
-from adapad_jax.training.benchmarking import step_memory
+from adapad_jax.studies.benchmarking import step_memory
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.losses import loss_terms
-from adapad_jax.training.outputs import layer_and_type, rank_grid
+from adapad_jax.outputs.rank_outputs import layer_and_type, rank_grid
 from adapad_jax.testing.toy import (ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher,
                                      toy_batch, toy_config)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapad_jax import progress
-from adapad_jax.config import ConfigError, base_config
-from adapad_jax.validation import check_fields
+from adapad_jax.runtime import progress
+from adapad_jax.config.schema import ConfigError, base_config
+from adapad_jax.config.validation import check_fields
 from adapad_jax.metrics import main_metric
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_bar_mode_draws_bars_and_prints_evaluations(capsys):
 
 
 PROGRESS_UNDER_A_TERMINAL = """
-from adapad_jax import progress
+from adapad_jax.runtime import progress
 with progress.reporting(progress.Reporter(progress.choose_mode(True))):
     bar = progress.train_progress(True, total=4, initial=0, desc="adapad")
     for step in range(1, 5):
@@ -367,7 +367,7 @@ def wandb_offline(tmp_path, monkeypatch):
 def test_wandb_run_holds_metrics_best_rank_image_and_config(tmp_path, monkeypatch, wandb_offline):
     """The real wandb package (offline): the scalars at their steps, best/*, the rank image and the config, with the
     project from $WANDB_PROJECT and the name, tags and group fields; a resumed output_dir continues the same run."""
-    from adapad_jax.training.outputs import plot_ranks
+    from adapad_jax.outputs.rank_outputs import plot_ranks
     from adapad_jax.training.tracking import open_run_log
 
     monkeypatch.setenv("WANDB_PROJECT", "env-project")
@@ -652,8 +652,8 @@ def test_piped_run_prints_progress_writes_events_and_exports_the_best_step(tmp_p
     assert np.corrcoef(predicted, expected)[0, 1] == pytest.approx(evals[best]["pearson"], abs=1e-5)
 
     # A resumed, longer run keeps the first part's best unless a later evaluation beats it.
-    from adapad_jax import run as run_lib
-    from adapad_jax.saved_run import load_run_config
+    from adapad_jax.run import core as run_lib
+    from adapad_jax.run.saved_run import load_run_config
 
     config = load_run_config(run_dir)
     config.train.num_steps, config.train.extend_schedule = 12, True

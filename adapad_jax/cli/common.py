@@ -108,7 +108,7 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def describe_config(config: Any) -> str:
     """Every field of ``config`` as ``field = value  # what it means`` (the comments of ``base_config``)."""
-    from adapad_jax.config import field_docs
+    from adapad_jax.config.schema import field_docs
 
     docs = field_docs()
     order = {name: i for i, name in enumerate(docs)}  # the schema's order; fields it lacks after them

@@ -1,7 +1,7 @@
 """How the commands fail: one ``error: ...`` line on stderr and an exit code (docs/TROUBLESHOOTING.md).
 
 Bad input (config, model, data) exits 2; run-time failures (divergence, preemption, unwritable outputs) exit
-with their own code from ``adapad_jax.failures``; anything else is a crash with a traceback (exit 1).
+with their own code from ``adapad_jax.runtime.failures``; anything else is a crash with a traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 import sys
 from typing import Any
 
-from adapad_jax.config import ConfigError
-from adapad_jax.distributed import await_peer_verdict, initialize_distributed
-from adapad_jax.failures import RunFailure
+from adapad_jax.config.schema import ConfigError
+from adapad_jax.runtime.distributed import await_peer_verdict, initialize_distributed
+from adapad_jax.runtime.failures import RunFailure
 
 
 def start_command(argv: list[str], hint: str = "") -> None:
@@ -83,7 +83,7 @@ def unknown_field_message(argv: list[str], err: BaseException) -> str:
         parts = name.split(".")
         if len(parts) > 1 and parts[0] != "" and missing in parts[1:]:
             field = ".".join(parts[1:])
-            return f"unknown config field '{field}'{hint}; the fields are listed in adapad_jax/config.py:base_config"
+            return f"unknown config field '{field}'{hint}; the fields are listed in adapad_jax/config/schema.py:base_config"
     return f"unknown config field '{missing}'{hint}"
 
 

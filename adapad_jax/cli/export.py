@@ -40,7 +40,7 @@ def _main(argv: list[str]) -> None:
     if not _RUN_DIR.value:
         fail("no run directory given: pass --run_dir <output_dir of a training run>")
     with user_errors():
-        from adapad_jax.saved_run import export_checkpoint
+        from adapad_jax.run.saved_run import export_checkpoint
 
         export_checkpoint(
             _RUN_DIR.value, step=_STEP.value, out_dir=_OUT.value, merged=_MERGED.value, merged_dtype=_DTYPE.value

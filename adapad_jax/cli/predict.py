@@ -43,7 +43,7 @@ _OUT = flags.DEFINE_string("out", None, "Where to write (default: <run_dir>/pred
 try:  # config_flags applies --config.<field> overrides of a config dict as soon as the flag is defined
     _CONFIG = config_flags.DEFINE_config_dict("config", predict_fields(), "Fields: data.test_file, train.eval_batch_size.")
 except (AttributeError, KeyError) as err:
-    fail(unknown_field_message(sys.argv, err).replace("adapad_jax/config.py:base_config", "adapad-predict --help"))
+    fail(unknown_field_message(sys.argv, err).replace("adapad_jax/config/schema.py:base_config", "adapad-predict --help"))
 except (TypeError, ValueError) as err:
     fail(f"bad --config override: {err}")
 
@@ -60,7 +60,7 @@ def _main(argv: list[str]) -> None:
     if config.train.eval_batch_size < 0:
         fail(f"train.eval_batch_size={config.train.eval_batch_size} must be >= 0")
     with user_errors():
-        from adapad_jax.prediction import predict
+        from adapad_jax.run.prediction import predict
 
         predict(_RUN_DIR.value, config.data.test_file, step=_STEP.value, out_dir=_OUT.value,
                 eval_batch_size=int(config.train.eval_batch_size))

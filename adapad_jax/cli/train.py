@@ -57,7 +57,7 @@ def _main(argv: list[str]) -> None:
         fail(f"the config file {flags.FLAGS['config'].config_filename!r} returned None from get_config(): it must "
              "return an ml_collections.ConfigDict (e.g. built on adapad_jax.config.base_config())")
     if _SHOW_CONFIG.value:
-        from adapad_jax.config import base_config
+        from adapad_jax.config.schema import base_config
 
         print(describe_config(base_config() if config is None else loaded_config_or_fail(config)))
         return
@@ -68,10 +68,10 @@ def _main(argv: list[str]) -> None:
     install_exit_on_signal()
     loaded_config_or_fail(config)
     with user_errors():
-        from adapad_jax.run import run
+        from adapad_jax.run.core import run
 
         result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
-        from adapad_jax.task_hooks import hooks_for
+        from adapad_jax.config.task_hooks import hooks_for
 
         hooks = hooks_for(config.task)
         if hooks is not None:
@@ -89,7 +89,7 @@ def main() -> None:
 
 def console_main() -> None:
     """Process entry point (``adapad-train``, ``python -m``, ``launch/train.py``): tune malloc, then :func:`main`."""
-    from adapad_jax.host_malloc import reexec_with_tuned_malloc
+    from adapad_jax.runtime.host_malloc import reexec_with_tuned_malloc
 
     reexec_with_tuned_malloc()
     main()

@@ -1,7 +1,7 @@
 """task=custom: sentence or sentence-pair classification / regression on your own data, described by data.*.
 
 ``data.text_columns`` (one or two), ``data.label_column``, and optionally ``data.label_names``,
-``data.problem_type`` and ``data.metric`` (see adapad_jax/config.py). Before validation, ``prepare_config``
+``data.problem_type`` and ``data.metric`` (see adapad_jax/config/schema.py). Before validation, ``prepare_config``
 fills in what was left to the data: the problem type (regression when every training label is a number and
 some are not whole) and the class names (a hub ClassLabel's names, else the training labels sorted, numbers
 numerically). The run's config.json keeps them, so export and prediction need no data.
@@ -15,7 +15,7 @@ import ml_collections
 
 from adapad_jax.data.loading import _load_hub, label_key, read_file_rows, split_validation_files
 from adapad_jax.data.tasks import DataError, TaskSpec
-from adapad_jax.task_hooks import TaskHooks
+from adapad_jax.config.task_hooks import TaskHooks
 
 CUSTOM_TASK = "custom"
 _METRICS = {

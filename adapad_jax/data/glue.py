@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from adapad_jax import progress
+from adapad_jax.runtime import progress
 from adapad_jax.data.squad import CHUNK_ROWS, model_arrays
 from adapad_jax.data.tasks import DataError, TaskSpec
 

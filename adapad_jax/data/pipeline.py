@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adapad_jax import progress
+from adapad_jax.runtime import progress
 from adapad_jax.data import feature_cache
 from adapad_jax.data.glue import tokenize_glue
 from adapad_jax.data.loading import load_raw_splits
@@ -137,7 +137,7 @@ def build_task_data_from_config(
     task: str | TaskSpec | None = None,
 ) -> TaskData:
     """``build_task_data`` with the run config's ``task`` (or ``task``, e.g. the demo's spec) and ``data.*``
-    fields (see adapad_jax/config.py)."""
+    fields (see adapad_jax/config/schema.py)."""
     data = config.data
     return build_task_data(
         task or config.task,

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from adapad_jax import progress
+from adapad_jax.runtime import progress
 from adapad_jax.data.tasks import DataError
 
 NULL_POSITION = 0

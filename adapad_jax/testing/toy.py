@@ -189,7 +189,7 @@ def toy_config(**overrides: Any) -> ml_collections.ConfigDict:
 
     Keys in ``overrides`` are dotted paths, e.g. ``toy_config(**{"adapter.r_max": 4})``.
     """
-    from adapad_jax.config import base_config
+    from adapad_jax.config.schema import base_config
 
     config = base_config()
     for dotted, value in {**TOY_DEFAULTS, **overrides}.items():
@@ -210,7 +210,7 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     import os
     import tempfile
 
-    from adapad_jax.compilation_cache import enable_persistent_cache
+    from adapad_jax.runtime.compilation_cache import enable_persistent_cache
 
     directory = directory or os.path.join(tempfile.gettempdir(), "adapad_jax_compilation_cache")
     enable_persistent_cache(directory, every_program=True)

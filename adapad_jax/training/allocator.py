@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapad_jax.validation import check_initial_rank, check_rank_budget
+from adapad_jax.config.validation import check_initial_rank, check_rank_budget
 
 AllocState = dict[str, jax.Array]
 

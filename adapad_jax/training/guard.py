@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapad_jax.failures import Diverged
+from adapad_jax.runtime.failures import Diverged
 
 # Quantities watched, in the order of the record's columns after the step counter.
 WATCHED = ("slot_losses", "grad_norm")

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Iterator
 
-from adapad_jax.failures import EXIT_OK, EXIT_PREEMPTED, Preempted
+from adapad_jax.runtime.failures import EXIT_OK, EXIT_PREEMPTED, Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -81,7 +81,7 @@ def install_exit_on_signal() -> None:
 
 def _exit_finished(_signum: int, _frame) -> None:
     """A signal after the outputs are complete: nothing is left to save or lose; end now, exit 0."""
-    from adapad_jax.distributed import leave_peers
+    from adapad_jax.runtime.distributed import leave_peers
 
     leave_peers()
     for stream in (sys.stdout, sys.stderr):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adapad_jax.validation import check_components_divide
+from adapad_jax.config.validation import check_components_divide
 
 DATA_AXIS = "data"
 COMPONENTS_AXIS = "components"

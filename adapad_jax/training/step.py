@@ -26,7 +26,7 @@ from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training.collectives import psum_packed
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
-from adapad_jax.validation import batch_splits
+from adapad_jax.config.validation import batch_splits
 
 
 

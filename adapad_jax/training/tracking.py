@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from adapad_jax.config import ConfigError
-from adapad_jax.training.outputs import MetricsWriter
+from adapad_jax.config.schema import ConfigError
+from adapad_jax.outputs.rank_outputs import MetricsWriter
 
 # Train-record fields logged as scalars (the rest of a record, e.g. slot_losses, is logged per slot).
 TRAIN_SCALARS = ("loss", "lr", "grad_norm", "orth_penalty", "total_rank", "live_slots", "seconds_per_step")
@@ -229,7 +229,7 @@ class RunLog(MetricsWriter):
         if self.config is None:
             return None
         from adapad_jax.metrics import main_metric
-        from adapad_jax.validation import task_spec_for
+        from adapad_jax.config.validation import task_spec_for
 
         return main_metric(task_spec_for(self.config))
 

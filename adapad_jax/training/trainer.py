@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from adapad_jax import progress as progress_lib
+from adapad_jax.runtime import progress as progress_lib
 from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.validation import (
+from adapad_jax.config.validation import (
     batch_splits, check_components_divide, check_lora_rank, check_method, check_rank_budget, has_slot_axis,
 )
 from adapad_jax.training.checkpointing import Checkpointer
@@ -33,7 +33,7 @@ from adapad_jax.training.hooks import (
 )
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.training.outputs import export_trainer
+from adapad_jax.outputs.rank_outputs import export_trainer
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.profiling import step_profiler
 from adapad_jax.training.settings import TrainerSettings
@@ -59,7 +59,7 @@ def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
 
 def best_checkpoint_metric(config: Any) -> tuple[str, str]:
     """(key in the evaluation results, 'max' or 'min') that ranks checkpoints for ``train.select_best``."""
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
     from adapad_jax.metrics import main_metric
 
     return main_metric(task_spec_for(config))
@@ -309,7 +309,7 @@ class Trainer:
         evaluate, checkpoint, guard and stop.
 
         ``eval_fn`` runs every ``eval_every`` steps (and at the last step with ``train.select_best``, whose
-        checkpoints then carry the metrics); ``progress``: see ``adapad_jax.progress``.
+        checkpoints then carry the metrics); ``progress``: see ``adapad_jax.runtime.progress``.
         """
         if self.state is None:
             raise RuntimeError("call restore_or_init() before train()")

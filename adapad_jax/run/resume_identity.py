@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adapad_jax.config import ConfigError
+from adapad_jax.config.schema import ConfigError
 
 FINGERPRINT_FILE = "backbone.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5")
@@ -77,7 +77,7 @@ def check_backbone(output_dir: Path, checkpoint_dir: Any, name_or_path: str) -> 
 
 def write_backbone_fingerprint(output_dir: Path, checkpoint_dir: Any) -> None:
     """Record the backbone's fingerprint in ``output_dir`` (a resume has already checked it is the same)."""
-    from adapad_jax.output_set import write_json_atomic
+    from adapad_jax.outputs.output_set import write_json_atomic
 
     write_json_atomic(Path(output_dir) / FINGERPRINT_FILE, backbone_fingerprint(checkpoint_dir))
 

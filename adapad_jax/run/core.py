@@ -1,6 +1,6 @@
 """One run from a config: validate, load model and data, build the mesh and trainer, train, evaluate, write outputs.
 
-Order matters for the user's contract: every check (``adapad_jax.validation.validate_config``) runs before any
+Order matters for the user's contract: every check (``adapad_jax.config.validation.validate_config``) runs before any
 model weights or data are loaded and before ``output_dir`` is created or touched. Every file this module
 writes into ``output_dir`` is written to a temporary name and renamed into place, so a run that dies leaves
 the previous version of each output intact. Rerunning on an ``output_dir`` with checkpoints resumes.
@@ -26,16 +26,16 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
-from adapad_jax import progress as progress_lib
-from adapad_jax.compilation_cache import enable_persistent_cache
-from adapad_jax.distributed import is_main_process
-from adapad_jax.failures import OutputWriteError, describe_os_error, os_error_in_chain
-from adapad_jax.host_malloc import release_free_heap
-from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from adapad_jax.resume_identity import check_backbone, write_backbone_fingerprint
-from adapad_jax.run_lock import acquire_for_all_processes, refuse_if_held
-from adapad_jax.task_hooks import hooks_for
-from adapad_jax.validation import (
+from adapad_jax.runtime import progress as progress_lib
+from adapad_jax.runtime.compilation_cache import enable_persistent_cache
+from adapad_jax.runtime.distributed import is_main_process
+from adapad_jax.runtime.failures import OutputWriteError, describe_os_error, os_error_in_chain
+from adapad_jax.runtime.host_malloc import release_free_heap
+from adapad_jax.outputs.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from adapad_jax.run.resume_identity import check_backbone, write_backbone_fingerprint
+from adapad_jax.run.lock import acquire_for_all_processes, refuse_if_held
+from adapad_jax.config.task_hooks import hooks_for
+from adapad_jax.config.validation import (
     CheckedRun, absolute_local_paths, check_fields, check_loaded_data, check_output_dir_is_directory,
     check_output_dir_path, check_processes_use_all_devices, check_resume, has_slot_axis, validate_config,
 )
@@ -73,7 +73,7 @@ def export_output_set(trainer: Any, output_dir: Path, results: dict | None = Non
 
     Every process must call it (the export gathers the adapters); only process 0 writes.
     """
-    from adapad_jax.training.outputs import export_trainer
+    from adapad_jax.outputs.rank_outputs import export_trainer
 
     if not is_main_process():
         export_trainer(trainer, None)
@@ -337,7 +337,7 @@ def run(
     """Validate, then train (resuming from ``output_dir`` when it has checkpoints), evaluate and export.
 
     ``progress``: a tqdm bar on a terminal, else a line per logged step / evaluation through ``log``
-    (see ``adapad_jax.progress``); False prints no progress.
+    (see ``adapad_jax.runtime.progress``); False prints no progress.
     """
     with progress_lib.reporting(progress_lib.Reporter(progress_lib.choose_mode(progress), log)):
         return _run(config, progress=progress, log=log, keep_trainer=keep_trainer)
@@ -439,7 +439,7 @@ def _run(
         results["rank"] = trainer.rank_schedule(num_steps)
 
         def write_card(staging: Path) -> None:
-            from adapad_jax.models.model_card import write_model_card
+            from adapad_jax.outputs.model_card import write_model_card
 
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type,

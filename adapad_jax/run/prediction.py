@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from adapad_jax.config import ConfigError
+from adapad_jax.config.schema import ConfigError
 from adapad_jax.data.tasks import DataError, TaskSpec
 
 # GLUE submission file name per (task, split), as the GLUE server expects them in the zip.
@@ -139,11 +139,11 @@ def predict(
     ``test_file``: one file, or for MNLI "matched,mismatched". ``out_dir`` defaults to
     ``<run_dir>/predict-step<N>``; it must not be the run directory itself.
     """
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
     from adapad_jax.data.loading import split_validation_files
-    from adapad_jax.failures import OutputWriteError, describe_os_error
-    from adapad_jax.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
-    from adapad_jax.saved_run import load_run_config
+    from adapad_jax.runtime.failures import OutputWriteError, describe_os_error
+    from adapad_jax.outputs.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
+    from adapad_jax.run.saved_run import load_run_config
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)  # raises ConfigError for a directory that is not a run
@@ -160,7 +160,7 @@ def predict(
     if out_dir is not None and Path(out_dir).resolve() == run_dir.resolve():
         raise ConfigError(f"--out '{out_dir}' is the run directory: predictions go into a directory of their own")
     if out_dir is not None:
-        from adapad_jax.run import check_output_dir_path
+        from adapad_jax.run.core import check_output_dir_path
 
         check_output_dir_path(Path(out_dir), "--out")
 
@@ -168,9 +168,9 @@ def predict(
 
     from adapad_jax.data import build_task_data, load_tokenizer
     from adapad_jax.metrics.evaluate import evaluate_split, predictions_from_outputs
-    from adapad_jax.distributed import is_main_process
-    from adapad_jax.run import predict_split
-    from adapad_jax.saved_run import restored_run
+    from adapad_jax.runtime.distributed import is_main_process
+    from adapad_jax.run.core import predict_split
+    from adapad_jax.run.saved_run import restored_run
 
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as scratch, restored_run(run_dir, step, log) as restored:

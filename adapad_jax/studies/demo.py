@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from adapad_jax.data.tasks import TaskSpec
-from adapad_jax.task_hooks import TaskHooks
+from adapad_jax.config.task_hooks import TaskHooks
 
 # Several classes, so the labels see several output directions of the deltas: with one readout direction
 # (a binary label), a rank-r delta acts on the label only through one linear functional, to first order,
@@ -303,7 +303,7 @@ def ensure_assets(demo: ml_collections.ConfigDict, log: Callable[[str], None] = 
 
 def prepare_config(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Path:
     """Build or reuse the demo assets and point the config's model and data fields at them."""
-    from adapad_jax.config import ConfigError
+    from adapad_jax.config.schema import ConfigError
 
     if not isinstance(config.demo.branches_max_steps, int) or config.demo.branches_max_steps < 1:
         raise ConfigError(f"demo.branches_max_steps={config.demo.branches_max_steps!r} must be an int >= 1")
@@ -336,7 +336,7 @@ def plot_planted_vs_found(path: str | os.PathLike, planted: Mapping[str, int], f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from adapad_jax.training.outputs import rank_grid
+    from adapad_jax.outputs.rank_outputs import rank_grid
 
     found_grid, layers, types = rank_grid(found)
     planted_grid, _, _ = rank_grid({p: planted.get(p, 0) for p in found})
@@ -359,7 +359,7 @@ def agreement(planted: Mapping[str, int], found: Mapping[str, int], budget: int,
     """Planted-vs-found agreement over the modules of ``found``: the rank-recovery measures of the planted
     benchmark (share of the rank on planted modules, share of the rank grown above the minimum, Spearman),
     the most the budget allows on planted modules, and the per-module table."""
-    from adapad_jax.training.planted_study import best_planted_fraction, rank_recovery
+    from adapad_jax.studies.planted import best_planted_fraction, rank_recovery
 
     modules = list(found)
     planted_list = [int(planted.get(m, 0)) for m in modules]
@@ -387,7 +387,7 @@ def agreement_line(measures: Mapping[str, Any]) -> str:
 def branches_check(demo: ml_collections.ConfigDict, output_dir: Path, log: Callable[[str], None] = print) -> str:
     """Train AdaPaD on the planted benchmark's branches task (seed ``demo.seed``) to a plateau; write its
     planted-vs-found agreement to ``planted_vs_found_branches.json`` and return the text report."""
-    from adapad_jax.training import planted_study as study
+    from adapad_jax.studies import planted as study
     from adapad_jax.testing.toy import enable_compilation_cache
 
     enable_compilation_cache()

@@ -17,12 +17,12 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
-from adapad_jax.config import ConfigError
-from adapad_jax.validation import CheckedRun
-from adapad_jax.distributed import is_main_process
-from adapad_jax.output_set import publish_set
-from adapad_jax.failures import CheckpointMoved
-from adapad_jax.run import (
+from adapad_jax.config.schema import ConfigError
+from adapad_jax.config.validation import CheckedRun
+from adapad_jax.runtime.distributed import is_main_process
+from adapad_jax.outputs.output_set import publish_set
+from adapad_jax.runtime.failures import CheckpointMoved
+from adapad_jax.run.core import (
     CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, check_output_dir_path, has_checkpoints,
     load_model_for, with_resume_changes,
 )
@@ -33,8 +33,8 @@ def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
 
     Checked like a user's config (``validation.check_fields``): a field of the wrong type is one ConfigError.
     """
-    from adapad_jax.config import base_config
-    from adapad_jax.validation import check_fields
+    from adapad_jax.config.schema import base_config
+    from adapad_jax.config.validation import check_fields
 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -147,7 +147,7 @@ def restored_run(run_dir: str | os.PathLike, step: int | None = None, log: Calla
     """
     import jax
 
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
     from adapad_jax.models.checkpoint_io import CheckpointError
     from adapad_jax.models.registry import load_hf_config
     from adapad_jax.training import Trainer, make_mesh
@@ -213,7 +213,7 @@ def export_checkpoint(
     Reads the run directory only. With several processes every process restores and only process 0 writes.
     ``merged_dtype``: float32 or bfloat16 weights in ``merged/`` (which also gets the tokenizer files).
     """
-    from adapad_jax.models.model_card import metrics_at_step, write_merged_model_card, write_model_card
+    from adapad_jax.outputs.model_card import metrics_at_step, write_merged_model_card, write_model_card
 
     if merged_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"merged dtype '{merged_dtype}' is not one of float32, bfloat16")
@@ -221,7 +221,7 @@ def export_checkpoint(
         raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     if out_dir:
         check_output_dir_path(Path(out_dir), "--out")
-    from adapad_jax.training.outputs import export_trainer
+    from adapad_jax.outputs.rank_outputs import export_trainer
 
     with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
@@ -235,7 +235,7 @@ def export_checkpoint(
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            from adapad_jax.failures import OutputWriteError, describe_os_error
+            from adapad_jax.runtime.failures import OutputWriteError, describe_os_error
 
             raise OutputWriteError(describe_os_error(err, out)) from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from adapad_jax.config import base_config
+from adapad_jax.config.schema import base_config
 
 # The paper text lost its learning rates. These are AdaLoRA's published DeBERTaV3-base learning rates
 # (Zhang et al. 2023, whose GLUE protocol the paper's Table 8 follows); they are untuned starting points.

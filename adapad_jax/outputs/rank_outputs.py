@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from adapad_jax.output_set import dumps_strict
+from adapad_jax.outputs.output_set import dumps_strict
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\.(.+)$")
 
@@ -84,7 +84,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _not_logged(err: OSError, path: Path) -> Exception:
-    from adapad_jax.failures import OutputWriteError, describe_os_error
+    from adapad_jax.runtime.failures import OutputWriteError, describe_os_error
 
     return OutputWriteError(f"metrics not logged: {describe_os_error(err, path)}")
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from adapad_jax.config import (
+from adapad_jax.config.schema import (
     CUSTOM_METRICS,
     DATA_SOURCES,
     DTYPES,
@@ -442,7 +442,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _as_paths(value: Any) -> Any:
     """A comma-separated list of local paths in canonical form (hub ids and other values unchanged)."""
-    from adapad_jax.resume_identity import normalise_model_path
+    from adapad_jax.run.resume_identity import normalise_model_path
 
     if not isinstance(value, str):
         return value
@@ -458,7 +458,7 @@ def check_resume(
     Every refused field is named in one ConfigError. A new length needs ``train.extend_schedule=True``.
     ``same_backbone``: the backbone was already compared by content (resume_identity), so its path may differ.
     """
-    from adapad_jax.config import base_config
+    from adapad_jax.config.schema import base_config
 
     if isinstance(previous, str):
         try:
@@ -549,7 +549,7 @@ def validate_config(
 def task_spec_for(config: ml_collections.ConfigDict) -> Any:
     """The data pipeline's TaskSpec for ``config.task``, or a registered task's own (``task_hooks``)."""
     from adapad_jax.data.tasks import get_task
-    from adapad_jax.task_hooks import hooks_for
+    from adapad_jax.config.task_hooks import hooks_for
 
     hooks = hooks_for(config.task)
     if hooks is None:

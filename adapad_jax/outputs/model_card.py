@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from adapad_jax.training.outputs import layer_and_type
+from adapad_jax.outputs.rank_outputs import layer_and_type
 
 # transformers Auto class per task kind, for the loading snippet.
 _AUTO_CLASSES = {
@@ -31,7 +31,7 @@ _METHODS = {
 
 def metrics_at_step(run_dir: str | os.PathLike, step: int) -> dict[str, float]:
     """The evaluation metrics a run logged at ``step`` (eval_results.json, else metrics.jsonl); {} if none."""
-    from adapad_jax.run import EVAL_RESULTS_FILE, METRICS_FILE
+    from adapad_jax.run.core import EVAL_RESULTS_FILE, METRICS_FILE
 
     run_dir = Path(run_dir)
     results = run_dir / EVAL_RESULTS_FILE
@@ -192,7 +192,7 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
     """The ``huggingface_hub.ModelCard`` of an adapter exported from a run with ``config`` at ``step``."""
     from huggingface_hub import ModelCard
 
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     spec = task_spec_for(config)
     base = str(config.model.name_or_path)
@@ -229,7 +229,7 @@ def merged_model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[st
     """The ``huggingface_hub.ModelCard`` of a merged checkpoint (adapters folded into the weights)."""
     from huggingface_hub import ModelCard
 
-    from adapad_jax.validation import task_spec_for
+    from adapad_jax.config.validation import task_spec_for
 
     spec = task_spec_for(config)
     data = card_data(config, spec, metrics, "transformers", ["lora", "merged"], license)
@@ -272,7 +272,7 @@ def write_model_card(
     base_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``README.md`` into an exported ``adapter/``; ``base_dir``: the base checkpoint (its card's license)."""
-    from adapad_jax.output_set import write_text_atomic
+    from adapad_jax.outputs.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
     card = model_card(config, _exported_ranks(adapter_dir), metrics, step, model_type, base_license(base_dir))
@@ -286,7 +286,7 @@ def write_merged_model_card(
     dtype: str, base_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``README.md`` into an exported ``merged/`` checkpoint."""
-    from adapad_jax.output_set import write_text_atomic
+    from adapad_jax.outputs.output_set import write_text_atomic
 
     path = Path(merged_dir) / "README.md"
     write_text_atomic(path, str(merged_model_card(config, ranks, metrics, step, dtype, base_license(base_dir))))

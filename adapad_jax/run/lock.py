@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapad_jax.config import ConfigError
+from adapad_jax.config.schema import ConfigError
 
 LOCK_FILE = ".adapad.lock"
 

@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Callable
 
 # task name -> module that defines TASK_HOOKS
-REGISTERED = {"demo": "adapad_jax.demo", "custom": "adapad_jax.data.custom"}
+REGISTERED = {"demo": "adapad_jax.studies.demo", "custom": "adapad_jax.data.custom"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from adapad_jax.failures import OutputWriteError, describe_os_error, os_error_in_chain
+from adapad_jax.runtime.failures import OutputWriteError, describe_os_error, os_error_in_chain
 
 
 def current_umask() -> int:

@@ -1,7 +1,7 @@
 """The run configuration schema: ``base_config()`` holds every field, its default and what it means.
 
-The checks of a config are ``adapad_jax.validation``; the paper's per-task settings that the files in
-``configs/`` build on are ``adapad_jax.presets``.
+The checks of a config are ``adapad_jax.config.validation``; the paper's per-task settings that the files in
+``configs/`` build on are ``adapad_jax.config.presets``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 
 import ml_collections
 
-from adapad_jax.compilation_cache import default_cache_dir
+from adapad_jax.runtime.compilation_cache import default_cache_dir
 from adapad_jax.data.tasks import TASKS
-from adapad_jax.task_hooks import REGISTERED
+from adapad_jax.config.task_hooks import REGISTERED
 
 # Every task a run accepts: the data pipeline's GLUE / SQuAD specs, then the tasks that bring their own hooks.
 TASK_NAMES = tuple(TASKS) + tuple(REGISTERED)
@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # Where the run writes (metrics, checkpoints, adapter, ...); rerunning on it resumes.
     config.output_dir = ""
-    # JAX's persistent compilation cache ("" = off); see adapad_jax/compilation_cache.py.
+    # JAX's persistent compilation cache ("" = off); see adapad_jax/runtime/compilation_cache.py.
     config.compilation_cache_dir = default_cache_dir()
 
     config.model = ml_collections.ConfigDict()

@@ -155,7 +155,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
     elif processes > 1:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                    process_id=process_id, initialization_timeout=120)
-    from adapad_jax.training.benchmarking import UNLOGGED_STEPS
+    from adapad_jax.studies.benchmarking import UNLOGGED_STEPS
     from adapad_jax.training.sharding import make_mesh
     from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch, toy_config
     from adapad_jax.training.trainer import Trainer
@@ -203,7 +203,7 @@ def scaling_worker(processes: int, process_id: int, port: int, core: int | None,
 def _worker_env() -> dict[str, str]:
     """The workers' environment: one CPU device each, no inherited multi-process settings, and the malloc
     settings ``adapad-train`` runs under (``host_malloc``), so the step is timed as a training run takes it."""
-    from adapad_jax.host_malloc import cpu_worker_environment
+    from adapad_jax.runtime.host_malloc import cpu_worker_environment
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -223,7 +223,7 @@ def launch_processes(processes: int, cores: Sequence[int | None], live_slots: in
     logs = []
     try:
         for process_id in range(processes):
-            args = [sys.executable, "-m", "adapad_jax.training.scaling", json.dumps({
+            args = [sys.executable, "-m", "adapad_jax.studies.scaling", json.dumps({
                 "processes": processes, "process_id": process_id, "port": port, "core": cores[process_id],
                 "live_slots": live_slots, "repeats": repeats, "size": size, "independent": independent})]
             log = tempfile.TemporaryFile(mode="w+")

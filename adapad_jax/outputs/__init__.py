@@ -1,0 +1,1 @@
+"""What a run writes: atomic output sets, the per-rank outputs and the model card."""
