@@ -71,7 +71,7 @@ def _main(argv: list[str]) -> None:
         from adapad_jax.run.core import run
 
         result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
-        from adapad_jax.config.task_hooks import hooks_for
+        from adapad_jax.data.task_hooks import hooks_for
 
         hooks = hooks_for(config.task)
         if hooks is not None:

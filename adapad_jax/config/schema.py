@@ -12,8 +12,9 @@ import re
 import ml_collections
 
 from adapad_jax.runtime.compilation_cache import default_cache_dir
+from adapad_jax.runtime.failures import ConfigError  # noqa: F401  (adapad_jax.config.schema.ConfigError)
 from adapad_jax.data.tasks import TASKS
-from adapad_jax.config.task_hooks import REGISTERED
+from adapad_jax.data.task_hooks import REGISTERED
 
 # Every task a run accepts: the data pipeline's GLUE / SQuAD specs, then the tasks that bring their own hooks.
 TASK_NAMES = tuple(TASKS) + tuple(REGISTERED)
@@ -26,9 +27,6 @@ HEAD_GRADIENTS = ("mean", "committed")
 PROBLEM_TYPES = ("auto", "classification", "regression")
 CUSTOM_METRICS = ("auto", "accuracy", "f1", "matthews_correlation", "pearson")
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the field and the problem."""
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -549,7 +549,7 @@ def validate_config(
 def task_spec_for(config: ml_collections.ConfigDict) -> Any:
     """The data pipeline's TaskSpec for ``config.task``, or a registered task's own (``task_hooks``)."""
     from adapad_jax.data.tasks import get_task
-    from adapad_jax.config.task_hooks import hooks_for
+    from adapad_jax.data.task_hooks import hooks_for
 
     hooks = hooks_for(config.task)
     if hooks is None:

@@ -15,7 +15,7 @@ import ml_collections
 
 from adapad_jax.data.loading import _load_hub, label_key, read_file_rows, split_validation_files
 from adapad_jax.data.tasks import DataError, TaskSpec
-from adapad_jax.config.task_hooks import TaskHooks
+from adapad_jax.data.task_hooks import TaskHooks
 
 CUSTOM_TASK = "custom"
 _METRICS = {

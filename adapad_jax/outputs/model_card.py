@@ -31,7 +31,7 @@ _METHODS = {
 
 def metrics_at_step(run_dir: str | os.PathLike, step: int) -> dict[str, float]:
     """The evaluation metrics a run logged at ``step`` (eval_results.json, else metrics.jsonl); {} if none."""
-    from adapad_jax.run.core import EVAL_RESULTS_FILE, METRICS_FILE
+    from adapad_jax.outputs.layout import EVAL_RESULTS_FILE, METRICS_FILE
 
     run_dir = Path(run_dir)
     results = run_dir / EVAL_RESULTS_FILE

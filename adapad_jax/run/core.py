@@ -34,21 +34,16 @@ from adapad_jax.runtime.host_malloc import release_free_heap
 from adapad_jax.outputs.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.run.resume_identity import check_backbone, write_backbone_fingerprint
 from adapad_jax.run.lock import acquire_for_all_processes, refuse_if_held
-from adapad_jax.config.task_hooks import hooks_for
+from adapad_jax.data.task_hooks import hooks_for
 from adapad_jax.config.validation import (
     CheckedRun, absolute_local_paths, check_fields, check_loaded_data, check_output_dir_is_directory,
     check_output_dir_path, check_processes_use_all_devices, check_resume, has_slot_axis, validate_config,
 )
 
-CONFIG_FILE = "config.json"
-EVAL_RESULTS_FILE = "eval_results.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-METRICS_FILE = "metrics.jsonl"
-PROFILE_DIR = "profile"  # train.profile_start_step's jax.profiler trace (training/profiling.py)
-# One JSON object per resume: time, the step it resumed from, the fields it changed ([old, new]) and, when the length
-# changed, the re-planned learning-rate schedule. config.json stays as the run first wrote it.
-RESUMES_FILE = "resumes.jsonl"
-EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
+from adapad_jax.outputs.layout import (  # the run directory's names, also read as run.core.<NAME>
+    CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, METRICS_FILE, PREDICTIONS_FILE, PROFILE_DIR,
+    RESUMES_FILE,
+)
 
 
 @dataclasses.dataclass
@@ -98,7 +93,7 @@ def export_output_set(trainer: Any, output_dir: Path, results: dict | None = Non
 
 def has_checkpoints(output_dir: Path) -> bool:
     """True when ``output_dir/checkpoints`` holds at least one finished orbax step."""
-    directory = output_dir / "checkpoints"
+    directory = output_dir / CHECKPOINTS_DIR
     return directory.is_dir() and any(p.is_dir() and p.name.isdigit() for p in directory.iterdir())
 
 

@@ -26,6 +26,7 @@ from adapad_jax.run.core import (
     CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, check_output_dir_path, has_checkpoints,
     load_model_for, with_resume_changes,
 )
+from adapad_jax.outputs.layout import CHECKPOINTS_DIR
 
 
 def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -119,7 +120,7 @@ def default_step(run_dir: Path, config: ml_collections.ConfigDict, steps: list[i
         from adapad_jax.training.checkpointing import Checkpointer
         from adapad_jax.training.trainer import best_checkpoint_metric
 
-        reader = Checkpointer(run_dir / "checkpoints", keep=0, read_only=True, best=best_checkpoint_metric(config))
+        reader = Checkpointer(run_dir / CHECKPOINTS_DIR, keep=0, read_only=True, best=best_checkpoint_metric(config))
         try:
             best_step = reader.best_step()
         finally:
@@ -155,7 +156,7 @@ def restored_run(run_dir: str | os.PathLike, step: int | None = None, log: Calla
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINTS_DIR
     if not has_checkpoints(run_dir):
         raise ConfigError(f"run directory '{run_dir}' has no checkpoints")
     reader = Checkpointer(checkpoints, keep=0, read_only=True)

@@ -20,8 +20,7 @@ import threading
 import time
 from typing import Any, Mapping
 
-from adapad_jax.config.schema import ConfigError
-from adapad_jax.runtime.failures import EXIT_PEER_LOST
+from adapad_jax.runtime.failures import EXIT_PEER_LOST, ConfigError
 
 # The three variables that start JAX's multi-process runtime (see initialize_distributed).
 DISTRIBUTED_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -15,6 +15,11 @@ import re
 import shutil
 from pathlib import Path
 
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the problem."""
+
+
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BAD_INPUT = 2

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from adapad_jax.data.tasks import TaskSpec
-from adapad_jax.config.task_hooks import TaskHooks
+from adapad_jax.data.task_hooks import TaskHooks
 
 # Several classes, so the labels see several output directions of the deltas: with one readout direction
 # (a binary label), a rank-r delta acts on the label only through one linear functional, to first order,

@@ -65,7 +65,7 @@ def check_profile_window(start: int, count: int, num_steps: int) -> None:
 def step_profiler(start: int, count: int, run_dir: Path, num_steps: int, enabled: bool) -> Iterator[StepProfiler]:
     """The run's ``StepProfiler`` (``train.profile_start_step``, ``train.profile_num_steps``); the trace is stopped on
     the way out, whatever happens."""
-    from adapad_jax.run.core import PROFILE_DIR
+    from adapad_jax.outputs.layout import PROFILE_DIR
 
     if start > 0:
         check_profile_window(start, count, num_steps)

@@ -24,6 +24,7 @@ import numpy as np
 
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.outputs.rank_outputs import MetricsWriter
+from adapad_jax.outputs.layout import METRICS_FILE
 
 # Train-record fields logged as scalars (the rest of a record, e.g. slot_losses, is logged per slot).
 TRAIN_SCALARS = ("loss", "lr", "grad_norm", "orth_penalty", "total_rank", "live_slots", "seconds_per_step")
@@ -175,7 +176,7 @@ class RunLog(MetricsWriter):
     """metrics.jsonl plus the TensorBoard / W&B sinks; ``last_eval`` is the newest evaluation written."""
 
     def __init__(self, output_dir: Path, config: Any = None, enabled: bool = True):
-        super().__init__(Path(output_dir) / "metrics.jsonl", enabled=enabled)
+        super().__init__(Path(output_dir) / METRICS_FILE, enabled=enabled)
         self.output_dir, self.config = Path(output_dir), config
         self.logging = config.get("logging") if config is not None else None
         self.tensorboard = bool(self.logging.get("tensorboard", False)) if self.logging is not None else False

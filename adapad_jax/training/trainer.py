@@ -49,6 +49,7 @@ from adapad_jax.training.step import (
     StepSpec, build_eval_forward, build_train_step, head_key, merge_head,
 )
 from adapad_jax.training.tracking import open_run_log
+from adapad_jax.outputs.layout import CHECKPOINTS_DIR
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
@@ -137,7 +138,7 @@ class Trainer:
         self.select_best = settings.select_best
         best = best_checkpoint_metric(config) if self.select_best else None
         if checkpoint_dir is None:
-            self.checkpointer = Checkpointer(self.output_dir / "checkpoints", settings.checkpoint_keep, best=best)
+            self.checkpointer = Checkpointer(self.output_dir / CHECKPOINTS_DIR, settings.checkpoint_keep, best=best)
         else:
             self.checkpointer = Checkpointer(checkpoint_dir, 0, read_only=True, best=best)
         self.metrics = open_run_log(self.output_dir, config, enabled=self.writes_files)

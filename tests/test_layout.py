@@ -1,0 +1,62 @@
+"""The package tree shows the architecture (issue 19): no loose modules, no upward import, no test scaffolding."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "adapad_jax"
+# Lowest first: a module may import its own package and the packages before it, never one after it.
+LAYERS = ("runtime", "data", "config", "adapters", "models", "metrics", "outputs", "training", "methods", "run",
+          "testing", "studies", "bilinear", "cli")
+# Upward imports still there, each a function-level import; new ones fail the test. config/validation.py checks a
+# config against the model, the resume record and the profiler window; the two outputs read the allocator's
+# capacity and the recovery rules.
+KNOWN_UPWARD = {
+    ("config/validation.py", "models"), ("config/validation.py", "run"), ("config/validation.py", "training"),
+    ("outputs/model_card.py", "training"), ("outputs/rank_outputs.py", "training"),
+}
+# Only the studies may use the toy model and tiny checkpoints of adapad_jax/testing.
+MAY_IMPORT_TESTING = ("testing", "studies")
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The adapad_jax sub-packages a module imports, anywhere in it (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("adapad_jax"):
+            names = [node.module] if node.module != "adapad_jax" else [f"adapad_jax.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.startswith("adapad_jax.")}
+    return found
+
+
+def package_modules() -> dict[str, set[str]]:
+    """Each module under adapad_jax/ (its path inside the package) -> the sub-packages it imports."""
+    return {path.relative_to(PACKAGE).as_posix(): imported_packages(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_no_loose_modules():
+    loose = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py"], loose
+
+
+def test_every_package_has_a_layer():
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(LAYERS), packages ^ set(LAYERS)
+
+
+def test_no_import_points_up():
+    upward = {(module, target) for module, targets in package_modules().items() for target in targets
+              if target in LAYERS and LAYERS.index(target) > LAYERS.index(module.split("/")[0])}
+    assert upward - KNOWN_UPWARD == set(), sorted(upward - KNOWN_UPWARD)
+    assert KNOWN_UPWARD - upward == set(), f"fixed, drop from KNOWN_UPWARD: {sorted(KNOWN_UPWARD - upward)}"
+
+
+def test_library_never_imports_test_scaffolding():
+    offenders = sorted(module for module, targets in package_modules().items()
+                       if "testing" in targets and module.split("/")[0] not in MAY_IMPORT_TESTING)
+    assert offenders == [], offenders
