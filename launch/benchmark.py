@@ -64,7 +64,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL_SPECS = {
     # DeBERTaV3-base (microsoft/deberta-v3-base config), sequence classification.

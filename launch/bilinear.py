@@ -20,7 +20,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

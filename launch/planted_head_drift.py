@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from adapad_jax.studies import planted as ps  # noqa: E402
 from adapad_jax.training.sharding import make_mesh  # noqa: E402

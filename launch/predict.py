@@ -4,12 +4,7 @@
     python launch/predict.py --run_dir runs/squad_v2 --step 2000 --config.data.test_file=dev-v2.0.json --out preds/
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapad_jax.cli.predict import main  # noqa: E402
+from adapad_jax.cli.predict import main
 
 if __name__ == "__main__":
     main()

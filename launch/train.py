@@ -5,12 +5,7 @@
     python launch/train.py --preset glue_rte --config.train.num_steps=0   # evaluate + export only
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapad_jax.cli.train import console_main  # noqa: E402
+from adapad_jax.cli.train import console_main
 
 if __name__ == "__main__":
     console_main()
