@@ -12,7 +12,7 @@ from adapad_jax.config import validation
 from adapad_jax.config.schema import METHODS, TASK_NAMES, ConfigError, base_config
 from adapad_jax.data.tasks import TASKS
 from adapad_jax.models.base import MODEL_TASKS
-from adapad_jax.config.task_hooks import REGISTERED
+from adapad_jax.data.task_hooks import REGISTERED
 from adapad_jax.training import allocator as alloc_lib
 from adapad_jax.training import recovery
 
