@@ -47,6 +47,16 @@ SCRIPT = textwrap.dedent(
     if mode == "wait":
         print("ready", flush=True)
         time.sleep(60)
+    if mode == "preempt":
+        from adapad_jax.training.preemption import stop_requests
+
+        with stop_requests() as request:
+            print("ready", os.getpid(), flush=True)
+            while not request.requested:
+                time.sleep(0.01)
+            time.sleep(0.5)  # the step finishes and its checkpoint is written
+            print("saved", file=sys.stderr, flush=True)
+        sys.exit(75)
     sys.exit(int(mode))
     """
 ).format(abort=JAX_ABORT)
@@ -115,3 +125,16 @@ def test_sigterm_to_the_supervisor_reaches_the_child_once(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75 and err.count("TERM in child") == 1, err
     assert time.monotonic() - started < 10
+
+
+def test_a_signal_to_every_process_of_the_job_is_one_request_not_two(tmp_path):
+    """A scheduler that signals every process (SLURM, a cgroup) reaches the child directly and through its
+    supervisor: the forwarded copy must not count as the second signal that stops at once without saving."""
+    proc = _start(tmp_path, "preempt")
+    child_pid = int(proc.stdout.readline().split()[1])
+    assert child_pid != proc.pid
+    os.kill(child_pid, signal.SIGTERM)
+    time.sleep(0.2)  # handled before the copy comes (two at once could merge into one pending signal)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75 and "saved" in err and "stopping at once" not in err, err
