@@ -293,6 +293,20 @@ def _checkpoint_steps(output_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def _assert_the_rerun_resumes(fields: dict, out: Path) -> None:
+    """Rerun in this process on the same mesh (quicker than two more processes): it resumes from the newest
+    checkpoint and trains two more steps (a shorter run than the killed one: extend_schedule re-plans it)."""
+    resume_from = _checkpoint_steps(out)[-1]
+    config = base_config()
+    for dotted, value in {**fields, "train.num_steps": resume_from + 2, "train.extend_schedule": True}.items():
+        *sections, leaf = dotted.split(".")
+        (config[sections[0]] if sections else config)[leaf] = value
+    lines = []
+    result = run_lib.run(config, progress=False, log=lines.append)
+    assert any(line.startswith(f"resuming {out} from step {resume_from} ") for line in lines), lines
+    assert result.step == resume_from + 2
+
+
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
     """kill -9 of process 1 mid-run: process 0 stops within ADAPAD_PEER_TIMEOUT with one line naming process 1 and
@@ -329,11 +343,45 @@ def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tm
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "process 1 of this 2-process run was lost" in errors[0], err[-3000:]
 
-    resume_from = _checkpoint_steps(out)[-1]
-    config = base_config()
-    for dotted, value in {**fields, "train.num_steps": resume_from + 2}.items():
-        *sections, leaf = dotted.split(".")
-        (config[sections[0]] if sections else config)[leaf] = value
-    lines = []
-    result = run_lib.run(config, progress=False, log=lines.append)  # the same mesh, in one process
-    assert f"resuming {out} from step {resume_from}" in lines and result.step == resume_from + 2
+    _assert_the_rerun_resumes(fields, out)
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of process 0 (the coordinator, hosting JAX's coordination service) mid-run: process 1 stops at once
+    with one line naming process 0 and exit 69 instead of JAX's C++ abort (exit 134 and a stack trace), and the
+    newest checkpoint is where a rerun resumes."""
+    import signal
+    import time
+
+    from adapad_jax.runtime.failures import EXIT_PEER_LOST
+
+    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
+    files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
+    out = tmp_path / "multi"
+    fields = {**_run_fields(tmp_path, files, out), "train.num_steps": 100000, "train.log_every_steps": 50}
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
+    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": "30"})
+    try:
+        deadline = time.monotonic() + 240
+        while not _checkpoint_steps(out) and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.2)
+        assert _checkpoint_steps(out), procs[0].stderr.read()[-3000:] if procs[0].poll() is not None else ""
+        procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[1].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert procs[1].returncode == EXIT_PEER_LOST, err[-3000:]
+    assert waited < 10, waited  # not the 30 s peer timeout: the coordinator's loss is seen at once
+    for trace in ("Check failure", "*** ", "Terminating process", "Traceback"):
+        assert trace not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "process 0 of this 2-process run was lost" in errors[0], err[-3000:]
+    assert "process 1 stops too" in errors[0]
+
+    _assert_the_rerun_resumes(fields, out)

@@ -88,10 +88,13 @@ def main() -> None:
 
 
 def console_main() -> None:
-    """Process entry point (``adapad-train``, ``python -m``, ``launch/train.py``): tune malloc, then :func:`main`."""
+    """Process entry point (``adapad-train``, ``python -m``, ``launch/train.py``): tune malloc, watch from a parent
+    process when this is not process 0 of a multi-process run (adapad_jax/runtime/supervise.py), then :func:`main`."""
     from adapad_jax.runtime.host_malloc import reexec_with_tuned_malloc
+    from adapad_jax.runtime.supervise import supervise_if_worker
 
     reexec_with_tuned_malloc()
+    supervise_if_worker()
     main()
 
 

@@ -150,10 +150,14 @@ class PeerWatch:
                 self._lost(peer, f"no heartbeat for {self.timeout:g} s ({PEER_TIMEOUT_VAR})")
 
     def _lost(self, peer: int, why: str) -> None:
-        print(f"error: process {peer} of this {self.count}-process run was lost: {why}; process {self.process} "
-              "stops too. Rerun the same command on every process: it resumes from the newest checkpoint",
-              file=sys.stderr, flush=True)
+        print(lost_line(peer, self.count, self.process, why), file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_LOST)
+
+
+def lost_line(peer: int, count: int, process: int, why: str) -> str:
+    """The one line with which ``process`` stops because ``peer`` of the ``count``-process run is gone."""
+    return (f"error: process {peer} of this {count}-process run was lost: {why}; process {process} stops too. "
+            "Rerun the same command on every process: it resumes from the newest checkpoint")
 
 
 _WATCH: PeerWatch | None = None

@@ -14,11 +14,23 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Iterator
 
 from adapad_jax.runtime.failures import EXIT_OK, EXIT_PREEMPTED, Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A process under adapad_jax/runtime/supervise.py can get one signal twice: from a scheduler that signals every process of
+# the job, and forwarded by its supervisor. The same signal again within this many seconds is that copy, not a
+# second request.
+DUPLICATE_SECONDS = 1.0
+_SUPERVISED_MARKER = "ADAPAD_SUPERVISED_STDERR_FD"  # supervise.CHILD_MARKER (not imported: this module stays light)
+
+
+def _duplicate(signum: int, first: tuple[int, float] | None) -> bool:
+    """``signum`` repeats the ``first`` (signal, time) a moment later in a supervised child: a forwarded copy."""
+    return (first is not None and first[0] == signum and time.monotonic() - first[1] < DUPLICATE_SECONDS
+            and bool(os.environ.get(_SUPERVISED_MARKER)))
 
 
 class StopRequest:
@@ -26,6 +38,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first: tuple[int, float] | None = None
 
     @property
     def requested(self) -> bool:
@@ -35,9 +48,11 @@ class StopRequest:
     def handle(self, signum: int, _frame) -> None:
         """First signal: remember it. Second: exit at once (a checkpoint being written is left unfinished)."""
         name = signal.Signals(signum).name
+        if _duplicate(signum, self._first):
+            return
         if self.signal_name is not None:
             _exit_now(f"{name} again: stopping at once without saving")
-        self.signal_name = name
+        self.signal_name, self._first = name, (signum, time.monotonic())
         print(f"{name} received: finishing the current step and saving a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
@@ -67,8 +82,14 @@ def stop_requests() -> Iterator[StopRequest]:
 def exit_on_signal(signum: int, _frame) -> None:
     """Handler outside the training loop: raise ``Preempted`` once (no traceback), exit at once the next time."""
     name = signal.Signals(signum).name
+    first = (signum, time.monotonic())
+
+    def again(s: int, _f) -> None:
+        if not _duplicate(s, first):
+            _exit_now(f"{signal.Signals(s).name} again: stopping at once")
+
     for sig in SIGNALS:
-        signal.signal(sig, lambda s, f: _exit_now(f"{signal.Signals(s).name} again: stopping at once"))
+        signal.signal(sig, again)
     raise Preempted(f"{name} received outside training: stopped; nothing new was saved, rerun to resume")
 
 
