@@ -307,15 +307,11 @@ def _assert_the_rerun_resumes(fields: dict, out: Path) -> None:
     assert result.step == resume_from + 2
 
 
-@pytest.mark.slow
-def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
-    """kill -9 of process 1 mid-run: process 0 stops within ADAPAD_PEER_TIMEOUT with one line naming process 1 and
-    exit 69 (not JAX's C++ abort after its 100 s heartbeat), and the newest checkpoint is where a rerun resumes
-    (rerun in this process on the same mesh, which is quicker than two more processes)."""
+def _kill_one_mid_run(tmp_path, killed: int, peer_timeout: str) -> tuple[int, str, float, dict, Path]:
+    """Two processes train until a checkpoint exists; then process ``killed`` gets kill -9. Returns the survivor's
+    exit code, its stderr, the seconds it took to stop, and the run's fields and output_dir."""
     import signal
     import time
-
-    from adapad_jax.runtime.failures import EXIT_PEER_LOST
 
     tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
     files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
@@ -323,21 +319,33 @@ def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tm
     fields = {**_run_fields(tmp_path, files, out), "train.num_steps": 100000, "train.log_every_steps": 50}
     config_path = tmp_path / "config.py"
     config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
-    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": "4"})
+    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": peer_timeout})
+    survivor = procs[1 - killed]
     try:
         deadline = time.monotonic() + 240
         while not _checkpoint_steps(out) and time.monotonic() < deadline and procs[0].poll() is None:
             time.sleep(0.2)
         assert _checkpoint_steps(out), procs[0].stderr.read()[-3000:] if procs[0].poll() is not None else ""
-        procs[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
-        waited = time.monotonic() - killed
+        procs[killed].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _, err = survivor.communicate(timeout=60)
+        waited = time.monotonic() - started
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
-    assert procs[0].returncode == EXIT_PEER_LOST, err[-3000:]
+    return survivor.returncode, err, waited, fields, out
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 stops within ADAPAD_PEER_TIMEOUT with one line naming process 1 and
+    exit 69 (not JAX's C++ abort after its 100 s heartbeat), and the newest checkpoint is where a rerun resumes
+    (rerun in this process on the same mesh, which is quicker than two more processes)."""
+    from adapad_jax.runtime.failures import EXIT_PEER_LOST
+
+    returncode, err, waited, fields, out = _kill_one_mid_run(tmp_path, killed=1, peer_timeout="4")
+    assert returncode == EXIT_PEER_LOST, err[-3000:]
     assert waited < 4 + 10, waited
     assert "Traceback" not in err and "Check failed" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -351,32 +359,10 @@ def test_a_killed_coordinator_stops_the_other_with_one_line_and_the_rerun_resume
     """kill -9 of process 0 (the coordinator, hosting JAX's coordination service) mid-run: process 1 stops at once
     with one line naming process 0 and exit 69 instead of JAX's C++ abort (exit 134 and a stack trace), and the
     newest checkpoint is where a rerun resumes."""
-    import signal
-    import time
-
     from adapad_jax.runtime.failures import EXIT_PEER_LOST
 
-    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", seed=1)
-    files = tiny.write_tiny_glue(tmp_path / "data", "glue_sst2", n_train=32, n_val=12)
-    out = tmp_path / "multi"
-    fields = {**_run_fields(tmp_path, files, out), "train.num_steps": 100000, "train.log_every_steps": 50}
-    config_path = tmp_path / "config.py"
-    config_path.write_text(CONFIG_FILE.format(fields=json.dumps(fields)))
-    procs = _start_two(config_path, _free_port(), {"ADAPAD_PEER_TIMEOUT": "30"})
-    try:
-        deadline = time.monotonic() + 240
-        while not _checkpoint_steps(out) and time.monotonic() < deadline and procs[0].poll() is None:
-            time.sleep(0.2)
-        assert _checkpoint_steps(out), procs[0].stderr.read()[-3000:] if procs[0].poll() is not None else ""
-        procs[0].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = procs[1].communicate(timeout=60)
-        waited = time.monotonic() - killed
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    assert procs[1].returncode == EXIT_PEER_LOST, err[-3000:]
+    returncode, err, waited, fields, out = _kill_one_mid_run(tmp_path, killed=0, peer_timeout="30")
+    assert returncode == EXIT_PEER_LOST, err[-3000:]
     assert waited < 10, waited  # not the 30 s peer timeout: the coordinator's loss is seen at once
     for trace in ("Check failure", "*** ", "Terminating process", "Traceback"):
         assert trace not in err, err[-3000:]
