@@ -6,7 +6,7 @@ import json
 import pytest
 
 from adapad_jax.config.schema import ConfigError
-from adapad_jax.run.core import PROFILE_DIR
+from adapad_jax.outputs.layout import PROFILE_DIR
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.testing.toy import ToyBatches, enable_compilation_cache, make_toy_model, planted_teacher, toy_config
 from adapad_jax.config.validation import check_fields

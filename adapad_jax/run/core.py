@@ -40,9 +40,8 @@ from adapad_jax.config.validation import (
     check_output_dir_path, check_processes_use_all_devices, check_resume, has_slot_axis, validate_config,
 )
 
-from adapad_jax.outputs.layout import (  # the run directory's names, also read as run.core.<NAME>
-    CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, METRICS_FILE, PREDICTIONS_FILE, PROFILE_DIR,
-    RESUMES_FILE,
+from adapad_jax.outputs.layout import (  # the run directory's names (outputs/layout.py owns them)
+    CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, PREDICTIONS_FILE, RESUMES_FILE,
 )
 
 

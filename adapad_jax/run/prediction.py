@@ -160,7 +160,7 @@ def predict(
     if out_dir is not None and Path(out_dir).resolve() == run_dir.resolve():
         raise ConfigError(f"--out '{out_dir}' is the run directory: predictions go into a directory of their own")
     if out_dir is not None:
-        from adapad_jax.run.core import check_output_dir_path
+        from adapad_jax.config.validation import check_output_dir_path
 
         check_output_dir_path(Path(out_dir), "--out")
 

@@ -18,15 +18,12 @@ from typing import Any, Callable, Mapping
 import ml_collections
 
 from adapad_jax.config.schema import ConfigError
-from adapad_jax.config.validation import CheckedRun
+from adapad_jax.config.validation import CheckedRun, check_output_dir_path
 from adapad_jax.runtime.distributed import is_main_process
 from adapad_jax.outputs.output_set import publish_set
 from adapad_jax.runtime.failures import CheckpointMoved
-from adapad_jax.run.core import (
-    CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE, check_output_dir_path, has_checkpoints,
-    load_model_for, with_resume_changes,
-)
-from adapad_jax.outputs.layout import CHECKPOINTS_DIR
+from adapad_jax.run.core import has_checkpoints, load_model_for, with_resume_changes
+from adapad_jax.outputs.layout import CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE
 
 
 def load_run_config(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
