@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.training.allocator import AllocatorConfig, init_allocator, masks_from_rank, update_allocator
+from adapad_jax.methods import allocator as alloc_lib
+from adapad_jax.methods.allocator import AllocatorConfig, init_allocator, masks_from_rank, update_allocator
 from adapad_jax.testing.toy import enable_compilation_cache
 
 enable_compilation_cache()

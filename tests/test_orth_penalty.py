@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from reference_libs import import_reference
 
-from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.training.step import orthogonality_penalty
+from adapad_jax.methods import allocator as alloc_lib
+from adapad_jax.methods.orthogonality import orthogonality_penalty
 
 torch = import_reference("torch")
 peft = import_reference("peft")

@@ -13,7 +13,7 @@ from adapad_jax.config.schema import METHODS, TASK_NAMES, ConfigError, base_conf
 from adapad_jax.data.tasks import TASKS
 from adapad_jax.models.base import MODEL_TASKS
 from adapad_jax.data.task_hooks import REGISTERED
-from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.methods import allocator as alloc_lib
 from adapad_jax.training import recovery
 
 

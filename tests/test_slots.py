@@ -1,15 +1,18 @@
 """Deflated slot forward: gradients per slot, and the committed-only evaluation forward."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from adapad_jax.adapters.slots import deflated_lora, init_slots, masked_lora
-from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.methods import allocator as alloc_lib
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import make_mesh
 from adapad_jax.training.step import StepSpec, _adapad_grads, merge_head
+from adapad_jax.methods.adapad import AdaPaD
 from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_batch
 from adapad_jax.testing.toy import enable_compilation_cache
 
@@ -29,6 +32,14 @@ def _merged_params(model, slot_rows):
         for coef, a, b in rows:
             node["kernel"] = node["kernel"] + coef * jnp.outer(a, b)
     return out
+
+
+def _adapad(model):
+    """AdaPaD's rules for the step at R_MAX slots and scale SCALING (what the Trainer builds from a config)."""
+    settings = types.SimpleNamespace(
+        r_max=R_MAX, grow=True, rank_budget=100, initial_rank=1, alpha=SCALING * R_MAX, advance_learning=True,
+        top_k=1, growth_interval=5, ema_beta1=0.85, ema_beta2=0.85, importance="score", orth_reg=0.0, init_std=0.3)
+    return AdaPaD(settings, model.targets)
 
 
 def _setup():
@@ -90,7 +101,7 @@ def test_sharded_step_slot_gradients_are_the_per_slot_gradients():
     cfg = alloc_lib.AllocatorConfig(r_max=R_MAX, top_k=1, growth_interval=5)
     spec = StepSpec(method="adapad", task=model.task, scaling=SCALING, live_slots=4, padded_slots=4,
                     advance_learning=True, orth_reg=0.0, sync_every=5, slot_chunk_size=0, remat=False,
-                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg)
+                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg, impl=_adapad(model))
     head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
     trainable = {"slots": slots, "head": head}
     for mesh, chunk in ((make_mesh(1, 1), 0), (make_mesh(2, 4), 0), (make_mesh(1, 2), 1)):
@@ -145,7 +156,7 @@ def test_head_gets_the_mean_of_per_slot_head_gradients_and_loss_is_the_committed
     cfg = alloc_lib.AllocatorConfig(r_max=R_MAX, top_k=1, growth_interval=5)
     spec = StepSpec(method="adapad", task=model.task, scaling=SCALING, live_slots=4, padded_slots=4,
                     advance_learning=True, orth_reg=0.0, sync_every=5, slot_chunk_size=1, remat=False,
-                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg)
+                    use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg, impl=_adapad(model))
     head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
     frozen = jax.tree.map(jnp.asarray, model.params)
     grads, loss, *_ = jax.jit(
@@ -178,7 +189,7 @@ def test_committed_head_gradient_is_the_committed_forward_gradient_and_slots_kee
     spec = StepSpec(method="adapad", task=model.task, scaling=SCALING, live_slots=4, padded_slots=4,
                     advance_learning=True, orth_reg=0.0, sync_every=5, slot_chunk_size=0, remat=False,
                     use_dropout=False, input_keys=("input_ids", "attention_mask"), alloc=cfg,
-                    head_gradient="committed")
+                    head_gradient="committed", impl=_adapad(model))
     mean_spec = spec.__class__(**{**spec.__dict__, "head_gradient": "mean"})
     head = {"head": jax.tree.map(jnp.asarray, model.params["head"])}
     frozen = jax.tree.map(jnp.asarray, model.params)

@@ -66,8 +66,9 @@ class MutantError(ValueError):
     """A mutant that cannot be applied (its pattern is gone or ambiguous)."""
 
 
-STEP, SLOTS, ALLOC = "adapad_jax/training/step.py", "adapad_jax/adapters/slots.py", "adapad_jax/training/allocator.py"
-TRAINER, ADAM = "adapad_jax/training/trainer.py", "adapad_jax/training/slot_adam.py"
+STEP, SLOTS, ALLOC = "adapad_jax/training/step.py", "adapad_jax/adapters/slots.py", "adapad_jax/methods/allocator.py"
+ADAM = "adapad_jax/training/slot_adam.py"
+ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -79,15 +80,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "a promoted slot is deflated against stale predecessors until the next sync",
            ("tests/test_snapshot_refresh.py",)),
     Mutant("scale_plain_alpha",
-           (Edit(TRAINER, "self.scaling = float(settings.alpha) / settings.lora_rank",
-                "self.scaling = float(settings.alpha)"),
-            Edit(TRAINER, "self.scaling = float(settings.alpha) / settings.r_max", "self.scaling = float(settings.alpha)")),
+           (Edit(LORA, "float(settings.alpha) / rank", "float(settings.alpha)"),
+            Edit(ADAPAD, "float(settings.alpha) / settings.r_max", "float(settings.alpha)")),
            "the adapter scale s = alpha / r (every forward and the export are off by r)",
            ("tests/test_adapter_scaling.py",)),
     Mutant("scale_ignored_in_forward",
-           (Edit(SLOTS, "coefs = [scaling * mask[m, :rows].astype(jnp.float32)",
-                 "coefs = [mask[m, :rows].astype(jnp.float32)"),),
-           "masked_lora (eval, joint, lora forward) drops the scale s",
+           (Edit(ADAPAD, "return self.scaling * weights.astype(jnp.float32)", "return weights.astype(jnp.float32)"),),
+           "forward_coefs (eval, joint, lora forward) drops the scale s",
            ("tests/test_adapter_scaling.py",)),
     Mutant("score_importance_only",
            (Edit(ALLOC, "score = imp_ema * unc_ema", "score = imp_ema"),),
@@ -111,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "adapad's advance learning: the reserve slot never enters its own forward, so it never trains",
            ("tests/test_slots.py",)),
     Mutant("reserve_out_of_joint_forward",
-           (Edit(STEP, 'weights = weights + JOINT_RESERVE_SCALE * alloc["reserve"]', 'weights = weights + 0.0 * alloc["reserve"]'),),
+           (Edit(ADAPAD, 'weights = weights + JOINT_RESERVE_SCALE * alloc["reserve"]', 'weights = weights + 0.0 * alloc["reserve"]'),),
            "joint's advance learning: the reserve is absent from the train forward (IncreLoRA's E = 1e-5)",
            ("tests/test_train_equivalence.py::test_lora_starts_at_base_model_and_joint_trains_the_reserve_at_increlora_scale",)),
     Mutant("slot_adam_global_count",

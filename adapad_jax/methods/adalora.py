@@ -30,7 +30,7 @@ Rules, as PEFT has them:
 - forward: ``x -> ((x a^T) * e) b * alpha / (init_r + 1e-5)`` (ranknum stays init_r after masking); the scale
   uses ``init_r`` in place of ``lora_alpha`` when ``lora_alpha`` <= 0.
 - orthogonal regulariser: the mean over the 2M factors of ||A A^T - I||_F and ||B^T B - I||_F, masked triplets
-  included, times ``orth_reg_weight`` (``AdaLoraModel.forward``); this is ``training.step.orthogonality_penalty``
+  included, times ``orth_reg_weight`` (``AdaLoraModel.forward``); this is ``methods.orthogonality.orthogonality_penalty``
   with every row committed, reused here, not written twice.
 
 Deliberate differences:
@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from adapad_jax.adapters.layer import low_rank_delta
-from adapad_jax.training.step import orthogonality_penalty
+from adapad_jax.methods.orthogonality import orthogonality_penalty
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, Params]

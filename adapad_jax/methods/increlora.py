@@ -41,7 +41,7 @@ Rules, as the reference has them:
   created after the backward pass), so nothing moves. A component's A, B sit in the group of the step it became a
   reserve, its E in the group of the step it was promoted.
 - orthogonal regulariser (``Trainer.compute_svd_orth_regu``): ||A A^T - I||_F + ||B^T B - I||_F on each module's
-  concatenated factors (reserves included), averaged over the 2M matrices; ``training.step.orthogonality_penalty``
+  concatenated factors (reserves included), averaged over the 2M matrices; ``methods.orthogonality.orthogonality_penalty``
   with the allocated slots as its row mask, reused here, not written twice.
 - call order (``Trainer.train``): backward (the hook scores), gradient clipping, ``update_and_increase``,
   ``optimizer.step``, ``lr_scheduler.step``.
@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapad_jax.training.step import orthogonality_penalty
+from adapad_jax.methods.orthogonality import orthogonality_penalty
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, jax.Array]

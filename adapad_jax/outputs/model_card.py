@@ -107,7 +107,7 @@ def _merged_snippet(spec: Any) -> str:
 
 def budget_line(config: Any, num_modules: int) -> str:
     """The budget as configured and, when fewer modules x r_max cannot hold it, the total rank actually reachable."""
-    from adapad_jax.training.allocator import rank_capacity
+    from adapad_jax.methods.allocator import rank_capacity
 
     adapter = config.adapter
     if str(adapter.method) == "lora":

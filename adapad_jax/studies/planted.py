@@ -202,7 +202,7 @@ class TeacherBatches:
 
 def set_ranks(trainer: Trainer, ranks: Sequence[int]) -> None:
     """Put a fresh trainer's allocator at the given ranks with no budget left (so no reserve, no growth)."""
-    from adapad_jax.training import allocator as alloc_lib
+    from adapad_jax.methods import allocator as alloc_lib
 
     alloc = dict(trainer.state["alloc"])
     rank = np.asarray(ranks, np.int32)

@@ -22,7 +22,7 @@ import numpy as np
 
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.runtime.failures import Diverged, OutputWriteError, Preempted, describe_os_error, os_error_in_chain
-from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.methods import allocator as alloc_lib
 from adapad_jax.training.guard import state_is_finite
 
 

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from adapad_jax.adapters.slots import deflated_lora, masked_lora
+from adapad_jax.adapters.slots import deflated_lora, masked_lora, to_lora_collection
 from adapad_jax.adapters.target import AdapterTarget
-from adapad_jax.training import allocator as alloc_lib
+from adapad_jax.methods import allocator as alloc_lib
 from adapad_jax.training.collectives import psum_packed
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.training.sharding import COMPONENTS_AXIS, DATA_AXIS
@@ -54,6 +54,8 @@ class StepSpec:
     num_steps: int = 0
     # train.grad_accum_steps: each device's batch shard runs as this many micro-batches (lax.scan), gradients summed.
     grad_accum_steps: int = 1
+    # The method's rules (``methods.base.Method``): forward coefficients, loss terms, rank update.
+    impl: Any = None
 
 
 def is_log_step(step: Any, log_every: int, num_steps: int) -> Any:
@@ -82,44 +84,6 @@ def head_key(path: Sequence[str]) -> str:
 def merge_head(frozen: Mapping[str, Any], head: Mapping[str, Any]) -> dict[str, Any]:
     """Frozen params with the trainable head subtrees put back in place."""
     return set_subtrees(frozen, {tuple(name.split("/")): value for name, value in head.items()})
-
-
-def _frobenius_norm(x: jax.Array) -> jax.Array:
-    """||x||_F with a zero (not NaN) gradient at x = 0."""
-    square = jnp.sum(jnp.square(x))
-    positive = square > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, square, 1.0)), 0.0)
-
-
-def orthogonality_penalty(slots: Mapping[str, list[jax.Array]], committed: jax.Array) -> jax.Array:
-    """AdaLoRA's regulariser: mean over the 2M factors of ||A A^T - I||_F and ||B^T B - I||_F (committed rows).
-
-    The norms are unsquared and averaged over every ``lora_A`` and ``lora_B`` matrix, as PEFT's ``AdaLoraModel``
-    and IncreLoRA's ``compute_orth_regu`` do, so ``adapter.orth_reg`` means what it means in their configs.
-    Rows outside ``committed`` are zeroed on both sides and contribute nothing.
-    """
-    total = jnp.zeros((), jnp.float32)
-    num_modules = len(slots["a"])
-    for m in range(num_modules):
-        mask = committed[m].astype(jnp.float32)
-        a = slots["a"][m] * mask[:, None]
-        b = slots["b"][m] * mask[:, None]
-        eye = jnp.diag(mask)
-        total = total + _frobenius_norm(a @ a.T - eye) + _frobenius_norm(b @ b.T - eye)
-    return total / max(2 * num_modules, 1)
-
-
-def penalty_and_importance(spec: StepSpec, slots: Any, grads: Mapping[str, Any], committed: jax.Array
-                           ) -> tuple[dict[str, Any], jax.Array, jax.Array]:
-    """Gradients with the orthogonality penalty's added, the penalty, and the allocator's module importance."""
-    if spec.orth_reg > 0:
-        penalty, penalty_grads = jax.value_and_grad(
-            lambda s: spec.orth_reg * orthogonality_penalty(s, committed)
-        )(slots)
-        grads = {"slots": jax.tree.map(jnp.add, grads["slots"], penalty_grads), "head": grads["head"]}
-    else:
-        penalty = jnp.zeros((), jnp.float32)
-    return grads, penalty, alloc_lib.module_importance(slots, grads["slots"], committed)
 
 
 def _model_loss(module, spec: StepSpec, frozen, head, lora, batch, rng, denominator, first_row=None):
@@ -182,13 +146,14 @@ def accumulate_micro_batches(terms: Callable[[Any, jax.Array], Any], batch: Mapp
 
 
 def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapshot, alloc, frozen, batch, step_rng,
-                  logged):
+                  logged, method_state=None):
     """Per-slot deflated losses (sharded over ``components``) and the summed gradient.
 
     ``logged`` (a traced bool): whether the committed forward runs for the reported loss (``StepSpec.log_every``).
     """
     committed = alloc["committed"]
-    live = alloc_lib.live_mask(alloc, spec.advance_learning)
+    method_state = {} if method_state is None else method_state
+    live = spec.impl.live_mask(alloc, method_state)
     num_rows = spec.padded_slots
 
     components = mesh.shape[COMPONENTS_AXIS]
@@ -266,8 +231,9 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
         slot_grads = jax.tree.map(lambda g: jnp.pad(g, ((0, num_slots - rows), (0, 0))), summed["slots"])
         # On the whole slots (every device holds them), so neither needs a collective of its own.
         grads = {"slots": slot_grads, "head": summed["head"]}
-        grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], grads, committed)
-        return grads, summed["losses"], summed["model_loss"], penalty, importance
+        grads, penalty, scores = spec.impl.penalty_and_scores(trainable, grads, {"committed": committed},
+                                                              method_state)
+        return grads, summed["losses"], summed["model_loss"], penalty, scores
 
     sharded = jax.shard_map(
         body,
@@ -277,11 +243,11 @@ def _adapad_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, snapsh
         check_vma=False,
     )
     slot_ids = jnp.arange(num_rows, dtype=jnp.int32)
-    grads, slot_losses, loss, penalty, importance = sharded(trainable, snapshot, committed, live, frozen, batch,
-                                                            slot_ids, step_rng, logged)
+    grads, slot_losses, loss, penalty, scores = sharded(trainable, snapshot, committed, live, frozen, batch,
+                                                        slot_ids, step_rng, logged)
     if spec.head_gradient == "mean":
         grads = mean_head_gradient(grads, spec.live_slots)
-    return grads, loss, slot_losses, penalty, importance
+    return grads, loss, slot_losses, penalty, scores
 
 
 def refresh_snapshot(slots: Any, snapshot: Any, refresh: jax.Array) -> Any:
@@ -318,32 +284,22 @@ def committed_model_loss(module, targets, spec: StepSpec, trainable, committed, 
     return jax.lax.stop_gradient(loss_fn(trainable["head"])), None
 
 
-# IncreLoRA's advance learning: a reserve sits in the forward with a tiny singular value E until it is promoted.
-JOINT_RESERVE_SCALE = 1e-5
+def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, method_state, frozen, batch,
+                          step_rng):
+    """One forward with every live slot row (every method but adapad), the rows' coefficients from the method's
+    ``forward_coefs`` (so its singular values, gates and scales get their gradient); batch over ``data``,
+    replicated over ``components``."""
 
-
-def single_forward_weights(alloc: Mapping[str, jax.Array], advance_learning: bool) -> jax.Array:
-    """Per-slot [M, R] forward weight of the joint / lora train forward: committed 1, reserve ``E`` (joint).
-
-    With the reserve at ``JOINT_RESERVE_SCALE`` (IncreLoRA's E = 1e-5) rather than full scale, the model that
-    trains is the committed model that is evaluated and exported, up to ``E`` times the reserve's delta.
-    """
-    weights = alloc["committed"].astype(jnp.float32)
-    if advance_learning:
-        weights = weights + JOINT_RESERVE_SCALE * alloc["reserve"].astype(jnp.float32)
-    return weights
-
-
-def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable, alloc, frozen, batch, step_rng):
-    """One forward with every live slot (joint, lora); batch over ``data``, replicated over ``components``."""
-    weights = single_forward_weights(alloc, spec.advance_learning)
-
-    def body(trainable, weights, frozen, batch, step_rng):
+    def body(trainable, alloc, method_state, frozen, batch, step_rng):
         denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
         def micro_terms(batch, first_row):
             def objective(trainable):
-                lora = masked_lora(targets, trainable["slots"], weights, spec.scaling, spec.live_slots)
+                coefs = spec.impl.forward_coefs(trainable, alloc, method_state, train=True)
+                rows = spec.live_slots
+                lora = to_lora_collection(targets, [a[:rows] for a in trainable["slots"]["a"]],
+                                          [b[:rows] for b in trainable["slots"]["b"]],
+                                          [coefs[m, :rows] for m in range(len(targets))])
                 return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator,
                                    first_row)
 
@@ -356,9 +312,9 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
         return psum_packed(summed, DATA_AXIS)
 
     sharded = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
+        body, mesh=mesh, in_specs=(P(), P(), P(), P(), P(DATA_AXIS), P()), out_specs=(P(), P()), check_vma=False
     )
-    grads, loss = sharded(trainable, weights, frozen, batch, step_rng)
+    grads, loss = sharded(trainable, alloc, method_state, frozen, batch, step_rng)
     return grads, loss, loss[None]
 
 
@@ -381,31 +337,37 @@ def build_train_step(
     if spec.remat:
         module = with_layer_remat(module)
 
+    method = spec.impl
+
     def train_step(state, frozen, batch):
         trainable, alloc = state["trainable"], state["alloc"]
+        method_state = state.get("method", {})
         step_rng = jax.random.fold_in(state["rng"], state["step"])
         step = state["step"] + 1
-        if spec.method == "adapad":
+        if method.deflated:
             logged = is_log_step(step, spec.log_every, spec.num_steps)
-            grads, loss, slot_losses, penalty, importance = _adapad_grads(
-                module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng, logged
+            grads, loss, slot_losses, penalty, scores = _adapad_grads(
+                module, targets, spec, mesh, trainable, state["snapshot"], alloc, frozen, batch, step_rng, logged,
+                method_state
             )
         else:
             grads, loss, slot_losses = _single_forward_grads(
-                module, targets, spec, mesh, trainable, alloc, frozen, batch, step_rng
+                module, targets, spec, mesh, trainable, alloc, method_state, frozen, batch, step_rng
             )
-            grads, penalty, importance = penalty_and_importance(spec, trainable["slots"], grads, alloc["committed"])
+            grads, penalty, scores = method.penalty_and_scores(trainable, grads, alloc, method_state)
 
-        live = alloc_lib.live_mask(alloc, spec.advance_learning)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable, live=live)
+        live = method.live_mask(alloc, method_state)
+        params = method.optimizer_params(trainable)
+        updates, opt_state = tx.update(method.optimizer_params(grads), state["opt_state"], params, live=live)
         updates["slots"] = {
-            part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(updates["slots"][part])]
-            for part in ("a", "b")
+            part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(rows)]
+            for part, rows in updates["slots"].items()
         }
-        new_trainable = optax.apply_updates(trainable, updates)
+        updates = method.scale_updates(updates, state["step"], method_state)
+        new_trainable = {**trainable, **optax.apply_updates(params, updates)}
 
-        new_alloc, grew = alloc_lib.update_allocator(
-            alloc, importance, step, spec.alloc, jax.random.fold_in(step_rng, 0x5EED)
+        new_trainable, new_alloc, method_state, grew = method.after_update(
+            new_trainable, grads, alloc, method_state, scores, step, jax.random.fold_in(step_rng, 0x5EED)
         )
         refresh = (step % spec.sync_every == 0) | grew
         snapshot = refresh_snapshot(new_trainable["slots"], state["snapshot"], refresh)
@@ -417,6 +379,8 @@ def build_train_step(
             "snapshot": snapshot,
             "alloc": new_alloc,
         }
+        if "method" in state:
+            new_state["method"] = method_state
         metrics = {
             "loss": loss,
             "slot_losses": slot_losses,
@@ -431,11 +395,13 @@ def build_train_step(
     return train_step
 
 
-def build_eval_forward(module, targets: Sequence[AdapterTarget], scaling: float, input_keys: tuple[str, ...]) -> Callable:
-    """``(trainable, committed, frozen, batch) -> model outputs`` with the current committed slots only."""
+def build_eval_forward(module, targets: Sequence[AdapterTarget], method: Any, input_keys: tuple[str, ...]) -> Callable:
+    """``(trainable, alloc, method_state, frozen, batch) -> model outputs`` of the evaluated (exported) model."""
 
-    def forward(trainable, committed, frozen, batch):
-        lora = masked_lora(targets, trainable["slots"], committed, scaling)
+    def forward(trainable, alloc, method_state, frozen, batch):
+        coefs = method.forward_coefs(trainable, alloc, method_state, train=False)
+        lora = to_lora_collection(targets, trainable["slots"]["a"], trainable["slots"]["b"],
+                                  [coefs[m] for m in range(len(targets))])
         params = merge_head(frozen, trainable["head"])
         return module.apply({"params": params, "lora": lora}, **{k: batch[k] for k in input_keys}, deterministic=True)
 

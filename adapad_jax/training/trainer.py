@@ -20,12 +20,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from adapad_jax.runtime import progress as progress_lib
-from adapad_jax.adapters import slots as slots_lib
 from adapad_jax.models.base import LoadedModel
-from adapad_jax.training import allocator as alloc_lib
-from adapad_jax.config.validation import (
-    batch_splits, check_components_divide, check_lora_rank, check_method, check_rank_budget, has_slot_axis,
-)
+from adapad_jax.methods import allocator as alloc_lib
+from adapad_jax.config.validation import batch_splits, check_method
+from adapad_jax.methods.registry import build_method
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
 from adapad_jax.training.hooks import (
@@ -108,26 +106,14 @@ class Trainer:
         self.components = mesh.shape[COMPONENTS_AXIS]
         self.batch_slice = process_batch_slice(mesh)
         self.writes_files = jax.process_index() == 0
-        num_modules = len(model.targets)
-        if not has_slot_axis(self.method):
-            check_lora_rank(settings.lora_rank)
-            self.num_slots = settings.lora_rank
-            self.scaling = float(settings.alpha) / settings.lora_rank
-            initial_rank, budget, grow = settings.lora_rank, num_modules * settings.lora_rank, False
-        else:
-            check_components_divide(settings.r_max, self.components)
-            self.num_slots = settings.r_max
-            self.scaling = float(settings.alpha) / settings.r_max
-            initial_rank, grow = settings.initial_rank, bool(settings.grow)
-            budget = settings.rank_budget if grow else num_modules * initial_rank
-            check_rank_budget(budget, num_modules, initial_rank)
-        self._initial_rank, self._budget = initial_rank, budget
-        self.alloc_config = alloc_lib.AllocatorConfig(
-            r_max=self.num_slots, top_k=settings.top_k, growth_interval=settings.growth_interval,
-            beta1=settings.ema_beta1, beta2=settings.ema_beta2, importance=settings.importance, grow=grow,
-        )
-        # lora keeps no reserve; with advance learning off the reserve is not live until promoted.
-        self.advance_learning = settings.advance_learning and has_slot_axis(self.method)
+        # The method's rules: rows per module, scale, budget, forward, loss terms, rank update, export.
+        self.method_impl = build_method(settings, model.targets, self.components)
+        setup = self.method_impl.setup
+        self.num_slots, self.scaling = setup.num_slots, setup.scaling
+        self._initial_rank, self._budget = setup.initial_rank, setup.rank_budget
+        self.alloc_config = getattr(self.method_impl, "alloc_config", alloc_lib.AllocatorConfig(
+            r_max=self.num_slots, top_k=settings.top_k, growth_interval=settings.growth_interval, grow=False))
+        self.advance_learning = setup.advance_learning
         self.sync_every = settings.sync_every or settings.growth_interval
         # Steps whose metrics the trainer writes; AdaPaD computes the committed loss only on those (`StepSpec`).
         self.log_every = settings.log_every
@@ -146,28 +132,29 @@ class Trainer:
         self._steps: dict[tuple[int, int], Callable] = {}
         self._total_steps = settings.num_steps
         self.tx, self.schedule = make_optimizer(settings.optim, self._total_steps)
-        self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.scaling, self.input_keys))
+        self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.method_impl, self.input_keys))
 
     # ----------------------------------------------------------------- state
     def init_state(self) -> dict[str, Any]:
         """A fresh train state (slots from ``config.seed``), placed on the mesh by ``state_shardings``."""
         root = jax.random.PRNGKey(self.settings.seed)
-        slots = slots_lib.init_slots(
-            self.model.targets, self.num_slots, self.settings.init_std, jax.random.fold_in(root, 1),
-            zero_b=self.method == "lora",
-        )
+        method = self.method_impl
+        slots = method.init_slots(jax.random.fold_in(root, 1))
         # Copies (jnp.array): the train step donates the state, which must not take the model's own head arrays.
         head = {head_key(p): jax.tree.map(jnp.array, _subtree(self.model.params, tuple(p)))
                 for p in self.model.head_prefixes}
-        trainable = {"slots": slots, "head": head}
+        trainable = {"slots": slots, "head": head, **method.init_extra(jax.random.fold_in(root, 3))}
         state = {
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.fold_in(root, 2),
             "trainable": trainable,
-            "opt_state": self.tx.init(trainable),
+            "opt_state": self.tx.init(method.optimizer_params(trainable)),
             "snapshot": jax.tree.map(jnp.copy, slots),
-            "alloc": alloc_lib.init_allocator(len(self.model.targets), self.num_slots, self._initial_rank, self._budget),
+            "alloc": method.init_alloc(),
         }
+        method_state = method.init_method_state(trainable)
+        if method_state:
+            state["method"] = method_state
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: dict[str, Any]) -> Any:
@@ -227,7 +214,7 @@ class Trainer:
     @property
     def live_slots(self) -> int:
         """L for the current allocator state (joint/lora: rows in the single forward)."""
-        return max(alloc_lib.num_live_slots(self.state["alloc"], self.advance_learning), 1)
+        return self.method_impl.num_live_rows(self.state["alloc"], self.state.get("method", {}))
 
     def rank_schedule(self, num_steps: int | None = None) -> dict[str, Any]:
         """Budget, the total rank growth can reach in ``num_steps`` (default: the run's), and where it stands now."""
@@ -245,14 +232,14 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def _spec(self, live: int) -> StepSpec:
         settings = self.settings
-        padded = live if self.method != "adapad" else math.ceil(live / self.components) * self.components
+        padded = live if not self.method_impl.deflated else math.ceil(live / self.components) * self.components
         return StepSpec(
             method=self.method, task=self.model.task, scaling=self.scaling, live_slots=live, padded_slots=padded,
             advance_learning=self.advance_learning, orth_reg=settings.orth_reg, sync_every=self.sync_every,
             slot_chunk_size=settings.slot_chunk_size, remat=settings.remat, use_dropout=self.use_dropout,
             input_keys=self.input_keys, alloc=self.alloc_config,
             head_gradient=settings.head_gradient, log_every=self.log_every, num_steps=self._total_steps,
-            grad_accum_steps=settings.grad_accum_steps,
+            grad_accum_steps=settings.grad_accum_steps, impl=self.method_impl,
         )
 
     def compiled_step(self, live: int | None = None) -> Callable:
@@ -344,7 +331,7 @@ class Trainer:
         guard = GuardHook(start_step, self.checkpointer.latest_step)
         hooks.add_hook(guard.update, every=1)
         hooks.add_hook(ProfileHook(profiler), every=1)
-        hooks.add_hook(self._refresh_live, when=lambda info: alloc_lib.is_growth_step(info.step, self.alloc_config))
+        hooks.add_hook(self._host_update, when=lambda info: self.method_impl.host_update_due(info.step))
         hooks.add_hook(guard.check, every=self.log_every)  # where the loop syncs anyway
         log = LogHook(start_step, self.ranks, self.metrics, sinks=(bar.logged,), clock=time.perf_counter)
         hooks.add_hook(log, every=self.log_every)
@@ -362,8 +349,12 @@ class Trainer:
         hooks.add_finish(guard.check)
         return hooks
 
-    def _refresh_live(self, info: StepInfo) -> None:
-        """After a growth step: L for the next steps' compiled step."""
+    def _host_update(self, info: StepInfo) -> None:
+        """After a step where the method's rank rule may run on the host (a growth step): apply it, then L for
+        the next steps' compiled step."""
+        new_state = self.method_impl.host_update(self.state, info.step)
+        if new_state is not None:
+            self.state = jax.device_put(new_state, self.state_shardings(new_state))
         info.live_slots = self.live_slots
 
     def eval_due(self, step: int, num_steps: int, eval_every: int) -> bool:
@@ -401,7 +392,8 @@ class Trainer:
         if pad:
             inputs = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in inputs.items()}
         inputs = self._place(inputs)
-        outputs = self._eval(self.state["trainable"], self.state["alloc"]["committed"], self.frozen, inputs)
+        outputs = self._eval(self.state["trainable"], self.state["alloc"], self.state.get("method", {}), self.frozen,
+                             inputs)
         return {k: v[:size] for k, v in to_host(outputs).items()}
 
     # --------------------------------------------------------------- outputs
@@ -416,8 +408,9 @@ class Trainer:
 
     def committed_peft_factors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{hf_path: (A [r, in], B [out, r])}`` of the committed slots; delta W^T = scaling * B @ A."""
-        slots = to_host(self.state["trainable"]["slots"])
-        return slots_lib.committed_peft_factors(self.model.targets, slots, np.asarray(self.state["alloc"]["committed"]))
+        host = to_host({"trainable": self.state["trainable"], "alloc": self.state["alloc"],
+                        "method": self.state.get("method", {})})
+        return self.method_impl.export_factors(host["trainable"], host["alloc"], host["method"])
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""

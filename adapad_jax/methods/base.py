@@ -1,0 +1,168 @@
+"""The method seam: what differs between the adapter methods the trainer runs, and nothing else.
+
+A method is a ``Method`` subclass in its own module (``methods/<name>.py``) plus a line in
+``methods/registry.py``. The train step (``training/step.py``) is the same for every method and asks the method:
+
+- ``setup`` (on construction): rows per module ``num_slots``, the forward scale, the initial rank and budget;
+- extra state: ``init_slots`` (the ``slots`` parts: ``a``, ``b`` and e.g. a per-slot singular value ``e``),
+  ``init_extra`` (other trainable leaves, e.g. gates), ``init_alloc`` (the rank record every method keeps:
+  ``committed`` / ``rank`` / ``reserve`` ... see ``allocator.py``), ``init_method_state`` (its own
+  non-trainable state: EMAs, a gate optimiser, a schedule);
+- the forward: ``forward_coefs`` -> the per-row coefficient [M, R] of the one joint forward (scaling, masks,
+  singular values and gates folded in), differentiable in ``trainable``; ``deflated`` methods (adapad) run one
+  forward per live slot instead (``adapters.slots.deflated_lora``);
+- loss terms and scores: ``penalty_and_scores`` -> the gradient with the method's own loss terms added, the
+  penalty, and what its rank update reads (importance), from the pre-update parameters;
+- the optimiser: ``live_mask`` (slot rows that train and count Adam steps), ``optimizer_params`` (what the
+  shared AdamW trains), ``scale_updates`` (per-row learning-rate multipliers);
+- the rank update after the optimiser step: ``after_update`` (grow, mask, gate) on the jitted step, and
+  ``host_update`` between steps for rules that change shapes or Python-side bookkeeping;
+- the export: ``export_factors`` -> ``{hf_path: (A [r, in], B [out, r])}`` with everything folded into B so that
+  the update is ``scaling * B @ A``.
+
+Methods sit below ``training/`` so the step can call them; they never import the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapad_jax.adapters import slots as slots_lib
+from adapad_jax.adapters.target import AdapterTarget
+
+Tree = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSetup:
+    """What a method resolves from the run's settings and model before any state exists."""
+
+    num_modules: int
+    num_slots: int  # R: slot rows per module
+    scaling: float  # the forward scale s of ``coef = s * ...`` for the shared rows
+    initial_rank: int
+    rank_budget: int  # the total rank the allocator may reach (lora: every module's rank)
+    grow: bool
+    advance_learning: bool
+
+
+class Method:
+    """Defaults shared by every method; a subclass overrides what its paper changes."""
+
+    name: ClassVar[str] = ""
+    deflated: ClassVar[bool] = False  # per-slot deflated gradients (adapad) instead of one joint forward
+    zero_b: ClassVar[bool] = False  # B starts at 0 (lora), else both factors ~ N(0, init_std^2)
+
+    def __init__(self, settings: Any, targets: Sequence[AdapterTarget], components: int = 1):
+        """``settings``: ``training.settings.TrainerSettings`` (or any object with its fields)."""
+        self.settings = settings
+        self.targets = tuple(targets)
+        self.components = components
+        self.setup = self.make_setup(settings, len(self.targets), components)
+
+    # ------------------------------------------------------------------ setup
+    def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        """Rows per module, scale, initial rank, budget; refuses settings the method cannot run."""
+        raise NotImplementedError
+
+    @property
+    def num_slots(self) -> int:
+        return self.setup.num_slots
+
+    @property
+    def scaling(self) -> float:
+        return self.setup.scaling
+
+    # ------------------------------------------------------------------ state
+    def init_slots(self, key: jax.Array) -> Tree:
+        """The ``slots`` tree: ``{"a": [M x [R, in]], "b": [M x [R, out]], ...}``."""
+        return slots_lib.init_slots(self.targets, self.num_slots, self.settings.init_std, key, zero_b=self.zero_b)
+
+    def init_extra(self, key: jax.Array) -> Tree:
+        """Trainable leaves besides ``slots`` and ``head`` (``{}``: none)."""
+        return {}
+
+    def init_alloc(self) -> Tree:
+        """The rank record (``committed`` [M, R] bool, ``rank`` [M], ...); ``allocator.init_allocator``'s keys."""
+        raise NotImplementedError
+
+    def init_method_state(self, trainable: Tree) -> Tree:
+        """The method's own non-trainable state (``{}``: none)."""
+        return {}
+
+    # ---------------------------------------------------------------- forward
+    def forward_coefs(self, trainable: Tree, alloc: Tree, method_state: Tree, train: bool) -> jax.Array:
+        """[M, R] float32 coefficient of each slot row in the joint forward (train) or the evaluated model."""
+        raise NotImplementedError
+
+    def live_mask(self, alloc: Tree, method_state: Tree) -> jax.Array:
+        """[M, R] bool: slot rows that train this step (the per-slot Adam counts advance on these)."""
+        raise NotImplementedError
+
+    def num_live_rows(self, alloc: Tree, method_state: Tree) -> int:
+        """Host side: rows of the forward (1 + the highest row live in any module), at least 1."""
+        mask = np.asarray(self.live_mask(alloc, method_state)).any(axis=0)
+        rows = np.nonzero(mask)[0]
+        return int(rows[-1]) + 1 if rows.size else 1
+
+    # ----------------------------------------------------------- loss, update
+    def penalty_and_scores(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree
+                           ) -> tuple[Tree, jax.Array, Any]:
+        """``grads`` with the method's loss terms' gradient added, the terms' value, and the scores its rank
+        update reads (from the pre-update parameters and gradients)."""
+        return grads, jnp.zeros((), jnp.float32), None
+
+    def optimizer_params(self, tree: Tree) -> Tree:
+        """The part of a trainable-shaped tree the shared AdamW trains (default: all of it)."""
+        return tree
+
+    def scale_updates(self, updates: Tree, step: jax.Array, method_state: Tree) -> Tree:
+        """Per-row learning-rate multipliers on the optimiser's updates (default: none)."""
+        return updates
+
+    def after_update(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree, scores: Any,
+                     step: jax.Array, key: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+        """The rank rule after the optimiser step (``step`` is the 1-based step just completed).
+
+        Returns ``(trainable, alloc, method_state, changed)``; ``changed`` (bool) refreshes the snapshot.
+        """
+        return trainable, alloc, method_state, jnp.zeros((), bool)
+
+    def host_update(self, state: Tree, step: int) -> Tree | None:
+        """Between steps, on the host: a new train state, or None for no change (default: never)."""
+        return None
+
+    def host_update_due(self, step: int) -> bool:
+        """Whether ``host_update`` may change anything after completed ``step`` (so the trainer calls it)."""
+        return False
+
+    # ----------------------------------------------------------------- export
+    def export_factors(self, trainable: Mapping[str, Any], alloc: Mapping[str, Any], method_state: Mapping[str, Any]
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{hf_path: (A [r, in], B [out, r])}``: rows with a nonzero coefficient in the evaluated model, the
+        coefficient folded into B as ``coef / scaling`` so the update is ``scaling * B @ A`` (numpy, host side)."""
+        coefs = np.asarray(self.forward_coefs(trainable, alloc, method_state, train=False))
+        out = {}
+        for m, target in enumerate(self.targets):
+            rows = np.nonzero(coefs[m])[0]
+            a = np.asarray(trainable["slots"]["a"][m])[rows]
+            b = np.asarray(trainable["slots"]["b"][m])[rows] * (coefs[m, rows] / self.scaling)[:, None]
+            out[target.hf_path] = (a, b.T.copy())
+        return out
+
+    # ------------------------------------------------------------- accounting
+    def parameter_counts(self, ranks: Mapping[str, int], head: int = 0) -> dict[str, int]:
+        """Adapter parameters of the final model: factors only (``factors``), with the method's own per-rank
+        leaves (``with_extras``), and the task head separately (``head``)."""
+        by_path = {t.hf_path: t for t in self.targets}
+        factors = sum(int(r) * (by_path[p].in_features + by_path[p].out_features) for p, r in ranks.items())
+        return {"factors": factors, "with_extras": factors + self.extra_parameters(ranks), "head": int(head)}
+
+    def extra_parameters(self, ranks: Mapping[str, int]) -> int:
+        """Parameters per final rank besides the factors (a singular value or gate per rank: sum of ranks)."""
+        return 0
