@@ -56,7 +56,7 @@ CASES = {
     "ill-typed int": (["--config.adapter.r_max=eight"], "--config.adapter.r_max=eight"),
     "ill-typed bool": (["--config.adapter.grow=perhaps"], "--config.adapter.grow=perhaps"),
     "r_max below 1": (["--config.adapter.r_max=0"], "adapter.r_max=0 must be >= 1"),
-    "unknown method": (["--config.adapter.method=adalora"], "adapter.method='adalora' is not one of"),
+    "unknown method": (["--config.adapter.method=dora"], "adapter.method='dora' is not one of"),
     "mesh too big": (["--config.mesh.data=16"], "needs 16 devices"),
     "mesh vs r_max": (["--config.mesh.components=3"], "mesh.components=3 does not divide adapter.r_max=4"),
     "budget below modules": (["--config.adapter.rank_budget=11"], "rank_budget=11 is below the 12 adapted modules"),

@@ -32,6 +32,8 @@ SCHEMA = {
     "adapter.advance_learning": True,
     "adapter.grow": True, "adapter.orth_reg": 0.0, "adapter.dropout": 0.0, "adapter.slot_chunk_size": 1,
     "adapter.remat": False,
+    # one block per comparison method, checked field by field in tests/test_method_seam.py
+    "adapter.adalora": None, "adapter.increlora": None, "adapter.sora": None, "adapter.ardlora": None,
     "optim.learning_rate": None, "optim.weight_decay": 0.01, "optim.adapter_weight_decay": 0.0,
     "optim.warmup_steps": None, "optim.schedule": "linear", "optim.grad_clip": 1.0, "optim.b1": 0.9,
     "optim.b2": 0.999, "optim.eps": 1e-6,
@@ -149,7 +151,7 @@ def test_demo_config_is_valid_and_documents_the_command():
     "field, value, message",
     [
         ("adapter.r_max", 0, "adapter.r_max=0 must be >= 1"),
-        ("adapter.method", "adalora", "adapter.method='adalora' is not one of"),
+        ("adapter.method", "dora", "adapter.method='dora' is not one of"),
         ("adapter.head_gradient", "sum", "adapter.head_gradient='sum' is not one of"),
         ("adapter.initial_rank", 9, "adapter.initial_rank=9 is larger than adapter.r_max=8"),
         ("mesh.components", 3, "mesh.components=3 does not divide adapter.r_max=8"),

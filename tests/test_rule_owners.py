@@ -92,13 +92,13 @@ def test_the_allocator_refuses_a_budget_below_the_initial_ranks_with_the_up_fron
 def test_method_rule_is_the_same_in_validation_and_the_trainer():
     from adapad_jax.training import Trainer
 
-    config = _config(**{"adapter.method": "adalora"})
+    config = _config(**{"adapter.method": "dora"})
     with pytest.raises(ConfigError) as fields_error:
         validation.check_fields(config, installed_packages=False)
     with pytest.raises(ConfigError) as trainer_error:
         Trainer(None, config, None, "/tmp/unused")  # refused before the model or mesh is looked at
     assert str(fields_error.value) == str(trainer_error.value) == (
-        f"adapter.method='adalora' is not one of: {', '.join(METHODS)}")
+        f"adapter.method='dora' is not one of: {', '.join(METHODS)}")
 
 
 def test_lora_rank_below_1_is_refused_up_front_and_by_the_trainer(tmp_path):

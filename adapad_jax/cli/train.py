@@ -68,6 +68,9 @@ def _main(argv: list[str]) -> None:
     install_exit_on_signal()
     loaded_config_or_fail(config)
     with user_errors():
+        from adapad_jax.config.validation import check_method_overrides
+
+        check_method_overrides(config.adapter.method, overridden_fields(sys.argv[1:]))
         from adapad_jax.run.core import run
 
         result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)
@@ -76,6 +79,11 @@ def _main(argv: list[str]) -> None:
         hooks = hooks_for(config.task)
         if hooks is not None:
             hooks.report(config, result)
+
+
+def overridden_fields(argv: list[str]) -> list[str]:
+    """The dotted config fields set by ``--config.<field>=<value>`` / ``--config.<field> <value>`` in ``argv``."""
+    return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
 def main() -> None:

@@ -18,7 +18,11 @@ from adapad_jax.data.task_hooks import REGISTERED
 
 # Every task a run accepts: the data pipeline's GLUE / SQuAD specs, then the tasks that bring their own hooks.
 TASK_NAMES = tuple(TASKS) + tuple(REGISTERED)
-METHODS = ("adapad", "joint", "lora")
+# Every adapter.method (one module each in adapad_jax/methods/, registry.METHOD_CLASSES); the four after lora are
+# the paper's Table 3 comparison methods and ARD-LoRA, each reading only its own adapter.<method>.* block below.
+METHODS = ("adapad", "joint", "lora", "adalora", "increlora", "sora", "ardlora")
+# The methods with a block of their own fields, adapter.<method>.* (read by that method only).
+METHOD_BLOCKS = ("adalora", "increlora", "sora", "ardlora")
 DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("auto", "hub", "local")
 SCHEDULES = ("linear", "cosine")
@@ -84,7 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.dataset_config = ""
 
     config.adapter = ml_collections.ConfigDict()
-    # adapad (deflated slots), joint (same allocator, one forward, IncreLoRA-style) or lora (fixed rank).
+    # adapad (deflated slots), joint (adapad's allocator trained in one forward, the ablation), lora (fixed rank),
+    # adalora, increlora, sora, ardlora (the comparison methods; README "Methods"). A method's own fields are
+    # adapter.<method>.* with the reference code's names; the shared fields below keep one meaning for all.
     config.adapter.method = "adapad"
     # Names of the linear layers to adapt; () = the family's defaults (DeBERTaV3: 6 per layer, Qwen3: 7).
     config.adapter.target_modules = ()
@@ -127,6 +133,63 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.slot_chunk_size = 1
     # remat: recompute each transformer layer in the backward pass (activation checkpointing).
     config.adapter.remat = False
+
+    # ---- adapter.adalora.*: AdaLoRA (PEFT AdaLoraConfig names). init_r = adapter.r_max, the target budget =
+    # adapter.rank_budget (total over modules), lora_alpha = adapter.alpha, total_step = the run's steps.
+    config.adapter.adalora = ml_collections.ConfigDict()
+    # Steps of full budget before the cubic decay starts (tinit) and of frozen masks at the end (tfinal).
+    config.adapter.adalora.tinit = 0
+    config.adapter.adalora.tfinal = 0
+    # Steps between re-masks during the decay.
+    config.adapter.adalora.deltaT = 1
+    # EMA factors of the sensitivity |p * grad| (beta1) and of its uncertainty (beta2).
+    config.adapter.adalora.beta1 = 0.85
+    config.adapter.adalora.beta2 = 0.85
+    # Weight of the orthogonal regulariser on P and Q.
+    config.adapter.adalora.orth_reg_weight = 0.5
+
+    # ---- adapter.increlora.*: IncreLoRA (FeiyuZhang98/IncreLoRA run_glue.py names). incre_interval =
+    # adapter.growth_interval, top_h = adapter.top_k, lora_r = adapter.initial_rank, target total = rank_budget.
+    config.adapter.increlora = ml_collections.ConfigDict()
+    # EMA factors of the importance and its uncertainty.
+    config.adapter.increlora.beta1 = 0.85
+    config.adapter.increlora.beta2 = 0.85
+    # Weight of the orthogonal regulariser over each module's factors, reserves included.
+    config.adapter.increlora.reg_orth_coef = 0.1
+    # Ranks added per promotion; 0 = the reference's table by target rank per module ({2: 1, 4: 2, 6: 3, 8: 4}).
+    config.adapter.increlora.incre_rank_num = 0
+    # Steps before the first growth; 0 = adapter.growth_interval (the GLUE scripts' init_warmup = incre_interval).
+    config.adapter.increlora.init_warmup = 0
+    # Train reserves before promotion (advance learning); per-component warm-up restarts of the learning rate.
+    config.adapter.increlora.advance_learn = True
+    config.adapter.increlora.multi_lr = True
+
+    # ---- adapter.sora.*: SoRA (TsinghuaC3I/SoRA run_glue.py names). lora_r = adapter.r_max, alpha = adapter.alpha.
+    config.adapter.sora = ml_collections.ConfigDict()
+    # eta: weight of mean |g| over every gate in the loss.
+    config.adapter.sora.sparse_lambda = 1e-3
+    # xi: the gates' soft threshold after each gate optimiser step.
+    config.adapter.sora.sparse_lambda_2 = 1e-3
+    # Learning rate of the gates' own AdamW; 0 = optim.learning_rate (the reference's default).
+    config.adapter.sora.sparse_lr = 0.0
+    # xi schedule: "" (constant), linear, log_linear or exp_linear from sparse_lambda_2 to max_lambda in lambda_num
+    # values, one per stage of stage_steps steps (the reference's 15 epochs; 0 = 15 epochs of this run).
+    config.adapter.sora.lambda_schedule = ""
+    config.adapter.sora.max_lambda = 10.0
+    config.adapter.sora.lambda_num = 10
+    config.adapter.sora.stage_steps = 0
+
+    # ---- adapter.ardlora.*: ARD-LoRA (our choices where the paper gives none; docs/DESIGN.md). r0 =
+    # adapter.initial_rank, the cap = adapter.r_max.
+    config.adapter.ardlora = ml_collections.ConfigDict()
+    # lambda: weight of the regulariser l1(alpha) + beta * TV(alpha) in the meta-objective.
+    config.adapter.ardlora.lam = 1e-3
+    # beta: weight of the total variation of alpha across layers.
+    config.adapter.ardlora.beta = 0.1
+    # Temperature of the soft slot mask whose gradient stands in for the rounding's.
+    config.adapter.ardlora.tau = 0.5
+    # Learning rate of the scaling factors alpha; 0 = optim.learning_rate.
+    config.adapter.ardlora.alpha_lr = 0.0
 
     config.optim = ml_collections.ConfigDict()
     # Peak AdamW learning rate (after warmup).

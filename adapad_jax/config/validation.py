@@ -25,6 +25,7 @@ from adapad_jax.config.schema import (
     HEAD_GRADIENTS,
     IMPORTANCES,
     METHODS,
+    METHOD_BLOCKS,
     PROBLEM_TYPES,
     SCHEDULES,
     TASK_NAMES,
@@ -124,6 +125,53 @@ def check_method(method: str) -> None:
     """``adapter.method`` must be one of ``METHODS``."""
     if method not in METHODS:
         raise ConfigError(f"adapter.method='{method}' is not one of: {', '.join(METHODS)}")
+
+
+# adapter.<method>.* fields: (kinds, low, high, high_open) as _require_range takes them; a str field lists choices.
+_REAL, _INT = (int, float), (int,)
+METHOD_FIELD_RULES: dict[str, tuple] = {
+    "adalora.tinit": (_INT, 0, None, False), "adalora.tfinal": (_INT, 0, None, False),
+    "adalora.deltaT": (_INT, 1, None, False), "adalora.beta1": (_REAL, 0.0, 1.0, True),
+    "adalora.beta2": (_REAL, 0.0, 1.0, True), "adalora.orth_reg_weight": (_REAL, 0.0, None, False),
+    "increlora.beta1": (_REAL, 0.0, 1.0, True), "increlora.beta2": (_REAL, 0.0, 1.0, True),
+    "increlora.reg_orth_coef": (_REAL, 0.0, None, False), "increlora.incre_rank_num": (_INT, 0, None, False),
+    "increlora.init_warmup": (_INT, 0, None, False), "increlora.advance_learn": ((bool,),),
+    "increlora.multi_lr": ((bool,),),
+    "sora.sparse_lambda": (_REAL, 0.0, None, False), "sora.sparse_lambda_2": (_REAL, 0.0, None, False),
+    "sora.sparse_lr": (_REAL, 0.0, None, False), "sora.lambda_schedule": ("", "linear", "log_linear", "exp_linear"),
+    "sora.max_lambda": (_REAL, 0.0, None, False), "sora.lambda_num": (_INT, 1, None, False),
+    "sora.stage_steps": (_INT, 0, None, False),
+    "ardlora.lam": (_REAL, 0.0, None, False), "ardlora.beta": (_REAL, 0.0, None, False),
+    "ardlora.tau": (_REAL, 0.0, None, False), "ardlora.alpha_lr": (_REAL, 0.0, None, False),
+}
+
+
+def check_method_blocks(config: ml_collections.ConfigDict) -> None:
+    """Every ``adapter.<method>.*`` field's type and range (``METHOD_FIELD_RULES``), whichever method runs."""
+    for field, rule in METHOD_FIELD_RULES.items():
+        dotted = f"adapter.{field}"
+        if isinstance(rule[0], str):
+            _require_choice(config, dotted, rule)
+        elif len(rule) == 1:
+            _require_type(config, dotted, rule[0])
+        else:
+            kinds, low, high, high_open = rule
+            _require_range(config, dotted, tuple(k for k in kinds), low, high, high_open=high_open)
+    for method in METHOD_BLOCKS:
+        extra = sorted(set(config.adapter[method].keys()) - {f.split(".", 1)[1] for f in METHOD_FIELD_RULES
+                                                              if f.startswith(method + ".")})
+        if extra:
+            raise ConfigError(f"adapter.{method}.{extra[0]} is not a field of adapter.{method}")
+
+
+def check_method_overrides(method: str, overridden: Sequence[str]) -> None:
+    """A field set on the command line for a method that does not read it (``adapter.<other method>.*``) is
+    refused: it would be silently ignored."""
+    for dotted in overridden:
+        parts = dotted.split(".")
+        if len(parts) >= 3 and parts[0] == "adapter" and parts[1] in METHOD_BLOCKS and parts[1] != method:
+            raise ConfigError(f"{dotted} is read only by adapter.method={parts[1]}, and this run's method is "
+                              f"{method}; drop it or set --config.adapter.method={parts[1]}")
 
 
 def check_lora_rank(lora_rank: int) -> None:
@@ -239,6 +287,7 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
     _require_range(config, "adapter.dropout", real, 0.0, 1.0, high_open=True)
     _require_range(config, "adapter.slot_chunk_size", integer, 0)
     _require_type(config, "adapter.remat", (bool,))
+    check_method_blocks(config)
 
     _require_range(config, "optim.learning_rate", real, 0.0)
     if config.optim.learning_rate <= 0:

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 
 from adapad_jax.adapters.layer import low_rank_delta
 from adapad_jax.methods.orthogonality import orthogonality_penalty
+from adapad_jax.methods.base import Method, MethodSetup
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, Params]
@@ -203,3 +204,14 @@ def svd_scale(lora_alpha: float, init_r: int) -> float:
 def svd_delta(x: jax.Array, e: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """The adapter's output ``((x a^T) * e) b * scale`` (PEFT ``SVDLinear.forward`` minus the base layer)."""
     return low_rank_delta(x, a, b, e * scale)
+
+
+class AdaLoRA(Method):
+    """``adapter.method=adalora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+
+    name = "adalora"
+
+    def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.runtime.failures import ConfigError
+
+        raise ConfigError("adapter.method=adalora: AdaLoRA is not wired into the trainer yet")

@@ -28,12 +28,13 @@ Our choices (the abstract does not say; each is ours and tested as such):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from adapad_jax.adapters.layer import low_rank_delta
+from adapad_jax.methods.base import Method, MethodSetup
 
 DEFAULT_TAU = 0.5
 
@@ -79,3 +80,14 @@ def total_variation(alpha: jax.Array) -> jax.Array:
 def regulariser(alpha: jax.Array, lam: float, beta: float) -> jax.Array:
     """``lam * (sum |alpha| + beta * TV(alpha))``."""
     return lam * (jnp.sum(jnp.abs(alpha)) + beta * total_variation(alpha))
+
+
+class ARDLoRA(Method):
+    """``adapter.method=ardlora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+
+    name = "ardlora"
+
+    def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.runtime.failures import ConfigError
+
+        raise ConfigError("adapter.method=ardlora: ARD-LoRA is not wired into the trainer yet")

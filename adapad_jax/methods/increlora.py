@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.methods.orthogonality import orthogonality_penalty
+from adapad_jax.methods.base import Method, MethodSetup
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, jax.Array]
@@ -327,3 +328,14 @@ def allocated_mask(state: State, slots: int) -> jax.Array:
 def orthogonal_regulariser(params: Params, allocated: jax.Array) -> jax.Array:
     """``compute_svd_orth_regu`` (unweighted) over each module's allocated slots, reserves included."""
     return orthogonality_penalty({"a": params["a"], "b": params["b"]}, allocated)
+
+
+class IncreLoRA(Method):
+    """``adapter.method=increlora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+
+    name = "increlora"
+
+    def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.runtime.failures import ConfigError
+
+        raise ConfigError("adapter.method=increlora: IncreLoRA is not wired into the trainer yet")

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.adapters.layer import low_rank_delta
+from adapad_jax.methods.base import Method, MethodSetup
 
 REFERENCE_DEFAULTS: dict[str, Any] = {
     "lora_r": 16,
@@ -232,3 +233,14 @@ def export_fold(g: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> dict[
     a_kept = np.asarray(a)[keep]
     b_kept = (np.asarray(b, np.float64)[keep] * coef[:, None]).astype(np.asarray(b).dtype)
     return {"a": a_kept, "b": b_kept, "rank": int(keep.size)}
+
+
+class SoRA(Method):
+    """``adapter.method=sora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+
+    name = "sora"
+
+    def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.runtime.failures import ConfigError
+
+        raise ConfigError("adapter.method=sora: SoRA is not wired into the trainer yet")
