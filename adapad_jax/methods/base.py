@@ -64,6 +64,16 @@ class Method:
         self.targets = tuple(targets)
         self.components = components
         self.setup = self.make_setup(settings, len(self.targets), components)
+        self.total_steps = max(int(getattr(settings, "num_steps", 1)), 1)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length (its schedules end there); the trainer sets it before compiling a step."""
+        self.total_steps = max(int(total_steps), 1)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """This method's own ``adapter.<method>.*`` fields (``{}`` for adapad, joint, lora)."""
+        return dict(getattr(self.settings, "method_config", {}) or {})
 
     # ------------------------------------------------------------------ setup
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
@@ -121,8 +131,9 @@ class Method:
         """The part of a trainable-shaped tree the shared AdamW trains (default: all of it)."""
         return tree
 
-    def scale_updates(self, updates: Tree, step: jax.Array, method_state: Tree) -> Tree:
-        """Per-row learning-rate multipliers on the optimiser's updates (default: none)."""
+    def scale_updates(self, updates: Tree, step: jax.Array, lr: jax.Array, method_state: Tree) -> Tree:
+        """Per-row learning-rate multipliers on the optimiser's updates, which already carry the shared schedule's
+        ``lr`` at 0-based ``step`` (default: none)."""
         return updates
 
     def after_update(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree, scores: Any,

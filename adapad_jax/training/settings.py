@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class TrainerSettings:
     checkpoint_every: int
     checkpoint_keep: int
     optim: OptimSettings
+    # The running method's own adapter.<method>.* fields (empty for adapad, joint, lora).
+    method_config: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> "TrainerSettings":
@@ -89,4 +91,6 @@ class TrainerSettings:
             profile_num_steps=int(train.get("profile_num_steps", 1)),
             checkpoint_every=int(config.checkpoint.every_steps), checkpoint_keep=int(config.checkpoint.keep),
             optim=OptimSettings.from_config(config.optim),
+            method_config=(config.adapter[adapter.method].to_dict()
+                           if adapter.method in adapter and hasattr(adapter[adapter.method], "to_dict") else {}),
         )

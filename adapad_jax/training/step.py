@@ -363,7 +363,7 @@ def build_train_step(
             part: [u * live[m][:, None].astype(u.dtype) for m, u in enumerate(rows)]
             for part, rows in updates["slots"].items()
         }
-        updates = method.scale_updates(updates, state["step"], method_state)
+        updates = method.scale_updates(updates, state["step"], schedule(state["step"]), method_state)
         new_trainable = {**trainable, **optax.apply_updates(params, updates)}
 
         new_trainable, new_alloc, method_state, grew = method.after_update(

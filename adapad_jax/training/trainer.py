@@ -132,6 +132,7 @@ class Trainer:
         self._steps: dict[tuple[int, int], Callable] = {}
         self._total_steps = settings.num_steps
         self.tx, self.schedule = make_optimizer(settings.optim, self._total_steps)
+        self.method_impl.set_total_steps(self._total_steps)
         self._eval = jax.jit(build_eval_forward(model.module, model.targets, self.method_impl, self.input_keys))
 
     # ----------------------------------------------------------------- state
@@ -261,6 +262,7 @@ class Trainer:
         if total != self._total_steps:
             self._total_steps = total
             self.tx, self.schedule = make_optimizer(self.settings.optim, total)
+            self.method_impl.set_total_steps(total)
 
     def put_batch(self, batch: dict) -> dict:
         size = len(next(iter(batch.values()))) * self.batch_slice[1]
