@@ -57,6 +57,9 @@ class Method:
     name: ClassVar[str] = ""
     deflated: ClassVar[bool] = False  # per-slot deflated gradients (adapad) instead of one joint forward
     zero_b: ClassVar[bool] = False  # B starts at 0 (lora), else both factors ~ N(0, init_std^2)
+    # The joint forward also returns dL/dW of every adapted frozen kernel (= dL/d(delta W)) as ``grads["weights"]``
+    # ([M] arrays [in, out]) to ``penalty_and_scores``; it never reaches the optimiser. IncreLoRA's score needs it.
+    weight_gradients: ClassVar[bool] = False
 
     def __init__(self, settings: Any, targets: Sequence[AdapterTarget], components: int = 1):
         """``settings``: ``training.settings.TrainerSettings`` (or any object with its fields)."""

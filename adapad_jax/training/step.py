@@ -76,6 +76,12 @@ def set_subtrees(params: Mapping[str, Any], subtrees: Mapping[tuple[str, ...], A
     return out
 
 
+def _subtree(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
 def head_key(path: Sequence[str]) -> str:
     """The name of a head subtree in the trainable tree."""
     return "/".join(path)
@@ -293,18 +299,26 @@ def _single_forward_grads(module, targets, spec: StepSpec, mesh: Mesh, trainable
     def body(trainable, alloc, method_state, frozen, batch, step_rng):
         denominator = jnp.maximum(psum_packed(_weight_sum(batch), DATA_AXIS), 1e-12)
 
+        kernel_paths = [tuple(t.flax_path) + ("kernel",) for t in targets]
+
         def micro_terms(batch, first_row):
-            def objective(trainable):
+            def objective(trainable, kernels):
                 coefs = spec.impl.forward_coefs(trainable, alloc, method_state, train=True)
                 rows = spec.live_slots
                 lora = to_lora_collection(targets, [a[:rows] for a in trainable["slots"]["a"]],
                                           [b[:rows] for b in trainable["slots"]["b"]],
                                           [coefs[m, :rows] for m in range(len(targets))])
-                return _model_loss(module, spec, frozen, trainable["head"], lora, batch, step_rng, denominator,
+                params = frozen if kernels is None else set_subtrees(frozen, dict(zip(kernel_paths, kernels)))
+                return _model_loss(module, spec, params, trainable["head"], lora, batch, step_rng, denominator,
                                    first_row)
 
-            loss, grads = jax.value_and_grad(objective)(trainable)
-            return grads, loss
+            if not spec.impl.weight_gradients:
+                loss, grads = jax.value_and_grad(objective)(trainable, None)
+                return grads, loss
+            # dL/dW of each adapted (frozen) kernel, which is dL/d(delta W): the method's importance reads it.
+            kernels = [_subtree(frozen, path) for path in kernel_paths]
+            loss, (grads, weight_grads) = jax.value_and_grad(objective, argnums=(0, 1))(trainable, kernels)
+            return {**grads, "weights": [g.astype(jnp.float32) for g in weight_grads]}, loss
 
         shard_rows = next(iter(batch.values())).shape[0]
         summed = accumulate_micro_batches(micro_terms, batch, spec.grad_accum_steps,
@@ -355,6 +369,7 @@ def build_train_step(
                 module, targets, spec, mesh, trainable, alloc, method_state, frozen, batch, step_rng
             )
             grads, penalty, scores = method.penalty_and_scores(trainable, grads, alloc, method_state)
+            grads = {k: v for k, v in grads.items() if k != "weights"}  # read by the scores only
 
         live = method.live_mask(alloc, method_state)
         params = method.optimizer_params(trainable)
