@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adapad_jax"
+ARCHITECTURE = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
 # Lowest first: a module may import its own package and the packages before it, never one after it.
 LAYERS = ("runtime", "data", "config", "adapters", "models", "metrics", "outputs", "training", "methods", "run",
           "testing", "studies", "bilinear", "cli")
@@ -55,3 +57,11 @@ def test_library_never_imports_test_scaffolding():
     offenders = sorted(module for module, targets in package_modules().items()
                        if "testing" in targets and module.split("/")[0] not in MAY_IMPORT_TESTING)
     assert offenders == [], offenders
+
+
+def test_architecture_states_the_layer_order():
+    section = re.search(r"^## Layers\n(.*?)^## ", ARCHITECTURE.read_text(), flags=re.M | re.S)
+    assert section, "docs/ARCHITECTURE.md has no '## Layers' section"
+    order = re.search(r"^`\w+`(?: →\s+`\w+`)+", section.group(1), flags=re.M)
+    assert order, "the Layers section has no `a` → `b` → ... line"
+    assert re.findall(r"`(\w+)`", order.group(0)) == list(LAYERS)
