@@ -1,6 +1,6 @@
 """Appendix F studies of parallel deflation: figures, summary.md and results.json.
 
-    python launch/bilinear.py --config configs/bilinear.py [--config.quick=True]
+    python launch/bilinear.py --config configs/studies/bilinear.py [--config.quick=True]
         [--config.experiments=convergence,noise --config.seed=0 --config.seeds=5
          --config.output_dir=runs/bilinear]
 """
@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/bilinear.py.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/studies/bilinear.py.", lock_config=True)
 
 
 def _json_safe(value):
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/bilinear.py")
+        raise app.UsageError("--config is required, e.g. --config configs/studies/bilinear.py")
     from tqdm import tqdm
 
     from adapad_jax.bilinear import plots, studies

@@ -1,6 +1,6 @@
 """Planted-rank benchmark: AdaPaD, joint, fixed-rank LoRA and AdaPaD ablations on teacher tasks, run to convergence.
 
-    python launch/planted.py --config configs/planted.py [--config.quick=True] [--config.seeds=3]
+    python launch/planted.py --config configs/studies/planted.py [--config.quick=True] [--config.seeds=3]
         [--config.tasks=branches --config.variants=adapad,lora --config.output_dir=runs/planted]
         [--config.results_doc=docs/RESULTS.md]
 
@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/planted.py.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/studies/planted.py.", lock_config=True)
 DOC_BEGIN, DOC_END = "<!-- planted-benchmark:begin -->", "<!-- planted-benchmark:end -->"
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/planted.py")
+        raise app.UsageError("--config is required, e.g. --config configs/studies/planted.py")
     from adapad_jax.studies import planted as study
     from adapad_jax.outputs.rank_outputs import write_ranks_json
     from adapad_jax.testing.toy import enable_compilation_cache

@@ -2,7 +2,7 @@
 
     python launch/planted_head_drift.py
 
-Planted benchmark settings (configs/planted.py), seed 0, 600 steps; every 100 steps prints the head's relative
+Planted benchmark settings (configs/studies/planted.py), seed 0, 600 steps; every 100 steps prints the head's relative
 distance from its start ||H_t - H_0|| / ||H_0|| (H_0 is the teacher's head) and the held-out error (relative to
 the backbone's) for adapad with head_gradient mean / committed and for joint.
 """
@@ -30,7 +30,7 @@ def _flat(tree) -> np.ndarray:
 
 def main() -> None:
     """Print one line per task and variant."""
-    spec = importlib.util.spec_from_file_location("planted_config", ROOT / "configs" / "planted.py")
+    spec = importlib.util.spec_from_file_location("planted_config", ROOT / "configs" / "studies" / "planted.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()

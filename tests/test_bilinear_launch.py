@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "studies" / "bilinear.py"  # a study config, not a training preset
 METHODS = {"parallel_als", "sequential_als", "parallel_gd", "sequential_gd", "joint_gd"}
 
 
 def _launch(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    command = [sys.executable, str(ROOT / "launch" / "bilinear.py"), "--config", str(ROOT / "configs" / "bilinear.py"),
+    command = [sys.executable, str(ROOT / "launch" / "bilinear.py"), "--config", str(CONFIG),
                *overrides]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
@@ -78,7 +79,7 @@ def test_advance_learning_study_runs_on_and_off_with_stagger(tmp_path):
 
     from adapad_jax.bilinear import plots, studies
 
-    spec_file = importlib.util.spec_from_file_location("bilinear_config", ROOT / "configs" / "bilinear.py")
+    spec_file = importlib.util.spec_from_file_location("bilinear_config", CONFIG)
     module = importlib.util.module_from_spec(spec_file)
     spec_file.loader.exec_module(module)
     config = module.get_config()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from adapad_jax.config import validation
 from adapad_jax.config.schema import ConfigError, base_config
-from adapad_jax.config.validation import check_fields, check_mesh, check_resume, validate_config
+from adapad_jax.config.validation import check_fields, check_mesh
 from adapad_jax.outputs.output_set import write_text_atomic
+from adapad_jax.run import checks
+from adapad_jax.run.checks import check_resume, validate_config
 from adapad_jax.run.saved_run import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_count_adapter_targets_matches_the_built_model(tmp_path, family, targets
 
     _, hf_config = load_hf_config(str(_tiny_checkpoint_config(tmp_path, family)))
     model = model_from_config(hf_config, task="classification", num_labels=2, target_names=targets or None)
-    assert validation.count_adapter_targets(hf_config, "classification", targets) == len(model.targets)
+    assert checks.count_adapter_targets(hf_config, "classification", targets) == len(model.targets)
 
 
 def test_unknown_target_module_is_a_config_error(tmp_path):
@@ -225,7 +226,7 @@ def test_unknown_target_module_is_a_config_error(tmp_path):
 
     _, hf_config = load_hf_config(str(_tiny_checkpoint_config(tmp_path, "deberta")))
     with pytest.raises(ConfigError, match="adapter.target_modules"):
-        validation.count_adapter_targets(hf_config, "classification", ("not_a_layer",))
+        checks.count_adapter_targets(hf_config, "classification", ("not_a_layer",))
 
 
 def _valid_config(tmp_path: Path, family: str = "deberta"):

@@ -241,6 +241,17 @@ def test_custom_task_takes_problem_type_and_label_names_from_the_training_data(t
                                  else ("accuracy", "f1") if len(names) == 2 else ("accuracy",))
 
 
+def test_custom_spec_asked_for_before_its_labels_are_known_names_what_fills_them(tmp_path):
+    from adapad_jax.data import custom
+    from adapad_jax.run import core
+
+    config = _custom_config(tmp_path, _reviews([0, 1]), _reviews([1]))
+    with pytest.raises(DataError, match=r"prepare_config \(adapad_jax/data/custom.py\) fills them in from the "
+                                        r"training data, which adapad_jax.run.core.run calls first$"):
+        custom.custom_task_spec(config)
+    assert callable(custom.prepare_config) and callable(core.run)  # the places the message names exist
+
+
 def test_custom_task_given_names_problem_type_and_metric(tmp_path):
     from adapad_jax.data.custom import prepare_config
     from adapad_jax.config.validation import task_spec_for

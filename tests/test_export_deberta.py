@@ -195,7 +195,11 @@ def test_model_card_states_the_reachable_budget():
     config.task, config.adapter.rank_budget, config.adapter.r_max = "glue_rte", 144, 4
     ranks = {f"deberta.encoder.layer.{layer}.attention.self.{m}": 2 for layer in range(2)
              for m in ("query_proj", "key_proj", "value_proj", "q", "k", "v")}
-    card = str(model_card(config, ranks, {"accuracy": 0.5}, step=10))
+    card = str(model_card(config, ranks, {"accuracy": 0.5}, step=10, reachable_budget=48))
     assert "global rank budget 144, of which 48 is reachable (12 modules x r_max 4" in card
     config.adapter.rank_budget = 40  # below 48: the budget itself is what binds
-    assert "global rank budget 40, at most 4 per module" in str(model_card(config, ranks, {}, step=10))
+    assert "global rank budget 40, at most 4 per module" in str(model_card(config, ranks, {}, step=10,
+                                                                            reachable_budget=40))
+    config.adapter.rank_budget = 144  # a run that does not grow states no reachable part
+    assert "global rank budget 144, at most 4 per module" in str(model_card(config, ranks, {}, step=10,
+                                                                             reachable_budget=None))

@@ -50,7 +50,7 @@ def _train(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comple
 
 def test_a_resume_keeps_the_model_revision():
     from adapad_jax.config.schema import ConfigError, base_config
-    from adapad_jax.config.validation import check_resume
+    from adapad_jax.run.checks import check_resume
 
     config = base_config()
     config.output_dir = "runs/x"

@@ -5,6 +5,7 @@ finds its config files by --preset, and starts quietly (no transformers banner w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,27 @@ def test_preset_expands_to_the_config_file():
         expand_preset(["x", "--preset", "nope"])
     with pytest.raises(ValueError, match="either --preset or --config"):
         expand_preset(["x", "--preset", "demo", "--config", "configs/demo.py"])
+
+
+def test_study_configs_are_not_offered_as_training_presets():
+    """configs/studies/ holds the configs of the study launchers; --preset offers only configs of a training run."""
+    import importlib.util
+
+    from adapad_jax.config.schema import TASK_NAMES
+
+    studies = sorted(p.stem for p in (REPO / "configs" / "studies").glob("*.py"))
+    assert studies == ["bilinear", "planted"]
+    assert not set(studies) & set(presets()), presets()
+    with pytest.raises(ValueError, match="^unknown preset 'planted': choose one of custom, demo, "):
+        expand_preset(["x", "--preset", "planted"])
+    for name in presets():  # each preset is a run config of a known task (a study config has no task)
+        spec = importlib.util.spec_from_file_location(f"preset_{name}", expand_preset(["x", f"--preset={name}"])[2])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.get_config().task in TASK_NAMES, name
+    for launcher in ("bilinear", "planted", "planted_head_drift"):  # the study launchers name configs that exist
+        named = set(re.findall(r"configs/[\w/]+\.py", (REPO / "launch" / f"{launcher}.py").read_text()))
+        assert named and all((REPO / path).is_file() for path in named), (launcher, named)
 
 
 _BLOCK_TORCH = """

@@ -14,6 +14,7 @@ import pytest
 
 from adapad_jax.studies import planted as study
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "studies" / "planted.py"  # a study config, not a training preset
 
 
 def _spearman_by_hand(x, y) -> float:
@@ -68,7 +69,7 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nkept text\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, str(REPO / "launch" / "planted.py"), "--config", str(REPO / "configs" / "planted.py"),
+    args = [sys.executable, str(REPO / "launch" / "planted.py"), "--config", str(CONFIG),
             "--config.quick=True", f"--config.output_dir={out}", f"--config.results_doc={doc}"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,7 +139,7 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
 ])
 def test_bad_input_stops_before_any_run(tmp_path, override, message):
     out = tmp_path / "never"
-    args = [sys.executable, str(REPO / "launch" / "planted.py"), "--config", str(REPO / "configs" / "planted.py"),
+    args = [sys.executable, str(REPO / "launch" / "planted.py"), "--config", str(CONFIG),
             override, f"--config.output_dir={out}"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=str(REPO),
                             env={**os.environ, "PYTHONPATH": str(REPO)})

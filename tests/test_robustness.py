@@ -21,7 +21,8 @@ from adapad_jax.run import core as run_lib
 from adapad_jax.outputs import output_set
 from adapad_jax.cli import errors as cli_errors
 from adapad_jax.config.schema import ConfigError, base_config
-from adapad_jax.config.validation import check_fields, check_resume
+from adapad_jax.config.validation import check_fields
+from adapad_jax.run.checks import check_resume
 from adapad_jax.runtime.failures import EXIT_BAD_INPUT, Diverged, OutputWriteError
 from adapad_jax.outputs.output_set import dumps_strict, publish_set
 from adapad_jax.run.resume_identity import backbone_fingerprint, check_backbone, write_backbone_fingerprint
@@ -98,7 +99,7 @@ def test_a_non_finite_state_is_never_saved_or_exported(tmp_path):
     with pytest.raises(Diverged, match="step 2 holds NaN or inf"):
         trainer.save({"position": 2})
     with pytest.raises(Diverged, match="export was not written"):
-        trainer.export(tmp_path / "export")
+        run_lib.export_trainer(trainer, tmp_path / "export")
     assert not (tmp_path / "export").exists()
     trainer.close()
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from reference_libs import import_reference
 
+from adapad_jax.run.core import export_trainer
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.testing.toy import enable_compilation_cache, toy_config
 
@@ -45,7 +46,7 @@ def test_trained_adapter_exports_to_peft(tmp_path, family, task):
     rng = np.random.default_rng(0)
     trainer.train(iter([_batch(rng, task) for _ in range(5)]), 5, lambda: {}, progress=False)
     assert sum(trainer.ranks().values()) > len(model.targets)
-    out = trainer.export(tmp_path / "export")
+    out = export_trainer(trainer, tmp_path / "export")
 
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "qa": transformers.AutoModelForQuestionAnswering}[task]

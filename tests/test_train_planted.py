@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from adapad_jax.run.core import export_trainer
 from adapad_jax.training import Trainer, make_mesh
 from adapad_jax.training.losses import loss_terms
 from adapad_jax.outputs.rank_outputs import layer_and_type, rank_grid
@@ -41,7 +42,7 @@ def test_planted_modules_receive_more_rank(tmp_path, planted):
     other_ranks = [r for r, p in zip(rank_list, planted) if p == 0]
     assert min(planted_ranks) > max(other_ranks), dict(zip(planted, rank_list))
 
-    out = trainer.export(tmp_path / "export")
+    out = export_trainer(trainer, tmp_path / "export")
     assert json.loads((out / "ranks.json").read_text()) == ranks
     assert (out / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     grid, layers, types = rank_grid(ranks)

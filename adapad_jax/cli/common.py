@@ -14,8 +14,6 @@ import adapad_jax
 PRESET_FLAG = "--preset"
 # absl's help flags; each prints its help and exits with status 1, which breaks `cmd --help && ...`.
 HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")
-# Config files in configs/ that are not training runs (launch/bilinear.py reads bilinear.py).
-_NOT_PRESETS = ("bilinear",)
 
 
 def quiet_start() -> None:
@@ -42,8 +40,9 @@ def config_dir() -> Path:
 
 
 def presets() -> list[str]:
-    """Names accepted by ``--preset`` (the config files without ``.py``)."""
-    return sorted(p.stem for p in config_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in _NOT_PRESETS)
+    """Names accepted by ``--preset``: the training config files directly in configs/, without ``.py`` (the study
+    configs of launch/bilinear.py and launch/planted.py live in configs/studies/ and are not presets)."""
+    return sorted(p.stem for p in config_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def preset_path(name: str) -> Path:

@@ -66,7 +66,8 @@ def custom_task_spec(config: ml_collections.ConfigDict) -> TaskSpec:
     kind = data.problem_type
     if kind == "auto" or (kind == "classification" and not data.label_names):
         raise DataError("task=custom: the labels are not known yet (data.problem_type / data.label_names); "
-                        "adapad_jax.run.run fills them in from the training data")
+                        "prepare_config (adapad_jax/data/custom.py) fills them in from the training data, "
+                        "which adapad_jax.run.core.run calls first")
     return _spec(data, kind, data.label_names)
 
 

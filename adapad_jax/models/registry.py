@@ -6,8 +6,6 @@ import importlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import jax.numpy as jnp
-
 from adapad_jax.models.base import AdapterTarget, LoadedModel, ModelOptions, Task, model_options
 from adapad_jax.models.checkpoint_io import CheckpointError, resolve_checkpoint_dir
 

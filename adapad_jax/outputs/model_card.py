@@ -105,15 +105,17 @@ def _merged_snippet(spec: Any) -> str:
                       f'model = pipeline("{tag}", model="path/to/merged")', "```"])
 
 
-def budget_line(config: Any, num_modules: int) -> str:
-    """The budget as configured and, when fewer modules x r_max cannot hold it, the total rank actually reachable."""
-    from adapad_jax.methods.allocator import rank_capacity
+def budget_line(config: Any, num_modules: int, reachable_budget: int | None) -> str:
+    """The budget as configured and, when ``num_modules`` x r_max cannot hold it, the total rank actually reachable.
 
+    ``reachable_budget``: the most total rank the run can commit (the allocator's ``rank_capacity``, handed in by
+    the run); None: not stated.
+    """
     adapter = config.adapter
     if str(adapter.method) == "lora":
         return f"fixed rank {adapter.lora_rank} per module"
     budget, r_max = int(adapter.rank_budget), int(adapter.r_max)
-    reachable = rank_capacity(budget, num_modules, r_max)
+    reachable = budget if reachable_budget is None else int(reachable_budget)
     if reachable < budget:
         return (f"global rank budget {budget}, of which {reachable} is reachable ({num_modules} modules x r_max "
                 f"{r_max}: no module grows past r_max), at most {r_max} per module")
@@ -167,7 +169,7 @@ def card_data(config: Any, spec: Any, metrics: Mapping[str, Any], library_name: 
     )
 
 
-def _facts(config: Any, spec: Any, step: int, num_modules: int) -> list[str]:
+def _facts(config: Any, spec: Any, step: int, num_modules: int, reachable_budget: int | None) -> list[str]:
     base = str(config.model.name_or_path)
     revision = str(config.model.get("revision", "") or "")
     method = str(config.adapter.method)
@@ -177,7 +179,7 @@ def _facts(config: Any, spec: Any, step: int, num_modules: int) -> list[str]:
         f"- **task**: `{spec.name}` ({spec.kind}, {spec.num_labels} output{'s' if spec.num_labels != 1 else ''}"
         f"{labels})",
         f"- **method**: {_METHODS.get(method, method)}",
-        f"- **budget**: {budget_line(config, num_modules)}; alpha {config.adapter.alpha}",
+        f"- **budget**: {budget_line(config, num_modules, reachable_budget)}; alpha {config.adapter.alpha}",
         f"- **checkpoint**: step {step}",
     ]
 
@@ -188,8 +190,9 @@ def _metric_table(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
-               model_type: str = "", license: str | None = None) -> Any:
-    """The ``huggingface_hub.ModelCard`` of an adapter exported from a run with ``config`` at ``step``."""
+               model_type: str = "", license: str | None = None, *, reachable_budget: int | None) -> Any:
+    """The ``huggingface_hub.ModelCard`` of an adapter exported from a run with ``config`` at ``step``
+    (``reachable_budget``: see ``budget_line``)."""
     from huggingface_hub import ModelCard
 
     from adapad_jax.config.validation import task_spec_for
@@ -201,7 +204,7 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
     body = [
         f"# {config.adapter.method} adapter for {base} on {spec.name}",
         "",
-        *_facts(config, spec, step, len(ranks)),
+        *_facts(config, spec, step, len(ranks), reachable_budget),
         "",
         "## Ranks",
         "",
@@ -225,7 +228,7 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
 
 
 def merged_model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
-                      dtype: str, license: str | None = None) -> Any:
+                      dtype: str, license: str | None = None, *, reachable_budget: int | None) -> Any:
     """The ``huggingface_hub.ModelCard`` of a merged checkpoint (adapters folded into the weights)."""
     from huggingface_hub import ModelCard
 
@@ -236,7 +239,7 @@ def merged_model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[st
     body = [
         f"# {spec.name} model: {config.adapter.method} adapters merged into {config.model.name_or_path}",
         "",
-        *_facts(config, spec, step, len(ranks)),
+        *_facts(config, spec, step, len(ranks), reachable_budget),
         f"- **weights**: {dtype}, every adapter merged (W0 + s B A), task head included; loads in plain "
         "transformers, no PEFT needed",
         "",
@@ -269,13 +272,15 @@ def _exported_ranks(adapter_dir: Path) -> dict[str, int]:
 
 def write_model_card(
     adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = "",
-    base_dir: str | os.PathLike | None = None,
+    base_dir: str | os.PathLike | None = None, *, reachable_budget: int | None,
 ) -> Path:
-    """Write ``README.md`` into an exported ``adapter/``; ``base_dir``: the base checkpoint (its card's license)."""
+    """Write ``README.md`` into an exported ``adapter/``; ``base_dir``: the base checkpoint (its card's license);
+    ``reachable_budget``: see ``budget_line``."""
     from adapad_jax.outputs.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
-    card = model_card(config, _exported_ranks(adapter_dir), metrics, step, model_type, base_license(base_dir))
+    card = model_card(config, _exported_ranks(adapter_dir), metrics, step, model_type, base_license(base_dir),
+                      reachable_budget=reachable_budget)
     path = adapter_dir / "README.md"
     write_text_atomic(path, str(card))
     return path
@@ -283,11 +288,13 @@ def write_model_card(
 
 def write_merged_model_card(
     merged_dir: str | os.PathLike, ranks: Mapping[str, int], config: Any, metrics: Mapping[str, Any], step: int,
-    dtype: str, base_dir: str | os.PathLike | None = None,
+    dtype: str, base_dir: str | os.PathLike | None = None, *, reachable_budget: int | None,
 ) -> Path:
     """Write ``README.md`` into an exported ``merged/`` checkpoint."""
     from adapad_jax.outputs.output_set import write_text_atomic
 
     path = Path(merged_dir) / "README.md"
-    write_text_atomic(path, str(merged_model_card(config, ranks, metrics, step, dtype, base_license(base_dir))))
+    card = merged_model_card(config, ranks, metrics, step, dtype, base_license(base_dir),
+                             reachable_budget=reachable_budget)
+    write_text_atomic(path, str(card))
     return path

@@ -137,30 +137,3 @@ def write_allocator_json(path: Path, scaling: float, method: str, step: int, all
         "importance_ema": np.asarray(alloc["imp_ema"]).tolist(),
         "uncertainty_ema": np.asarray(alloc["unc_ema"]).tolist(),
     }, indent=2) + "\n")
-
-
-def export_trainer(trainer: Any, out_dir: str | Path | None = None) -> Path:
-    """Write ranks.json, ranks.png, allocator.json and (when the exporter is available) the PEFT adapter in
-    ``adapter/`` from ``trainer``'s current state, to ``out_dir`` (default: its output_dir).
-
-    Every process must call it (the adapters are gathered); only process 0 writes.
-    """
-    from adapad_jax.training import recovery
-
-    out = Path(out_dir) if out_dir is not None else trainer.output_dir
-    recovery.require_finite(trainer.state, trainer.step, "export")
-    params, factors = trainer.trained_params(), trainer.committed_peft_factors()
-    if not trainer.writes_files:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    ranks = trainer.ranks()
-    write_ranks_json(out / "ranks.json", ranks)
-    plot_ranks(out / "ranks.png", ranks, title=f"{trainer.method}: committed rank (total {sum(ranks.values())})")
-    if trainer.model.exports_to_peft:
-        from adapad_jax.models.export import write_peft_adapter
-
-        write_peft_adapter(out / "adapter", trainer.model, params, factors, trainer.scaling,
-                           trainer.settings.model_name_or_path)
-    write_allocator_json(out / "allocator.json", trainer.scaling, trainer.method, trainer.step,
-                         trainer.state["alloc"])
-    return out

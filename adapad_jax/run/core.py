@@ -1,6 +1,6 @@
 """One run from a config: validate, load model and data, build the mesh and trainer, train, evaluate, write outputs.
 
-Order matters for the user's contract: every check (``adapad_jax.config.validation.validate_config``) runs before any
+Order matters for the user's contract: every check (``adapad_jax.run.checks.validate_config``) runs before any
 model weights or data are loaded and before ``output_dir`` is created or touched. Every file this module
 writes into ``output_dir`` is written to a temporary name and renamed into place, so a run that dies leaves
 the previous version of each output intact. Rerunning on an ``output_dir`` with checkpoints resumes.
@@ -31,14 +31,16 @@ from adapad_jax.runtime.compilation_cache import enable_persistent_cache
 from adapad_jax.runtime.distributed import is_main_process
 from adapad_jax.runtime.failures import OutputWriteError, describe_os_error, os_error_in_chain
 from adapad_jax.runtime.host_malloc import release_free_heap
+from adapad_jax.methods.allocator import rank_capacity
 from adapad_jax.outputs.output_set import publish_set, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from adapad_jax.run.resume_identity import check_backbone, write_backbone_fingerprint
 from adapad_jax.run.lock import acquire_for_all_processes, refuse_if_held
 from adapad_jax.data.task_hooks import hooks_for
 from adapad_jax.config.validation import (
-    CheckedRun, absolute_local_paths, check_fields, check_loaded_data, check_output_dir_is_directory,
-    check_output_dir_path, check_processes_use_all_devices, check_resume, has_slot_axis, validate_config,
+    absolute_local_paths, check_fields, check_loaded_data, check_output_dir_is_directory, check_output_dir_path,
+    check_processes_use_all_devices, has_slot_axis,
 )
+from adapad_jax.run.checks import CheckedRun, check_resume, validate_config
 
 from adapad_jax.outputs.layout import (  # the run directory's names (outputs/layout.py owns them)
     CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, PREDICTIONS_FILE, RESUMES_FILE,
@@ -61,14 +63,48 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+def export_trainer(trainer: Any, out_dir: str | Path | None = None) -> Path:
+    """Write ranks.json, ranks.png, allocator.json and (when the exporter is available) the PEFT adapter in
+    ``adapter/`` from ``trainer``'s current state, to ``out_dir`` (default: its output_dir).
+
+    Every process must call it (the adapters are gathered); only process 0 writes.
+    """
+    from adapad_jax.outputs.rank_outputs import plot_ranks, write_allocator_json, write_ranks_json
+    from adapad_jax.training import recovery
+
+    out = Path(out_dir) if out_dir is not None else trainer.output_dir
+    recovery.require_finite(trainer.state, trainer.step, "export")
+    params, factors = trainer.trained_params(), trainer.committed_peft_factors()
+    if not trainer.writes_files:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = trainer.ranks()
+    write_ranks_json(out / "ranks.json", ranks)
+    plot_ranks(out / "ranks.png", ranks, title=f"{trainer.method}: committed rank (total {sum(ranks.values())})")
+    if trainer.model.exports_to_peft:
+        from adapad_jax.models.export import write_peft_adapter
+
+        write_peft_adapter(out / "adapter", trainer.model, params, factors, trainer.scaling,
+                           trainer.settings.model_name_or_path)
+    write_allocator_json(out / "allocator.json", trainer.scaling, trainer.method, trainer.step,
+                         trainer.state["alloc"])
+    return out
+
+
+def reachable_budget(trainer: Any) -> int | None:
+    """The most total rank ``trainer``'s run can commit, as the model card states it (the allocator's
+    ``rank_capacity`` of the configured budget).
+    """
+    settings = trainer.settings
+    return rank_capacity(settings.rank_budget, len(trainer.model.targets), settings.r_max)
+
+
 def export_output_set(trainer: Any, output_dir: Path, results: dict | None = None, rows: list | None = None,
                       extra_dir: str | None = None, after_export: Callable[[Path], None] | None = None) -> None:
     """``export_trainer`` plus eval_results.json and predictions.jsonl (when given), staged and swapped in as one set.
 
     Every process must call it (the export gathers the adapters); only process 0 writes.
     """
-    from adapad_jax.outputs.rank_outputs import export_trainer
-
     if not is_main_process():
         export_trainer(trainer, None)
         return
@@ -437,7 +473,7 @@ def _run(
 
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type,
-                                 base_dir=checked.checkpoint_dir)
+                                 base_dir=checked.checkpoint_dir, reachable_budget=reachable_budget(trainer))
 
         export_output_set(trainer, output_dir, results, rows, after_export=write_card)
         trainer.metrics.write_image("ranks", output_dir / "ranks.png", step)

@@ -18,11 +18,14 @@ from typing import Any, Callable, Mapping
 import ml_collections
 
 from adapad_jax.config.schema import ConfigError
-from adapad_jax.config.validation import CheckedRun, check_output_dir_path
+from adapad_jax.config.validation import check_output_dir_path
 from adapad_jax.runtime.distributed import is_main_process
 from adapad_jax.outputs.output_set import publish_set
 from adapad_jax.runtime.failures import CheckpointMoved
-from adapad_jax.run.core import has_checkpoints, load_model_for, with_resume_changes
+from adapad_jax.run.checks import CheckedRun
+from adapad_jax.run.core import (
+    export_trainer, has_checkpoints, load_model_for, reachable_budget, with_resume_changes,
+)
 from adapad_jax.outputs.layout import CHECKPOINTS_DIR, CONFIG_FILE, EVAL_RESULTS_FILE, EXPORTED_OUTPUTS, RESUMES_FILE
 
 
@@ -219,8 +222,6 @@ def export_checkpoint(
         raise ConfigError(f"--out '{out_dir}' exists and is a file: give a directory (new or existing) to export into")
     if out_dir:
         check_output_dir_path(Path(out_dir), "--out")
-    from adapad_jax.outputs.rank_outputs import export_trainer
-
     with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
@@ -240,10 +241,10 @@ def export_checkpoint(
         def write(staging: Path) -> None:
             export_trainer(trainer, staging)
             metrics = metrics_at_step(run_dir, step)
-            base_dir = restored.checked.checkpoint_dir
+            base_dir, reachable = restored.checked.checkpoint_dir, reachable_budget(trainer)
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", restored.config, metrics, step, model.hf_config.model_type,
-                                 base_dir=base_dir)
+                                 base_dir=base_dir, reachable_budget=reachable)
             if merged:
                 from adapad_jax.data import load_tokenizer
                 from adapad_jax.models.export import write_merged_checkpoint
@@ -254,7 +255,7 @@ def export_checkpoint(
                 )
                 load_tokenizer(str(restored.checked.checkpoint_dir)).save_pretrained(str(staging / "merged"))
                 write_merged_model_card(staging / "merged", trainer.ranks(), restored.config, metrics, step,
-                                        merged_dtype, base_dir=base_dir)
+                                        merged_dtype, base_dir=base_dir, reachable_budget=reachable)
 
         try:
             publish_set(out, EXPORTED_OUTPUTS + ("merged",), write)

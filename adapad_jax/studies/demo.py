@@ -197,7 +197,6 @@ def readout_directions(base: np.ndarray, teacher: np.ndarray, count: int) -> np.
 def build_assets(demo: ml_collections.ConfigDict, directory: Path, log: Callable[[str], None] = print) -> dict:
     """Write tokenizer + backbone checkpoint + teacher-labelled data into ``directory``; returns planted.json."""
     import jax
-    import jax.numpy as jnp
     from flax import traverse_util
     from safetensors.numpy import save_file
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import jax
 
-from adapad_jax.config.schema import ConfigError
+from adapad_jax.config.validation import check_profile_window
 
 
 class StepProfiler:
@@ -52,13 +52,6 @@ class StepProfiler:
             self._outputs = None
             self.active = False
             jax.profiler.stop_trace()
-
-
-def check_profile_window(start: int, count: int, num_steps: int) -> None:
-    """A window that starts after the run's last step would trace nothing: one line naming it."""
-    if start > num_steps:
-        raise ConfigError(f"train.profile_start_step={start} is after the run's last step ({num_steps}): nothing "
-                          f"would be traced; choose a step in 1..{num_steps} (0 = no profile)")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ One class because it owns one object's lifecycle (state, compiled steps, checkpo
 applies live elsewhere: the config fields it reads (``settings.py``), the step (``step.py``), sharding
 (``sharding.py``), growth (``allocator.py``), what happens after a step: logging, evaluation, checkpoints, the
 guard, preemption (``hooks.py``), failure handling (``guard.py``, ``preemption.py``, ``recovery.py``), output
-files (``outputs.export_trainer``).
+files (``run.core.export_trainer``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from adapad_jax.training.hooks import (
 )
 from adapad_jax.training.preemption import stop_requests
 from adapad_jax.training.optim import make_optimizer
-from adapad_jax.outputs.rank_outputs import export_trainer
 from adapad_jax.training.precision import frozen_storage, module_dtype
 from adapad_jax.training.profiling import step_profiler
 from adapad_jax.training.settings import TrainerSettings
@@ -78,7 +77,7 @@ class Trainer:
 
     Use: ``Trainer(model, config, mesh, output_dir)``; ``data_state = trainer.restore_or_init(data_state)``;
     ``trainer.train(batches, num_steps, data_state_fn)``; then ``predict`` / ``ranks`` / ``committed_peft_factors``;
-    ``outputs.export_trainer(trainer)`` writes the output files. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
+    ``run.core.export_trainer(trainer)`` writes the output files. ``num_steps`` is the run's total (the schedule ends there); checkpoints go to
     ``output_dir/checkpoints`` and metrics to ``output_dir/metrics.jsonl``.
 
     Several processes (``jax.distributed``): every process runs the same calls; each feeds its block of the
@@ -417,10 +416,6 @@ class Trainer:
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
         return merge_head(self.model.params, to_host(self.state["trainable"]["head"]))  # full-precision backbone
-
-    def export(self, out_dir: str | Path | None = None) -> Path:
-        """``outputs.export_trainer(self, out_dir)``: the run's output files, written outside the Trainer."""
-        return export_trainer(self, out_dir)
 
     def close(self) -> None:
         """Release the checkpoint manager and the metric sinks (the sinks also when the manager fails)."""

@@ -1,8 +1,8 @@
 """Appendix F studies of parallel deflation on bilinear regression Y = W* X + E.
 
-    python launch/bilinear.py --config configs/bilinear.py
-    python launch/bilinear.py --config configs/bilinear.py --config.quick=True
-    python launch/bilinear.py --config configs/bilinear.py \
+    python launch/bilinear.py --config configs/studies/bilinear.py
+    python launch/bilinear.py --config configs/studies/bilinear.py --config.quick=True
+    python launch/bilinear.py --config configs/studies/bilinear.py \
         --config.experiments=convergence,self_correction --config.seeds=3 --config.output_dir=/tmp/bil
 
 `experiments` is 'all', or a comma list of groups (convergence, self_correction,

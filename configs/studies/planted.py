@@ -1,7 +1,7 @@
 """Planted-rank benchmark: AdaPaD against joint, fixed-rank LoRA and its own ablations where allocation matters.
 
-    python launch/planted.py --config configs/planted.py --config.results_doc=docs/RESULTS.md
-    python launch/planted.py --config configs/planted.py --config.quick=True --config.output_dir=/tmp/planted
+    python launch/planted.py --config configs/studies/planted.py --config.results_doc=docs/RESULTS.md
+    python launch/planted.py --config configs/studies/planted.py --config.quick=True --config.output_dir=/tmp/planted
 
 Tasks (adapad_jax/studies/planted.py): the toy model with a teacher that adds a rank-r delta to a few
 modules and nothing elsewhere; regression on the teacher's outputs for fresh random token sequences.
