@@ -293,3 +293,25 @@ def test_export_loads_in_peft_and_reproduces_predict(tmp_path, family, task):
         np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
         assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
     trainer.close()
+
+
+def test_glue_presets_fill_adapter_sora_with_the_published_scripts_values():
+    """scripts/run_glue_sora_no_schedule.sh (STS-B: eta 10, xi 3e-4), run_glue_sora_schedule_dense.sh (RTE: eta
+    1e-3, xi 0 in the main run), run_glue.py SparseArguments defaults elsewhere (1e-3, 1e-3); the presets' shared
+    settings are untouched and the config validates with method=sora."""
+    from adapad_jax.config import validation
+    from test_config import load_config_file
+    from adapad_jax.methods.registry import build_method
+    from adapad_jax.training.settings import TrainerSettings
+
+    expected = {"stsb": (10.0, 3e-4), "rte": (1e-3, 0.0), "cola": (1e-3, 1e-3), "mnli": (1e-3, 1e-3)}
+    for task, (eta, xi) in expected.items():
+        _, config = load_config_file(f"glue_{task}")
+        assert (config.adapter.sora.sparse_lambda, config.adapter.sora.sparse_lambda_2) == (eta, xi), task
+        assert config.adapter.sora.sparse_lr == 0.0 and config.adapter.sora.lambda_schedule == ""
+        assert config.adapter.r_max == 4, "the shared like-for-like r_max stays the preset's"
+        config.adapter.method = "sora"
+        validation.check_method_blocks(config)
+    model = make_toy_model(hidden=16, num_layers=2, num_outputs=4)
+    method = build_method(TrainerSettings.from_config(config), model.targets)
+    assert (method.num_slots, method.scaling) == (4, config.adapter.alpha / 4)

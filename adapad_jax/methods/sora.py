@@ -1,9 +1,9 @@
 """SoRA (Ding et al. 2023, sparse low-rank adaptation) as pure rules, written from ``TsinghuaC3I/SoRA``.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_sora_rules.py`` checks every rule against a NumPy
-re-derivation of the reference files (``src/lora.py``, ``src/sparse_optimizer.py``, ``src/trainer.py``,
-``src/util.py``, ``run_glue.py``, ``scripts/run_glue_sora_*.sh``).
+The rules as pure functions, and the ``SoRA`` method class at the bottom that runs them on the method seam
+(``methods/base.py``). ``tests/test_sora_rules.py`` checks every rule against a NumPy re-derivation of the
+reference files (``src/lora.py``, ``src/sparse_optimizer.py``, ``src/trainer.py``, ``src/util.py``,
+``run_glue.py``, ``scripts/run_glue_sora_*.sh``); ``tests/test_sora_method.py`` checks the class in the Trainer.
 
 Layout (the repo's slot-leading one): per module m, ``g`` [R] (reference ``gate`` [1, r]), ``a`` [R, in]
 (reference ``lora_A``) and ``b`` [R, out] (reference ``lora_B`` [out, r], transposed).
@@ -60,6 +60,30 @@ Deliberate differences:
   the scripts) and the sparse lr schedule are the trainer's; ``gate_step`` takes the lr of the step.
 - ``export_fold`` returns rank 0 for a module whose gates are all zero; PEFT cannot hold r = 0, so the caller
   leaves such a module out of ``target_modules`` / ``rank_pattern``.
+
+In the trainer (class ``SoRA``; the order of ``training/step.py``):
+
+- R = ``adapter.r_max`` (the reference's ``lora_r``), forward scale ``adapter.alpha / R``; the gates are the
+  trainable leaf ``trainable["gates"]`` ([M] arrays [R]), outside the shared AdamW (``optimizer_params``), as
+  the reference removes ``lora.gate`` from its main optimiser; ``gate_step``'s state is
+  ``state["method"]["gate_adam"]`` (checkpointed, so resume is bit-exact).
+- ``penalty_and_scores`` adds eta's gradient as ``eta * sign(g) / #gates`` (torch's d|g|/dg, 0 at g = 0;
+  ``jax.grad(jnp.abs)(0.)`` is 1), then clips every gradient together (slots, head and gates) as
+  ``torch.nn.utils.clip_grad_norm_``: times ``min(1, max_norm / (norm + 1e-6))`` with ``optim.grad_clip``. The
+  shared optimiser's own clip then sees a norm below the limit and does nothing, so the slots, head and gates get
+  the reference's jointly clipped gradients. The logged ``grad_norm`` is therefore the clipped norm.
+- ``after_update`` runs ``gate_step`` on those gradients at the gate lr of the step (``sparse_lr``, 0 =
+  ``optim.learning_rate``, on ``get_linear_schedule_with_warmup`` with ``optim.warmup_steps`` and the run's
+  length, whatever ``optim.schedule`` the shared optimiser uses), after the shared step, as the reference calls
+  ``sparse_optimizer.step()`` after ``optimizer.step()``; then ``alloc["committed"] = g != 0`` and
+  ``alloc["rank"]`` its count per module. Every row is live (``live_mask``): the reference's AdamW steps whole
+  A / B matrices, so a zero-gate row (gradient 0) moves on its decaying momentum with the global step count.
+- xi stages: the reference runs its schedule after the main training, as ``lambda_num - 1`` further 15-epoch
+  runs that reuse the already-decayed schedulers (lr 0: they only threshold). One run here has stages of
+  ``adapter.sora.stage_steps`` steps inside the run (stage ``(step - 1) // stage_steps``); the method does not
+  know the epoch length, so a schedule needs ``stage_steps >= 1`` and ``stage_steps = 0`` is one stage (xi
+  constant), refused with a schedule set.
+- No budget: ``setup.rank_budget`` is ``M * R`` (all gates); the rank the run ends at is reported.
 """
 
 from __future__ import annotations
