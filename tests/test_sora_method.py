@@ -202,6 +202,27 @@ def test_resume_is_bit_exact(toy, tmp_path):
     second.close()
 
 
+
+def test_mesh_run_matches_single_device(toy, tmp_path):
+    """data=2 x components=2 trains SoRA as one device does (the joint forward is replicated over components)."""
+    from test_train_equivalence import assert_close_to_scale
+
+    model, teacher = toy
+    states = []
+    for data, components in ((1, 1), (2, 2)):
+        trainer = Trainer(model, _sora(**{"adapter.sora.sparse_lambda_2": 0.2}), make_mesh(data, components),
+                          tmp_path / f"{data}x{components}")
+        batches = ToyBatches(model, teacher, 16)
+        trainer.restore_or_init(batches.state())
+        trainer.train(batches, 4, batches.state, progress=False)
+        states.append(jax.device_get(trainer.state))
+        trainer.close()
+    single, mesh = states
+    np.testing.assert_array_equal(single["alloc"]["committed"], mesh["alloc"]["committed"])
+    assert not single["alloc"]["committed"].all(), "xi 0.2 should have zeroed some gates"
+    for path, x, y in zip(*zip(*jax.tree_util.tree_leaves_with_path(single)), jax.tree.leaves(mesh)):
+        assert_close_to_scale(x, y, jax.tree_util.keystr(path))
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"adapter.sora.lambda_schedule": "linear"}, "adapter.sora.stage_steps must be >= 1"),
     ({"adapter.sora.lambda_schedule": "exp_linear", "adapter.sora.sparse_lambda_2": 0.0,
@@ -315,3 +336,14 @@ def test_glue_presets_fill_adapter_sora_with_the_published_scripts_values():
     model = make_toy_model(hidden=16, num_layers=2, num_outputs=4)
     method = build_method(TrainerSettings.from_config(config), model.targets)
     assert (method.num_slots, method.scaling) == (4, config.adapter.alpha / 4)
+    from adapad_jax.config.sora_presets import TABLE3_BUDGET
+
+    for dotted, value in TABLE3_BUDGET.items():  # the Table 3 preset names real fields (r = 4: SoRA's 0.47M row)
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        assert leaf in node
+        node[leaf] = value
+    validation.check_method_blocks(config)
+    assert config.adapter.r_max == 4
