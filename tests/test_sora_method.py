@@ -347,3 +347,34 @@ def test_glue_presets_fill_adapter_sora_with_the_published_scripts_values():
         node[leaf] = value
     validation.check_method_blocks(config)
     assert config.adapter.r_max == 4
+
+
+@pytest.mark.slow  # ~90 s: the documented command on tiny local stand-ins of DeBERTaV3 and CoLA
+def test_the_glue_cola_command_runs_sora_end_to_end(tmp_path):
+    """``launch/train.py --config configs/glue_cola.py --config.adapter.method=sora`` (tiny checkpoint and data):
+    every output, ranks.json = the nonzero gates' count, the PEFT adapter's rank_pattern the nonzero ranks."""
+    import subprocess
+    import sys
+
+    from adapad_jax.testing import tiny
+
+    tiny.build_tiny_deberta(tmp_path / "ckpt", task="classification", num_labels=2, seed=1)
+    files = tiny.write_tiny_glue(tmp_path / "data", "glue_cola", n_train=32, n_val=12)
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "launch" / "train.py"), "--config", str(root / "configs" / "glue_cola.py"),
+            "--config.adapter.method=sora", f"--config.model.name_or_path={tmp_path / 'ckpt'}",
+            f"--config.data.train_file={files.train_file}", f"--config.data.validation_file={files.validation_file}",
+            "--config.train.num_steps=6", "--config.train.batch_size=8", "--config.data.max_length=32",
+            f"--config.output_dir={out}", "--config.adapter.sora.sparse_lambda_2=0.2",
+            "--config.train.eval_every_steps=3", "--config.checkpoint.every_steps=3", "--config.optim.warmup_steps=1"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert 0 < sum(ranks.values()) < 4 * len(ranks), "xi 0.2 zeroes some of the r_max = 4 gates per module"
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["rank"]["total_rank"] == sum(ranks.values())
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["rank_pattern"].values()) == sorted(r for r in ranks.values() if r > 0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["adapter"]["sora"]["sparse_lambda"] == 1e-3, "the CoLA preset's eta (run_glue.py default)"
