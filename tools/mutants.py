@@ -69,6 +69,7 @@ class MutantError(ValueError):
 STEP, SLOTS, ALLOC = "adapad_jax/training/step.py", "adapad_jax/adapters/slots.py", "adapad_jax/methods/allocator.py"
 ADAM = "adapad_jax/training/slot_adam.py"
 ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
+SORA = "adapad_jax/methods/sora.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -126,6 +127,19 @@ MUTANTS: tuple[Mutant, ...] = (
            (Edit(SLOTS, "rows = np.nonzero(committed[m])[0]", "rows = np.arange(committed.shape[1])"),),
            "the exported adapter carries every slot (reserves, unpromoted slots), not the committed ones",
            ("tests/test_train_planted.py",)),
+    Mutant("sora_l1_sum_not_mean",
+           (Edit(SORA, "eta * jnp.sign(g) / count", "eta * jnp.sign(g)"),),
+           "SoRA's L1 term is eta * sum|g| instead of src/trainer.py's mean over every gate",
+           ("tests/test_sora_method.py::test_in_trainer_gate_step_matches_a_numpy_sparse_adamw",)),
+    Mutant("sora_gates_in_shared_adamw",
+           (Edit(SORA, 'return {k: v for k, v in tree.items() if k != "gates"}', "return tree"),),
+           "the shared AdamW also steps the gates (the reference removes lora.gate from the main optimiser)",
+           ("tests/test_sora_method.py::test_trainer_trains_sora_and_the_rank_is_the_count_of_nonzero_gates",
+            "tests/test_sora_method.py::test_in_trainer_gate_step_matches_a_numpy_sparse_adamw")),
+    Mutant("sora_gate_lr_one_step_late",
+           (Edit(SORA, "lr=self.gate_lr_at(step - 1)", "lr=self.gate_lr_at(step)"),),
+           "the gate lr is read one step ahead of run_glue.py's sparse_scheduler (stepped after the gate step)",
+           ("tests/test_sora_method.py::test_in_trainer_gate_step_matches_a_numpy_sparse_adamw",)),
 )
 
 

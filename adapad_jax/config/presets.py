@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from adapad_jax.config.schema import base_config
+from adapad_jax.config.sora_presets import glue_sora_fields
 
 # The paper text lost its learning rates. These are AdaLoRA's published DeBERTaV3-base learning rates
 # (Zhang et al. 2023, whose GLUE protocol the paper's Table 8 follows); they are untuned starting points.
@@ -58,6 +59,7 @@ def glue_config(
     config.adapter.growth_interval = growth_interval
     config.adapter.orth_reg = orth_reg
     config.adapter.dropout = adapter_dropout
+    config.adapter.sora.update(glue_sora_fields(task))  # SoRA's published eta / xi (config/sora_presets.py)
     config.optim.learning_rate = GLUE_LEARNING_RATES[task]
     config.optim.weight_decay = 0.01
     config.optim.adapter_weight_decay = adapter_weight_decay

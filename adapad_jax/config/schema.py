@@ -173,7 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Learning rate of the gates' own AdamW; 0 = optim.learning_rate (the reference's default).
     config.adapter.sora.sparse_lr = 0.0
     # xi schedule: "" (constant), linear, log_linear or exp_linear from sparse_lambda_2 to max_lambda in lambda_num
-    # values, one per stage of stage_steps steps (the reference's 15 epochs; 0 = 15 epochs of this run).
+    # values, one per stage of stage_steps steps (the reference's stages are 15 epochs after the main run; 0 = one
+    # stage, xi constant; a schedule needs stage_steps >= 1).
     config.adapter.sora.lambda_schedule = ""
     config.adapter.sora.max_lambda = 10.0
     config.adapter.sora.lambda_num = 10

@@ -1,9 +1,9 @@
 """SoRA (Ding et al. 2023, sparse low-rank adaptation) as pure rules, written from ``TsinghuaC3I/SoRA``.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_sora_rules.py`` checks every rule against a NumPy
-re-derivation of the reference files (``src/lora.py``, ``src/sparse_optimizer.py``, ``src/trainer.py``,
-``src/util.py``, ``run_glue.py``, ``scripts/run_glue_sora_*.sh``).
+The rules as pure functions, and the ``SoRA`` method class at the bottom that runs them on the method seam
+(``methods/base.py``). ``tests/test_sora_rules.py`` checks every rule against a NumPy re-derivation of the
+reference files (``src/lora.py``, ``src/sparse_optimizer.py``, ``src/trainer.py``, ``src/util.py``,
+``run_glue.py``, ``scripts/run_glue_sora_*.sh``); ``tests/test_sora_method.py`` checks the class in the Trainer.
 
 Layout (the repo's slot-leading one): per module m, ``g`` [R] (reference ``gate`` [1, r]), ``a`` [R, in]
 (reference ``lora_A``) and ``b`` [R, out] (reference ``lora_B`` [out, r], transposed).
@@ -60,19 +60,43 @@ Deliberate differences:
   the scripts) and the sparse lr schedule are the trainer's; ``gate_step`` takes the lr of the step.
 - ``export_fold`` returns rank 0 for a module whose gates are all zero; PEFT cannot hold r = 0, so the caller
   leaves such a module out of ``target_modules`` / ``rank_pattern``.
+
+In the trainer (class ``SoRA``; the order of ``training/step.py``):
+
+- R = ``adapter.r_max`` (the reference's ``lora_r``), forward scale ``adapter.alpha / R``; the gates are the
+  trainable leaf ``trainable["gates"]`` ([M] arrays [R]), outside the shared AdamW (``optimizer_params``), as
+  the reference removes ``lora.gate`` from its main optimiser; ``gate_step``'s state is
+  ``state["method"]["gate_adam"]`` (checkpointed, so resume is bit-exact).
+- ``penalty_and_scores`` adds eta's gradient as ``eta * sign(g) / #gates`` (torch's d|g|/dg, 0 at g = 0;
+  ``jax.grad(jnp.abs)(0.)`` is 1), then clips every gradient together (slots, head and gates) as
+  ``torch.nn.utils.clip_grad_norm_``: times ``min(1, max_norm / (norm + 1e-6))`` with ``optim.grad_clip``. The
+  shared optimiser's own clip then sees a norm below the limit and does nothing, so the slots, head and gates get
+  the reference's jointly clipped gradients. The logged ``grad_norm`` is therefore the clipped norm.
+- ``after_update`` runs ``gate_step`` on those gradients at the gate lr of the step (``sparse_lr``, 0 =
+  ``optim.learning_rate``, on ``get_linear_schedule_with_warmup`` with ``optim.warmup_steps`` and the run's
+  length, whatever ``optim.schedule`` the shared optimiser uses), after the shared step, as the reference calls
+  ``sparse_optimizer.step()`` after ``optimizer.step()``; then ``alloc["committed"] = g != 0`` and
+  ``alloc["rank"]`` its count per module. Every row is live (``live_mask``): the reference's AdamW steps whole
+  A / B matrices, so a zero-gate row (gradient 0) moves on its decaying momentum with the global step count.
+- xi stages: the reference runs its schedule after the main training, as ``lambda_num - 1`` further 15-epoch
+  runs that reuse the already-decayed schedulers (lr 0: they only threshold). One run here has stages of
+  ``adapter.sora.stage_steps`` steps inside the run (stage ``(step - 1) // stage_steps``); the method does not
+  know the epoch length, so a schedule needs ``stage_steps >= 1`` and ``stage_steps = 0`` is one stage (xi
+  constant), refused with a schedule set.
+- No budget: ``setup.rank_budget`` is ``M * R`` (all gates); the rank the run ends at is reported.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.adapters.layer import low_rank_delta
-from adapad_jax.methods.base import Method, MethodSetup
+from adapad_jax.methods.base import Method, MethodSetup, Tree
 
 REFERENCE_DEFAULTS: dict[str, Any] = {
     "lora_r": 16,
@@ -235,12 +259,172 @@ def export_fold(g: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> dict[
     return {"a": a_kept, "b": b_kept, "rank": int(keep.size)}
 
 
+def linear_warmup_lr(step0: jax.Array, peak: float, warmup: int, total: int) -> jax.Array:
+    """``transformers.get_linear_schedule_with_warmup`` at 0-based ``step0``: ``peak * step/warmup`` during warm-up,
+    then ``peak * (total - step) / (total - warmup)``, never below 0 (``run_glue.py``'s ``sparse_scheduler``)."""
+    step = jnp.asarray(step0, jnp.float32)
+    warm = step / max(warmup, 1)
+    decay = jnp.maximum(0.0, (total - step) / max(total - warmup, 1))
+    return peak * jnp.where(step < warmup, warm, decay)
+
+
+def clip_like_torch(grads: Any, max_norm: float) -> Any:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole tree: times ``min(1, max_norm / (norm + 1e-6))``."""
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+    factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+
+
 class SoRA(Method):
-    """``adapter.method=sora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+    """``adapter.method=sora`` on the method seam (``methods/base.py``).
+
+    Slots ``a`` / ``b`` (R = ``adapter.r_max`` = the reference's ``lora_r``), the gates as the trainable leaf
+    ``trainable["gates"]`` ([M] arrays [R]) trained by ``gate_step`` in ``after_update``, never by the shared AdamW;
+    the gate optimiser's state is ``state["method"]["gate_adam"]``. ``alloc["committed"]`` = gate != 0.
+    """
 
     name = "sora"
+    zero_b = True
+
+    # ------------------------------------------------------------------ setup
+    def fields(self) -> dict[str, Any]:
+        """``adapter.sora.*`` with the schema's defaults for fields a hand-built settings object leaves out."""
+        defaults = {"sparse_lambda": REFERENCE_DEFAULTS["sparse_lambda"],
+                    "sparse_lambda_2": REFERENCE_DEFAULTS["sparse_lambda_2"], "sparse_lr": 0.0,
+                    "lambda_schedule": "", "max_lambda": REFERENCE_DEFAULTS["max_lambda"],
+                    "lambda_num": REFERENCE_DEFAULTS["lambda_num"], "stage_steps": 0}
+        return {**defaults, **self.config}
 
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
         from adapad_jax.runtime.failures import ConfigError
 
-        raise ConfigError("adapter.method=sora: SoRA is not wired into the trainer yet")
+        rank = int(settings.r_max)
+        if rank < 1:
+            raise ConfigError(f"adapter.r_max={rank} must be >= 1 (SoRA's lora_r: gates per module)")
+        f = self.fields()
+        kind = f["lambda_schedule"] or None
+        try:
+            check_xi_schedule(kind, float(f["sparse_lambda_2"]), float(f["max_lambda"]), int(f["lambda_num"]))
+        except ValueError as err:
+            raise ConfigError(f"adapter.sora.lambda_schedule: {err}") from None
+        if kind is not None and int(f["stage_steps"]) < 1:
+            raise ConfigError("adapter.sora.stage_steps must be >= 1 with adapter.sora.lambda_schedule set: the "
+                              "reference's stages are 15 epochs each, and the method does not know the epoch length")
+        return MethodSetup(num_modules, rank, scaling(float(settings.alpha), rank), rank, num_modules * rank,
+                           False, False)
+
+    def xi_table(self) -> np.ndarray:
+        """xi of stage 0, 1, ... (the last entry holds for every later stage)."""
+        f = self.fields()
+        kind = f["lambda_schedule"] or None
+        num = int(f["lambda_num"]) if kind is not None else 1
+        return np.array([xi_at_stage(s, kind, float(f["sparse_lambda_2"]), float(f["max_lambda"]),
+                                     int(f["lambda_num"])) for s in range(num)], np.float32)
+
+    def xi_at_step(self, step: jax.Array) -> jax.Array:
+        """xi for 1-based ``step``: stage ``(step - 1) // stage_steps`` (one stage for the whole run when 0)."""
+        table = jnp.asarray(self.xi_table())
+        stage_steps = int(self.fields()["stage_steps"])
+        if stage_steps < 1:
+            return table[0]
+        stage = jnp.minimum((jnp.asarray(step) - 1) // stage_steps, table.shape[0] - 1)
+        return table[stage]
+
+    def gate_lr_at(self, step0: jax.Array) -> jax.Array:
+        """The gates' lr at 0-based ``step0``: ``sparse_lr`` (0: ``optim.learning_rate``) on a linear warm-up of
+        ``optim.warmup_steps`` and linear decay to 0 at the run's end, whatever ``optim.schedule`` is."""
+        optim = self.settings.optim
+        peak = float(self.fields()["sparse_lr"]) or float(optim.learning_rate)
+        total = self.total_steps
+        return linear_warmup_lr(step0, peak, min(max(int(optim.warmup_steps), 0), total), total)
+
+    # ------------------------------------------------------------------ state
+    def _modules(self, key: jax.Array) -> list[dict[str, jax.Array]]:
+        return [init_module(jax.random.fold_in(key, m), self.num_slots, t.in_features, t.out_features)
+                for m, t in enumerate(self.targets)]
+
+    def init_slots(self, key: jax.Array) -> Tree:
+        """A Kaiming-uniform, B = 0 (``init_module``)."""
+        modules = self._modules(key)
+        return {"a": [mod["a"] for mod in modules], "b": [mod["b"] for mod in modules]}
+
+    def init_extra(self, key: jax.Array) -> Tree:
+        """The gates, N(0, 1) (``init_module``)."""
+        return {"gates": [mod["g"] for mod in self._modules(key)]}
+
+    def init_alloc(self) -> Tree:
+        from adapad_jax.methods import allocator as alloc_lib
+
+        s = self.setup
+        return alloc_lib.init_allocator(s.num_modules, s.num_slots, s.num_slots, s.rank_budget)
+
+    def init_method_state(self, trainable: Tree) -> Tree:
+        state = init_gate_state(trainable["gates"])
+        return {"gate_adam": {"count": state.count, "exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq}}
+
+    # ---------------------------------------------------------------- forward
+    def forward_coefs(self, trainable: Tree, alloc: Tree, method_state: Tree, train: bool) -> jax.Array:
+        """``g * alpha / r`` in training and evaluation alike (a zero gate is a zero row)."""
+        return jnp.stack(trainable["gates"]).astype(jnp.float32) * self.scaling
+
+    def live_mask(self, alloc: Tree, method_state: Tree) -> jax.Array:
+        """Every row: the reference's AdamW steps whole A / B matrices, so a zero-gate row (gradient 0) still
+        moves on its decaying momentum and its step count runs with the global one (a revived row's bias
+        correction is the reference's)."""
+        return jnp.ones((self.setup.num_modules, self.num_slots), bool)
+
+    # ----------------------------------------------------------- loss, update
+    def penalty_and_scores(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree
+                           ) -> tuple[Tree, jax.Array, Any]:
+        """The L1 term's gradient on the gates, then the reference's clipping of every gradient together."""
+        eta = float(self.fields()["sparse_lambda"])
+        gates = trainable["gates"]
+        penalty = l1_gate_penalty(gates, eta)
+        # torch's d|g|/dg is sign(g), 0 at g = 0; jax.grad(jnp.abs)(0.0) is 1, which would push a zero gate
+        # (and, through the shared clipping norm, every other gradient) where the reference does not.
+        count = sum(int(np.prod(g.shape)) for g in gates)
+        grads = {**grads, "gates": [gr + eta * jnp.sign(g) / count for gr, g in zip(grads["gates"], gates)]}
+        clip = float(self.settings.optim.grad_clip or 0.0)
+        if clip > 0:
+            grads = clip_like_torch(grads, clip)
+        return grads, penalty, None
+
+    def optimizer_params(self, tree: Tree) -> Tree:
+        """Everything but the gates (their own optimiser runs in ``after_update``)."""
+        return {k: v for k, v in tree.items() if k != "gates"}
+
+    def after_update(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree, scores: Any,
+                     step: jax.Array, key: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+        """``SparseAdamW.step`` (``gate_step``) at this step's gate lr and xi, then the rank record from the gates."""
+        adam = method_state["gate_adam"]
+        gates, state = gate_step(trainable["gates"], grads["gates"],
+                                 GateState(adam["count"], adam["exp_avg"], adam["exp_avg_sq"]),
+                                 lr=self.gate_lr_at(step - 1), xi=self.xi_at_step(step))
+        committed_now = jnp.stack(committed(gates))
+        new_alloc = {**alloc, "committed": committed_now, "rank": committed_now.sum(axis=1).astype(jnp.int32)}
+        changed = jnp.any(committed_now != alloc["committed"])
+        new_state = {**method_state, "gate_adam": {"count": state.count, "exp_avg": state.exp_avg,
+                                                   "exp_avg_sq": state.exp_avg_sq}}
+        return {**trainable, "gates": gates}, new_alloc, new_state, changed
+
+    # ----------------------------------------------------------------- export
+    def export_factors(self, trainable, alloc, method_state):
+        """``export_fold`` at scale 1 (B times g; the writer's alpha_pattern carries alpha / r); modules whose
+        gates are all zero are left out."""
+        out = {}
+        for m, target in enumerate(self.targets):
+            fold = export_fold(trainable["gates"][m], trainable["slots"]["a"][m], trainable["slots"]["b"][m], 1.0)
+            if fold["rank"]:
+                out[target.hf_path] = (fold["a"], fold["b"].T.copy())
+        return out
+
+    # ------------------------------------------------------------- accounting
+    def extra_parameters(self, ranks: Mapping[str, int]) -> int:
+        """One gate per kept rank (folded into B on export)."""
+        return int(sum(int(r) for r in ranks.values()))
+
+    def paper_parameter_count(self, gates: Sequence[Any], hidden_size: int, other_trainable: int = 0
+                              ) -> tuple[int, int]:
+        """``src/util.py``'s (sparse, total) count (``reference_count``) for these gates and this model's targets."""
+        shapes = [(t.in_features, t.out_features) for t in self.targets]
+        return reference_count([np.asarray(g) for g in gates], shapes, hidden_size, other_trainable)
