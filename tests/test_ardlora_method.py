@@ -270,7 +270,7 @@ def test_trained_ardlora_exports_to_peft(tmp_path, family, task):
     model = load_model(str(path), task=task, num_labels=num_labels)
     r0 = 2
     trainer = Trainer(model, _config(**{"adapter.initial_rank": r0, "adapter.init_std": 0.05,
-                                        "optim.learning_rate": 5e-2, "adapter.ardlora.alpha_lr": 0.3,
+                                        "optim.learning_rate": 5e-2, "adapter.ardlora.alpha_lr": 0.05,
                                         "model.name_or_path": str(path)}), make_mesh(1, 1), tmp_path / "out")
     trainer.restore_or_init({})
     # Spread the ranks (r0 alpha = 0.6 ... 3.6 -> ranks 1..4) so the export carries several ranks.
