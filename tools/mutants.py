@@ -69,6 +69,7 @@ class MutantError(ValueError):
 STEP, SLOTS, ALLOC = "adapad_jax/training/step.py", "adapad_jax/adapters/slots.py", "adapad_jax/methods/allocator.py"
 ADAM = "adapad_jax/training/slot_adam.py"
 ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
+ARDLORA = "adapad_jax/methods/ardlora.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -126,6 +127,21 @@ MUTANTS: tuple[Mutant, ...] = (
            (Edit(SLOTS, "rows = np.nonzero(committed[m])[0]", "rows = np.arange(committed.shape[1])"),),
            "the exported adapter carries every slot (reserves, unpromoted slots), not the committed ones",
            ("tests/test_train_planted.py",)),
+    Mutant("ardlora_mask_not_straight_through",
+           (Edit(ARDLORA, "mask = slot_mask(alpha, self.r0, self.num_slots, self.tau)",
+                 "mask = hard_mask(alpha, self.r0, self.num_slots)"),),
+           "ARD-LoRA's train forward uses the hard mask alone: alpha gets no task gradient, only the penalty's",
+           ("tests/test_ardlora_method.py::test_forward_coefs_are_hard_forward_soft_backward",
+            "tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation")),
+    Mutant("ardlora_penalty_gradient_dropped",
+           (Edit(ARDLORA, 'return {**grads, "alpha": grads["alpha"] + alpha_grad}, penalty, None',
+                 'return grads, penalty, None'),),
+           "ARD-LoRA's l1 + TV term is logged but never reaches alpha's gradient",
+           ("tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation",)),
+    Mutant("ardlora_rank_frozen_at_r0",
+           (Edit(ARDLORA, "new_alloc = self._follow_alpha(alloc, trainable[\"alpha\"])", "new_alloc = alloc"),),
+           "ARD-LoRA's rank record (committed rows, rank, the live mask, ranks.json) never follows alpha",
+           ("tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation",)),
 )
 
 

@@ -1,20 +1,22 @@
-"""ARD-LoRA (Shinwari and Usama 2025) as pure rules, from the seed abstract only (no public code).
+"""ARD-LoRA (Shinwari and Usama 2025) from the seed abstract only (no public code): rules and the seam's method.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_ardlora_rules.py`` checks each rule against hand-computed
-values.
+``tests/test_ardlora_rules.py`` checks each rule against hand-computed values; ``tests/test_ardlora_method.py``
+checks the trainer's step against a hand derivation. docs/methods/ardlora.md has the whole account.
 
 What the abstract fixes (/work/shared/reference/ard_lora_abstract.txt): a learnable scaling factor alpha per
 module (per layer and head in the paper), effective rank ``r = round(r0 * alpha)`` (BASELINES.md adds the
 floor of 1: ``max(1, round(r0 * alpha))``), and the meta-objective ``task loss + lambda * (l1(alpha) +
-beta * TV(alpha))``. It gives no defaults for r0, lambda, beta, the alpha learning rate or alpha's init; none is
-invented here beyond ``alpha`` starting at 1 (rank r0), which ``init_alpha`` does.
+beta * TV(alpha))``. It gives no defaults for r0, lambda, beta, the alpha learning rate or alpha's init, so
+there are no reference defaults to state; ours are ``config.schema`` (lam 1e-3, beta 0.1, tau 0.5, alpha_lr 0 =
+optim.learning_rate) and alpha starts at 1 (rank r0).
 
 Our choices (the abstract does not say; each is ours and tested as such):
 
 - layout: alpha is an array whose axis 0 is the layer index, e.g. [L] for one module type, [L, T] for T module
   types or [L, H] for heads; each module carries ``r_max`` slots (``a`` [r_max, in], ``b`` [r_max, out]), so the
-  rank can grow past r0 up to ``r_max``.
+  rank can grow past r0 up to ``r_max``. In the trainer: one alpha per adapted module in a [layers, module
+  types] grid (``alpha_layout``, from the layer index in the module's name); not per head (a per-head rank is
+  not a [modules, rows] coefficient nor a PEFT LoRA module).
 - rounding: half up, ``floor(r0 * alpha + 0.5)`` (the abstract's nearest-integer bracket; numpy's half-to-even
   would make 2.5 -> 2 but 3.5 -> 4), then clipped to [1, r_max].
 - relaxation: slot k (1-based) is on in the forward iff k <= the effective rank (a hard 0/1 mask); its gradient
@@ -23,7 +25,14 @@ Our choices (the abstract does not say; each is ours and tested as such):
   still passes the soft mask's gradient to alpha. ``tau`` defaults to 0.5.
 - regulariser: ``l1 = sum |alpha|`` (a sum, not a mean) and ``TV = sum |alpha[l+1] - alpha[l]|`` along axis 0
   (the layer index) summed over every other axis, i.e. across layers within one module type / head, never
-  across module types; the term is ``lambda * (l1 + beta * TV)``.
+  across module types; the term is ``lambda * (l1 + beta * TV)``. In the trainer only grid cells holding a
+  module count (``grid_regulariser``).
+- in the trainer: forward scale ``adapter.alpha / r_max`` (as adapad/joint, fixed as ranks move); both factors
+  ~ N(0, init_std^2) (as adapad/joint); every row is in the train forward (a row outside the mask still passes
+  alpha the soft mask's gradient) but only hard-mask rows are live for the optimiser (the others have zero
+  gradient; their Adam moments and counts stay frozen until alpha switches them back on); alpha is trained by
+  the shared AdamW (global Adam count, no weight decay, peak learning rate ``alpha_lr``, the shared schedule);
+  the rank record (``committed``, ``rank``) follows alpha after every optimiser step; no rank budget of its own.
 """
 
 from __future__ import annotations
