@@ -9,7 +9,7 @@ every expected number is re-derived with NumPy from the abstract's formulas and 
 
 from __future__ import annotations
 
-import math
+import json
 import shutil
 
 import jax
@@ -44,8 +44,8 @@ def _trainer(model, tmp_path, **overrides):
     return trainer
 
 
-def _hand_rank(alpha, r0):
-    return np.clip(np.floor(r0 * np.asarray(alpha, np.float64) + 0.5), 1, R_MAX).astype(int)
+def _hand_rank(alpha, r0, r_max=R_MAX):
+    return np.clip(np.floor(r0 * np.asarray(alpha, np.float64) + 0.5), 1, r_max).astype(int)
 
 
 def _sigmoid(z):
@@ -305,3 +305,32 @@ def test_trained_ardlora_exports_to_peft(tmp_path, family, task):
         np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
         assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
     trainer.close()
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_every_output_and_peft_reproduces_it(tmp_path):
+    """run.core.run with adapter.method=ardlora on a tiny Qwen3 (GLUE MRPC rows): every output file, ranks.json =
+    the effective ranks, eval_results' rank record consistent (reachable = capacity: ARD has no budget of its
+    own), metrics recomputed from predictions, and PEFT reproducing every validation row (test_e2e_runs' checks)."""
+    from test_e2e_runs import check_metrics_agree_with_predictions, check_outputs, check_peft_reproduces_jax
+    from test_e2e_runs import tiny_run_config
+
+    from adapad_jax.run import core as run_lib
+
+    config = tiny_run_config(tmp_path, "glue_mrpc", "qwen3", adapter__method="ardlora", adapter__initial_rank=2)
+    # A strong l1 sets alpha's direction (down); alpha_lr 0.4 over the 4-step schedule moves r0 alpha from 2 to ~0.4
+    config.adapter.ardlora.alpha_lr = 0.4
+    config.adapter.ardlora.lam = 10.0
+    result = run_lib.run(config, progress=False, keep_trainer=True, log=lambda _: None)
+    try:
+        assert result.step == config.train.num_steps
+        check_outputs(result.output_dir, result.ranks)
+        check_metrics_agree_with_predictions(config, result.output_dir)
+        check_peft_reproduces_jax(config, result)
+        assert sum(result.ranks.values()) < 2 * len(result.ranks), "alpha should have moved some rank off r0 = 2"
+        alpha = result.trainer.method_impl.module_alpha(result.trainer.state["trainable"]["alpha"])
+        assert list(result.ranks.values()) == _hand_rank(np.asarray(alpha), 2, r_max=2).tolist()
+        results = json.loads((result.output_dir / "eval_results.json").read_text())
+        assert results["rank"]["reachable_total_rank"] == results["rank"]["rank_budget"] == len(result.ranks) * 2
+    finally:
+        result.trainer.close()

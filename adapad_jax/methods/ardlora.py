@@ -145,6 +145,10 @@ class ARDLoRA(Method):
         alpha_lr = float(config.get("alpha_lr", 0.0))
         self.alpha_lr_multiplier = alpha_lr / float(settings.optim.learning_rate) if alpha_lr > 0 else 1.0
         self.rows, self.cols, self.grid_shape = alpha_layout([t.hf_path for t in self.targets])
+        # What the run's rank schedule reports (trainer.rank_schedule): any module may move by any amount at any
+        # step, so the reachable total rank is the capacity, every module at r_max. Nothing else reads it.
+        self.alloc_config = alloc_lib.AllocatorConfig(r_max=self.num_slots, top_k=max(self.setup.rank_budget, 1),
+                                                      growth_interval=1, grow=True)
 
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
         check_initial_rank(settings.initial_rank, settings.r_max)
