@@ -70,6 +70,7 @@ STEP, SLOTS, ALLOC = "adapad_jax/training/step.py", "adapad_jax/adapters/slots.p
 ADAM = "adapad_jax/training/slot_adam.py"
 ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
 SORA = "adapad_jax/methods/sora.py"
+ARDLORA = "adapad_jax/methods/ardlora.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -140,6 +141,21 @@ MUTANTS: tuple[Mutant, ...] = (
            (Edit(SORA, "lr=self.gate_lr_at(step - 1)", "lr=self.gate_lr_at(step)"),),
            "the gate lr is read one step ahead of run_glue.py's sparse_scheduler (stepped after the gate step)",
            ("tests/test_sora_method.py::test_in_trainer_gate_step_matches_a_numpy_sparse_adamw",)),
+    Mutant("ardlora_mask_not_straight_through",
+           (Edit(ARDLORA, "mask = slot_mask(alpha, self.r0, self.num_slots, self.tau)",
+                 "mask = hard_mask(alpha, self.r0, self.num_slots)"),),
+           "ARD-LoRA's train forward uses the hard mask alone: alpha gets no task gradient, only the penalty's",
+           ("tests/test_ardlora_method.py::test_forward_coefs_are_hard_forward_soft_backward",
+            "tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation")),
+    Mutant("ardlora_penalty_gradient_dropped",
+           (Edit(ARDLORA, 'return {**grads, "alpha": grads["alpha"] + alpha_grad}, penalty, None',
+                 'return grads, penalty, None'),),
+           "ARD-LoRA's l1 + TV term is logged but never reaches alpha's gradient",
+           ("tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation",)),
+    Mutant("ardlora_rank_frozen_at_r0",
+           (Edit(ARDLORA, "new_alloc = self._follow_alpha(alloc, trainable[\"alpha\"])", "new_alloc = alloc"),),
+           "ARD-LoRA's rank record (committed rows, rank, the live mask, ranks.json) never follows alpha",
+           ("tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation",)),
 )
 
 

@@ -180,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.sora.lambda_num = 10
     config.adapter.sora.stage_steps = 0
 
-    # ---- adapter.ardlora.*: ARD-LoRA (our choices where the paper gives none; docs/DESIGN.md). r0 =
+    # ---- adapter.ardlora.*: ARD-LoRA (our choices where the paper gives none; docs/methods/ardlora.md). r0 =
     # adapter.initial_rank, the cap = adapter.r_max.
     config.adapter.ardlora = ml_collections.ConfigDict()
     # lambda: weight of the regulariser l1(alpha) + beta * TV(alpha) in the meta-objective.
