@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapad_jax.cli.train import overridden_fields
+from adapad_jax.cli.common import overridden_fields
 from adapad_jax.config import validation
 from adapad_jax.config.schema import METHOD_BLOCKS, METHODS, ConfigError, base_config
 from adapad_jax.methods.registry import METHOD_CLASSES

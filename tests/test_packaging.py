@@ -116,7 +116,8 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 
 def _env(installed: dict[str, Path], *extra: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # TRANSFORMERS_VERBOSITY too: a test that imported the CLI in this process (quiet_start) may have set it.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRANSFORMERS_VERBOSITY")}
     env["PYTHONPATH"] = os.pathsep.join([str(installed["target"]), *map(str, extra)])
     return env
 

@@ -30,6 +30,11 @@ def quiet_start() -> None:
     warnings.filterwarnings("ignore", message=r".*PyTorch.*TensorFlow.*Flax.*have been found.*")
 
 
+def overridden_fields(argv: list[str]) -> list[str]:
+    """The dotted config fields set by ``--config.<field>=<value>`` / ``--config.<field> <value>`` in ``argv``."""
+    return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+
+
 def config_dir() -> Path:
     """The directory of the shipped config files: ``adapad_jax/configs`` when installed, ``configs/`` in a checkout."""
     package = Path(adapad_jax.__file__).resolve().parent

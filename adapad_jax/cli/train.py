@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from adapad_jax.cli.common import describe_config, expand_preset, quiet_start, run_app
+from adapad_jax.cli.common import describe_config, expand_preset, overridden_fields, quiet_start, run_app
 
 quiet_start()
 
@@ -79,11 +79,6 @@ def _main(argv: list[str]) -> None:
         hooks = hooks_for(config.task)
         if hooks is not None:
             hooks.report(config, result)
-
-
-def overridden_fields(argv: list[str]) -> list[str]:
-    """The dotted config fields set by ``--config.<field>=<value>`` / ``--config.<field> <value>`` in ``argv``."""
-    return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
 def main() -> None:
