@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from adapad_jax.config.increlora_presets import glue_method_block as increlora_glue_block
 from adapad_jax.config.schema import base_config
 
 # The paper text lost its learning rates. These are AdaLoRA's published DeBERTaV3-base learning rates
@@ -58,6 +59,7 @@ def glue_config(
     config.adapter.growth_interval = growth_interval
     config.adapter.orth_reg = orth_reg
     config.adapter.dropout = adapter_dropout
+    config.adapter.increlora.update(increlora_glue_block(task))  # IncreLoRA's own fields from its GLUE script
     config.optim.learning_rate = GLUE_LEARNING_RATES[task]
     config.optim.weight_decay = 0.01
     config.optim.adapter_weight_decay = adapter_weight_decay

@@ -100,36 +100,8 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "lora_alpha": None,
 }
 
-# Per-task GLUE settings of the IncreLoRA repository (DeBERTaV3-base, target_rank 2, lora_r 1, batch 32,
-# warmup_steps = init_warmup = incre_interval). Each task's values come from the file named in its comment.
-GLUE_SETTINGS: dict[str, dict[str, Any]] = {
-    # NLU/scripts/rank=2/run_cola.sh
-    "cola": {"lr": 8e-4, "top_h": 3, "interval": 100, "max_len": 64, "orth": 0.1, "epochs": 25, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.0},
-    # NLU/scripts/rank=2/run_mrpc.sh
-    "mrpc": {"lr": 1e-3, "top_h": 6, "interval": 100, "max_len": 320, "orth": 0.1, "epochs": 30, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.3, "cls_dropout": 0.0, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_rte.sh
-    "rte": {"lr": 1.2e-3, "top_h": 5, "interval": 100, "max_len": 320, "orth": 0.3, "epochs": 50, "batch": 32,
-            "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.01},
-    # NLU/scripts/rank=8/run_stsb.sh (rank=2/ has no STS-B script; this one sets target_rank=2 itself)
-    "stsb": {"lr": 2.2e-3, "top_h": 4, "interval": 100, "max_len": 128, "orth": 0.3, "epochs": 25, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.1},
-    # NLU/scripts/rank=2/run_sst2.sh
-    "sst2": {"lr": 8e-4, "top_h": 5, "interval": 1000, "max_len": 128, "orth": 0.1, "epochs": 24, "batch": 32,
-             "lora_alpha": 16, "lora_dropout": 0.1, "cls_dropout": 0.0, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_qqp.sh
-    "qqp": {"lr": 4e-4, "top_h": 3, "interval": 1000, "max_len": 320, "orth": 0.1, "epochs": 7, "batch": 32,
-            "lora_alpha": 16, "lora_dropout": 0.0, "cls_dropout": 0.15, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_mnli.sh
-    "mnli": {"lr": 3.5e-4, "top_h": 2, "interval": 1000, "max_len": 256, "orth": 0.1, "epochs": 9, "batch": 32,
-             "lora_alpha": 16, "lora_dropout": 0.2, "cls_dropout": 0.15, "weight_decay": 0.0},
-    # NLU/scripts/rank=2/run_qnli.sh
-    "qnli": {"lr": 7e-4, "top_h": 12, "interval": 500, "max_len": 512, "orth": 0.1, "epochs": 5, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.01},
-}
-GLUE_TARGET_RANK = 2
-GLUE_LORA_R = 1
+# Per-task GLUE settings of the IncreLoRA repository, each value's script cited (config layer: presets read it).
+from adapad_jax.config.increlora_presets import GLUE_LORA_R, GLUE_SETTINGS, GLUE_TARGET_RANK  # noqa: E402,F401
 
 
 def incre_rank_num_for(target_rank: int, incre_rank_num: int | None = None) -> int:
@@ -261,26 +233,31 @@ def _promote(state: dict[str, Any], m: int, step: int, schedule: Schedule) -> No
     state["total_rank"] += schedule.incre_rank_num
 
 
-def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, step: int, schedule: Schedule
-             ) -> tuple[list[jax.Array], State, np.ndarray | None]:
-    """New ``e``, state and grown modules (or None) after ``step`` (``update_and_increase``, before the optimiser).
+def score_step(state: State, scores: jax.Array | None, schedule: Schedule) -> State:
+    """The EMAs after one step's per-module ``module_score`` values while total < target (``update_ipt``)."""
+    if state.total_rank >= schedule.target_total:
+        return state
+    if scores is None:
+        raise ValueError("increlora: still scoring but no module scores were given")
+    importance = update_importance(state.importance, jnp.asarray(scores, jnp.float32),
+                                   beta1=schedule.beta1, beta2=schedule.beta2)
+    return dataclasses.replace(state, importance=importance)
 
-    ``scores`` are this step's per-module ``module_score`` values; they are read only while scoring.
-    """
+
+def grow(state: State, e: Sequence[jax.Array], step: int, schedule: Schedule
+         ) -> tuple[list[jax.Array], State, np.ndarray | None]:
+    """``update_and_increase`` after its ``update_ipt``: the step-0 reserves, then on a growth step the top-h
+    promotion with new reserves and, at the budget, the reserves' E set to 0. New ``e``, state, grown (or None)."""
     e = list(e)
     work = {"ranknum": state.ranknum.copy(), "allocated": state.allocated.copy(), "e_group": state.e_group.copy(),
             "ab_group": state.ab_group.copy(), "total_rank": state.total_rank}
     if step == 0:
         for m in range(len(e)):
             _add_reserves(e, work, m, step, schedule)
-    importance, scoring, grown = state.importance, state.scoring, None
+    scoring, grown = state.scoring, None
     if state.total_rank < schedule.target_total:
-        if scores is None:
-            raise ValueError(f"increlora: step {step} is still scoring but no module scores were given")
-        importance = update_importance(importance, jnp.asarray(scores, jnp.float32),
-                                       beta1=schedule.beta1, beta2=schedule.beta2)
         if growth_due(step, schedule):
-            grown = select_growth(np.asarray(importance_score(importance)), state.total_rank,
+            grown = select_growth(np.asarray(importance_score(state.importance)), state.total_rank,
                                   schedule.target_total, schedule.top_h)
             for m in np.flatnonzero(grown):
                 _promote(work, int(m), step, schedule)
@@ -290,7 +267,16 @@ def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, ste
                     stop = int(work["allocated"][m])
                     e[m] = e[m].at[stop - schedule.incre_rank_num:stop].set(0.0)
         scoring = work["total_rank"] < schedule.target_total
-    return e, State(importance=importance, scoring=scoring, **work), grown
+    return e, State(importance=state.importance, scoring=scoring, **work), grown
+
+
+def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, step: int, schedule: Schedule
+             ) -> tuple[list[jax.Array], State, np.ndarray | None]:
+    """New ``e``, state and grown modules (or None) after ``step`` (``update_and_increase``, before the optimiser).
+
+    ``scores`` are this step's per-module ``module_score`` values; they are read only while scoring.
+    """
+    return grow(score_step(state, scores, schedule), e, step, schedule)
 
 
 def trainable_masks(state: State) -> tuple[np.ndarray, np.ndarray]:
