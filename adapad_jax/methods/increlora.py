@@ -63,14 +63,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.methods.orthogonality import orthogonality_penalty
-from adapad_jax.methods.base import Method, MethodSetup
+from adapad_jax.methods.base import Method, MethodSetup, Tree
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, jax.Array]
@@ -316,12 +316,220 @@ def orthogonal_regulariser(params: Params, allocated: jax.Array) -> jax.Array:
     return orthogonality_penalty({"a": params["a"], "b": params["b"]}, allocated)
 
 
+def group_multiplier_jnp(step: jax.Array, created: jax.Array, warmup: int, total_steps: int) -> jax.Array:
+    """``group_lr_multiplier`` element-wise on arrays (jit), 0 where the group is FROZEN or created at ``step``
+    (``slot_lr_multipliers``' convention: nothing of the group has a gradient then)."""
+    step = jnp.asarray(step, jnp.float32)
+    created_f = created.astype(jnp.float32)
+    count, horizon = step - created_f - 1.0, float(total_steps) - created_f - 1.0
+    warm = count / float(max(1, warmup))
+    decay = jnp.maximum(0.0, (horizon - count) / jnp.maximum(1.0, horizon - float(warmup)))
+    value = jnp.where(count < warmup, warm, decay)
+    return jnp.where((created == FROZEN) | (created_f == step), 0.0, value)
+
+
 class IncreLoRA(Method):
-    """``adapter.method=increlora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+    """``adapter.method=increlora`` on the method seam (``methods/base.py``), driving the rules above.
+
+    Train state: ``slots`` = ``{"a" [R, in], "b" [R, out], "e" [R, 1]}`` per module; ``alloc["rank"]`` = ranknum
+    (committed components), ``alloc["committed"]`` rows < ranknum, ``alloc["reserve"]`` rows [ranknum, allocated),
+    ``alloc["imp_ema"]`` / ``["unc_ema"]`` = Ī / Ū; ``state["method"]`` = ``allocated`` [M], ``e_group`` /
+    ``ab_group`` [M, R] (the step whose optimiser group holds the row: ``INITIAL_GROUP`` or ``FROZEN``),
+    ``scoring`` (total < target), ``ipt`` [M] (the last score). Everything a rule reads is in the state tree.
+    """
 
     name = "increlora"
+    weight_gradients = True
 
+    # ------------------------------------------------------------------ setup
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.config.validation import check_initial_rank, check_rank_budget
         from adapad_jax.runtime.failures import ConfigError
 
-        raise ConfigError("adapter.method=increlora: IncreLoRA is not wired into the trainer yet")
+        cfg = self.config
+        lora_r, target = int(settings.initial_rank), int(settings.rank_budget)
+        check_initial_rank(lora_r, None)
+        check_rank_budget(target, num_modules, lora_r)
+        if int(settings.growth_interval) < 1 or int(settings.top_k) < 1:
+            raise ConfigError(f"adapter.method=increlora needs adapter.growth_interval >= 1 (incre_interval) and "
+                              f"adapter.top_k >= 1 (top_h), got {settings.growth_interval} and {settings.top_k}")
+        incre = int(cfg.get("incre_rank_num", 0) or 0)
+        if not incre:
+            average = target // num_modules if target % num_modules == 0 else None
+            if average not in INCRE_RANK_NUM:
+                raise ConfigError(f"adapter.increlora.incre_rank_num=0 takes the reference's table by average target "
+                                  f"rank {sorted(INCRE_RANK_NUM)}, but adapter.rank_budget={target} over "
+                                  f"{num_modules} modules is not one of them; set adapter.increlora.incre_rank_num")
+            incre = INCRE_RANK_NUM[average]
+        if bool(cfg.get("multi_lr", True)) and settings.optim.schedule != "linear":
+            raise ConfigError(f"adapter.increlora.multi_lr restarts the linear warm-up/decay per component "
+                              f"(Multi_LambdaLR), but optim.schedule='{settings.optim.schedule}'; set "
+                              "optim.schedule=linear or adapter.increlora.multi_lr=False")
+        warmup = int(cfg.get("init_warmup", 0) or 0) or int(settings.growth_interval)
+        advance = bool(cfg.get("advance_learn", True))
+        self.schedule = Schedule(target_total=target, init_warmup=warmup, incre_interval=int(settings.growth_interval),
+                                 top_h=int(settings.top_k), incre_rank_num=incre,
+                                 beta1=float(cfg.get("beta1", REFERENCE_DEFAULTS["beta1"])),
+                                 beta2=float(cfg.get("beta2", REFERENCE_DEFAULTS["beta2"])), advance_learn=advance)
+        self.alpha = float(settings.alpha)
+        slots = slots_needed(lora_r, target, num_modules, incre)
+        # The export's scale s (B carries e / (ranknum + 1e-5)): lora_alpha, or lora_r for alpha <= 0 (SVDLinear).
+        scaling = self.alpha if self.alpha > 0 else float(lora_r)
+        return MethodSetup(num_modules, slots, scaling, lora_r, target, True, advance)
+
+    # ------------------------------------------------------------------ state
+    def init_slots(self, key: jax.Array) -> Tree:
+        slots = super().init_slots(key)
+        slots["e"] = [jnp.zeros((self.num_slots, 1), jnp.float32) for _ in self.targets]  # reset_parameters: E = 0
+        return slots
+
+    def init_alloc(self) -> Tree:
+        return self._alloc_of(init_state(self.setup.num_modules, self.num_slots, self.setup.initial_rank), -1)
+
+    def init_method_state(self, trainable: Tree) -> Tree:
+        state = init_state(self.setup.num_modules, self.num_slots, self.setup.initial_rank)
+        return self._method_state_of(state)
+
+    def _alloc_of(self, state: State, spent_step: int) -> Tree:
+        rows = np.arange(self.num_slots)[None, :]
+        ranknum = state.ranknum[:, None]
+        return {
+            "committed": jnp.asarray(rows < ranknum),
+            "reserve": jnp.asarray((rows >= ranknum) & (rows < state.allocated[:, None])),
+            "rank": jnp.asarray(state.ranknum, jnp.int32),
+            "imp_ema": jnp.asarray(state.importance["exp_avg_ipt"], jnp.float32),
+            "unc_ema": jnp.asarray(state.importance["exp_avg_unc"], jnp.float32),
+            "budget_left": jnp.asarray(max(self.schedule.target_total - state.total_rank, 0), jnp.int32),
+            "budget_spent_step": jnp.asarray(0 if state.total_rank >= self.schedule.target_total and spent_step < 0
+                                             else spent_step, jnp.int32),
+        }
+
+    @staticmethod
+    def _method_state_of(state: State) -> Tree:
+        return {
+            "allocated": jnp.asarray(state.allocated, jnp.int32),
+            "e_group": jnp.asarray(state.e_group, jnp.int32),
+            "ab_group": jnp.asarray(state.ab_group, jnp.int32),
+            "scoring": jnp.asarray(state.scoring, bool),
+            "ipt": jnp.asarray(state.importance["ipt"], jnp.float32),
+        }
+
+    def rules_state(self, alloc: Tree, method_state: Tree) -> State:
+        """The rules module's host-side ``State`` of a train state's ``alloc`` and ``method``."""
+        ranknum = np.asarray(alloc["rank"]).astype(np.int64)
+        return State(ranknum=ranknum, allocated=np.asarray(method_state["allocated"]).astype(np.int64),
+                     e_group=np.asarray(method_state["e_group"]).astype(np.int64),
+                     ab_group=np.asarray(method_state["ab_group"]).astype(np.int64),
+                     total_rank=int(ranknum.sum()), scoring=bool(np.asarray(method_state["scoring"])),
+                     importance={"ipt": jnp.asarray(method_state["ipt"]),
+                                 "exp_avg_ipt": jnp.asarray(alloc["imp_ema"]),
+                                 "exp_avg_unc": jnp.asarray(alloc["unc_ema"])})
+
+    # ---------------------------------------------------------------- forward
+    def _allocated(self, method_state: Tree) -> jax.Array:
+        return jnp.arange(self.num_slots)[None, :] < method_state["allocated"][:, None]
+
+    def module_scales(self, alloc: Tree) -> jax.Array:
+        """[M] alpha / (ranknum + 1e-5) (``loraW``), recomputed as ranknum grows."""
+        return module_scale(self.alpha, alloc["rank"].astype(jnp.float32), self.setup.initial_rank)
+
+    def forward_coefs(self, trainable: Tree, alloc: Tree, method_state: Tree, train: bool) -> jax.Array:
+        """e_j * alpha / (ranknum + 1e-5) on every allocated row, reserves included (their e is 1e-5, or 0 after
+        the budget is reached); the same for training and evaluation, as the reference's merged eval weight."""
+        e = jnp.stack([x[:, 0] for x in trainable["slots"]["e"]])
+        return (e * self.module_scales(alloc)[:, None] * self._allocated(method_state)).astype(jnp.float32)
+
+    def live_mask(self, alloc: Tree, method_state: Tree) -> jax.Array:
+        """Rows in an optimiser group: committed rows, and reserves' a, b with advance learning."""
+        return (method_state["ab_group"] != FROZEN) | (method_state["e_group"] != FROZEN)
+
+    # ----------------------------------------------------------- loss, update
+    def penalty_and_scores(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree
+                           ) -> tuple[Tree, jax.Array, jax.Array]:
+        """Frozen E (reserves) and frozen a, b get no gradient; ``reg_orth_coef`` x the orthogonal regulariser over
+        the allocated rows; the per-module score sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(numel) on the whole product."""
+        slots = trainable["slots"]
+        allocated = self._allocated(method_state)
+        e_on = (method_state["e_group"] != FROZEN).astype(jnp.float32)
+        ab_on = (method_state["ab_group"] != FROZEN).astype(jnp.float32)
+        coef = float(self.config.get("reg_orth_coef", REFERENCE_DEFAULTS["reg_orth_coef"]))
+        ab = {"a": slots["a"], "b": slots["b"]}
+        if coef > 0:
+            penalty, penalty_grads = jax.value_and_grad(lambda s: coef * orthogonal_regulariser(s, allocated))(ab)
+        else:
+            penalty, penalty_grads = jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, ab)
+        new_slots = dict(grads["slots"])
+        for part in ("a", "b"):
+            new_slots[part] = [(g + p) * ab_on[m][:, None]
+                               for m, (g, p) in enumerate(zip(grads["slots"][part], penalty_grads[part]))]
+        new_slots["e"] = [g * e_on[m][:, None] for m, g in enumerate(grads["slots"]["e"])]
+        scales = self.module_scales(alloc)
+        scores = []
+        for m in range(len(self.targets)):
+            e = slots["e"][m][:, 0] * allocated[m]
+            delta = delta_weight(e, slots["a"][m], slots["b"][m], scales[m])  # [out, in]
+            scores.append(module_score(delta.T, grads["weights"][m]))  # the kernel's [in, out] layout
+        return {**grads, "slots": new_slots}, penalty, jax.lax.stop_gradient(jnp.stack(scores))
+
+    def lr_multipliers(self, step: jax.Array, lr: jax.Array, method_state: Tree) -> tuple[jax.Array, jax.Array]:
+        """[M, R] multipliers of the E and of the a, b updates at 0-based ``step`` relative to the shared lr:
+        1 in the optimiser's own groups, the restarted warm-up of a later group (``Multi_LambdaLR``) divided by
+        the shared schedule's value, 0 where frozen or at a group's creation step (0 too where lr = 0)."""
+        e_group, ab_group = method_state["e_group"], method_state["ab_group"]
+        if not bool(self.config.get("multi_lr", True)):
+            return (e_group != FROZEN).astype(jnp.float32), (ab_group != FROZEN).astype(jnp.float32)
+        optim = self.settings.optim
+        warmup = min(max(int(optim.warmup_steps), 0), self.total_steps)
+        peak = float(optim.learning_rate)
+        ratio = jnp.where(lr > 0, peak / jnp.where(lr > 0, lr, 1.0), 0.0)
+
+        def table(groups):
+            later = group_multiplier_jnp(step, groups, warmup, self.total_steps) * ratio
+            return jnp.where(groups == INITIAL_GROUP, 1.0, later).astype(jnp.float32)
+
+        return table(e_group), table(ab_group)
+
+    def scale_updates(self, updates: Tree, step: jax.Array, lr: jax.Array, method_state: Tree) -> Tree:
+        e_mult, ab_mult = self.lr_multipliers(step, lr, method_state)
+        slots = {part: [u * (e_mult if part == "e" else ab_mult)[m][:, None].astype(u.dtype)
+                        for m, u in enumerate(rows)] for part, rows in updates["slots"].items()}
+        return {**updates, "slots": slots}
+
+    def after_update(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree, scores: Any,
+                     step: jax.Array, key: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+        """``update_ipt`` on this step's scores while total < target (the jitted half of ``update_and_increase``)."""
+        old = {"ipt": method_state["ipt"], "exp_avg_ipt": alloc["imp_ema"], "exp_avg_unc": alloc["unc_ema"]}
+        new = update_importance(old, scores, beta1=self.schedule.beta1, beta2=self.schedule.beta2)
+        on = method_state["scoring"]
+        pick = {k: jnp.where(on, new[k], old[k]).astype(jnp.float32) for k in EMA_KEYS}
+        alloc = {**alloc, "imp_ema": pick["exp_avg_ipt"], "unc_ema": pick["exp_avg_unc"]}
+        return trainable, alloc, {**method_state, "ipt": pick["ipt"]}, jnp.zeros((), bool)
+
+    def host_update_due(self, step: int) -> bool:
+        """After reference step g = ``step`` - 1: g = 0 (the first reserves) or a growth step (g > init_warmup,
+        g % incre_interval == 0)."""
+        return step == 1 or growth_due(step - 1, self.schedule)
+
+    def host_update(self, state: Tree, step: int) -> Tree | None:
+        """``grow`` (reserves at g = 0, promotions, new reserves, E = 0 at the budget) after reference step
+        g = ``step`` - 1, whose optimiser step never touches what changes here (see docs/methods/increlora.md)."""
+        host = jax.device_get({"alloc": state["alloc"], "method": state["method"],
+                               "e": state["trainable"]["slots"]["e"]})
+        rules = self.rules_state(host["alloc"], host["method"])
+        e = [jnp.asarray(x[:, 0]) for x in host["e"]]
+        new_e, new_rules, grown = grow(rules, e, step - 1, self.schedule)
+        if step - 1 != 0 and grown is None and new_rules.scoring == rules.scoring:
+            return None
+        spent = int(host["alloc"]["budget_spent_step"])
+        if spent < 0 and new_rules.total_rank >= self.schedule.target_total:
+            spent = step
+        slots = {**state["trainable"]["slots"], "e": [jnp.asarray(x)[:, None].astype(jnp.float32) for x in new_e]}
+        alloc = self._alloc_of(new_rules, spent)
+        alloc.update(imp_ema=jnp.asarray(host["alloc"]["imp_ema"]), unc_ema=jnp.asarray(host["alloc"]["unc_ema"]))
+        method_state = {**self._method_state_of(new_rules), "ipt": jnp.asarray(host["method"]["ipt"])}
+        return {**state, "trainable": {**state["trainable"], "slots": slots}, "alloc": alloc, "method": method_state}
+
+    # ------------------------------------------------------------- accounting
+    def extra_parameters(self, ranks: Mapping[str, int]) -> int:
+        """One singular value E per committed rank."""
+        return int(sum(int(r) for r in ranks.values()))
