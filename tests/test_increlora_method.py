@@ -279,3 +279,68 @@ def test_parameter_counts_add_one_lambda_per_rank():
     factors = sum(r * (t.in_features + t.out_features) for t, r in zip(model.targets, (1, 2, 3, 2)))
     assert counts == {"factors": factors, "with_extras": factors + 8, "head": 0}
     assert math.isclose(method.scaling, ALPHA)
+
+
+def _hf_batch(rng, task, size=8, seq=16):
+    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
+    mask = np.ones((size, seq), np.int32)
+    mask[0, seq // 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
+    if task == "classification":
+        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
+    else:
+        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+    return batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, task, budget_extra", [("deberta", "classification", 2), ("qwen3", "qa", 8)])
+def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
+    """PEFT LoRA export (e * alpha / (ranknum + 1e-5) folded into B, rank_pattern / alpha_pattern) loaded by
+    ``peft.PeftModel.from_pretrained`` gives trainer.predict's logits; DeBERTa ends at the budget (reserves'
+    E = 0, left out), Qwen3 before it (reserves at E = 1e-5 are in the evaluated model and in the export)."""
+    from reference_libs import import_reference
+
+    torch = import_reference("torch")
+    peft = import_reference("peft")
+    import json
+    import transformers
+
+    from adapad_jax.models.registry import load_model
+    from adapad_jax.testing.tiny import build_tiny_deberta, build_tiny_qwen3
+
+    build = build_tiny_deberta if family == "deberta" else build_tiny_qwen3
+    num_labels = 3 if task == "classification" else 2
+    path = build(tmp_path / "ckpt", task=task, num_labels=num_labels)
+    model = load_model(str(path), task=task, num_labels=num_labels)
+    modules = len(model.targets)
+    cfg = toy_config(**{"adapter.method": "increlora", "adapter.rank_budget": modules + budget_extra,
+                        "adapter.increlora.incre_rank_num": 1, "adapter.top_k": 2, "adapter.growth_interval": 2,
+                        "adapter.init_std": 0.05, "adapter.alpha": 16.0, "optim.learning_rate": 5e-2,
+                        "optim.warmup_steps": 1, "model.name_or_path": str(path), "checkpoint.every_steps": 0})
+    trainer = Trainer(model, cfg, make_mesh(1, 1), tmp_path / "out")
+    trainer.restore_or_init({})
+    rng = np.random.default_rng(0)
+    trainer.train(iter([_hf_batch(rng, task) for _ in range(7)]), 7, lambda: {}, progress=False)
+    total = sum(trainer.ranks().values())
+    assert total == modules + min(budget_extra, 4), "growth steps g = 4, 6 of top_h = 2, up to the budget"
+    reached = total == trainer.rank_budget
+    out = trainer.export(tmp_path / "export")
+    ranks = json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    extra = 0 if reached else modules  # the reserves (1e-5) sit in the evaluated model until the budget
+    assert sum(ranks.values()) == total + extra
+
+    auto = {"classification": transformers.AutoModelForSequenceClassification,
+            "qa": transformers.AutoModelForQuestionAnswering}[task]
+    base = auto.from_pretrained(str(path))
+    batch = _hf_batch(rng, task, size=5)
+    with torch.no_grad():
+        inputs = {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
+        base_out = base(**inputs)
+        peft_out = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**inputs)
+    ours = trainer.predict(batch)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
+        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
+    trainer.close()

@@ -1,8 +1,11 @@
 """IncreLoRA (Zhang et al. 2023a) as pure rules, written from ``FeiyuZhang98/IncreLoRA``.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_increlora_rules.py`` checks each rule against a NumPy oracle
-written from the reference files.
+The rules first (``tests/test_increlora_rules.py`` checks each against a NumPy oracle written from the reference
+files), then ``IncreLoRA``, the method on the seam (``methods/base.py``) that the trainer runs with them
+(``tests/test_increlora_method.py``). docs/methods/increlora.md lists what is faithful and every deliberate
+difference of the trainer's method (growth on the host after the optimiser step, which changes no number; the
+shared per-row Adam count of a promoted E; lr restarts as multipliers on the shared schedule; eval and export
+with the reserves' E = 1e-5 until the budget zeroes them).
 
 Sources: ``loralib/loralib/increlora.py`` (``SVDLinear``, ``RankAllocator``), ``NLU/src/transformers/trainer.py``
 (call order, ``compute_svd_orth_regu``), ``NLU/src/transformers/optimization.py`` (``Multi_LambdaLR``),
@@ -17,7 +20,8 @@ Reference defaults (``REFERENCE_DEFAULTS``; ``run_glue.py`` arguments unless sai
 ``target_total_rank`` none (= target_rank x modules), ``init_warmup`` 4500, ``incre_interval`` 10, ``top_h`` 10,
 ``beta1`` = ``beta2`` = 0.85, ``advance_learn`` True, ``multi_lr`` True, ``incre_rank_num`` none (then
 {2: 1, 4: 2, 6: 3, 8: 4}[target_rank], ``RankAllocator.__init__``), ``reg_orth_coef`` 0.0, ``lora_dropout`` 0.0,
-``lora_r`` / ``lora_alpha`` none (every script sets them). Init (``SVDLinear.reset_parameters``): first component
+``lora_r`` / ``lora_alpha`` none (every script sets them), ``warmup_steps`` (the lr warm-up of every group; the GLUE
+scripts set it to ``incre_interval``), AdamW with ``weight_decay`` on every group, ``max_grad_norm`` 1.0. Init (``SVDLinear.reset_parameters``): first component
 E = 0 (trainable), A and B ~ N(0, 0.02); reserves (``add_reserve_param``): E = 1e-5 frozen with A, B ~ N(0, 0.02)
 trainable when ``advance_learn``, else E = 0 and A, B frozen. The GLUE scripts' values are ``GLUE_SETTINGS``.
 
