@@ -125,6 +125,9 @@ def test_trainer_trains_and_grows_to_the_budget(stepped):
     state = trainer.state
     assert not bool(state["method"]["scoring"]) and int(state["alloc"]["budget_left"]) == 0
     assert int(state["alloc"]["budget_spent_step"]) == 11
+    schedule = trainer.rank_schedule()
+    assert schedule["reachable_total_rank"] == schedule["total_rank"] == TARGET
+    assert trainer.rank_schedule(8)["reachable_total_rank"] == 6, "growth after g = 4, 6 (completed steps 5, 7)"
 
 
 def test_in_trainer_scores_emas_growth_and_lambda_follow_the_oracle(stepped):
@@ -299,7 +302,7 @@ def _hf_batch(rng, task, size=8, seq=16):
 def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     """PEFT LoRA export (e * alpha / (ranknum + 1e-5) folded into B, rank_pattern / alpha_pattern) loaded by
     ``peft.PeftModel.from_pretrained`` gives trainer.predict's logits; DeBERTa ends at the budget (reserves'
-    E = 0, left out), Qwen3 before it (reserves at E = 1e-5 are in the evaluated model and in the export)."""
+    E = 0), Qwen3 before it (reserves at E = 1e-5 train but are neither evaluated nor exported)."""
     from reference_libs import import_reference
 
     torch = import_reference("torch")
@@ -325,11 +328,13 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     trainer.train(iter([_hf_batch(rng, task) for _ in range(7)]), 7, lambda: {}, progress=False)
     total = sum(trainer.ranks().values())
     assert total == modules + min(budget_extra, 4), "growth steps g = 4, 6 of top_h = 2, up to the budget"
-    reached = total == trainer.rank_budget
+    assert (total == trainer.rank_budget) == (family == "deberta")
+    reserve_e = [float(np.asarray(e)[int(n) - 1, 0]) for e, n in zip(trainer.state["trainable"]["slots"]["e"],
+                                                                     trainer.state["method"]["allocated"])]
+    assert all(x == (0.0 if family == "deberta" else np.float32(1e-5)) for x in reserve_e)
     out = trainer.export(tmp_path / "export")
     ranks = json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
-    extra = 0 if reached else modules  # the reserves (1e-5) sit in the evaluated model until the budget
-    assert sum(ranks.values()) == total + extra
+    assert sorted(ranks.values()) == sorted(r for r in trainer.ranks().values() if r > 0)
 
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "qa": transformers.AutoModelForQuestionAnswering}[task]
@@ -344,3 +349,25 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
         np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
         assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
     trainer.close()
+
+
+@pytest.mark.slow
+def test_glue_run_end_to_end(tmp_path):
+    """The whole run (data, train with growth, eval, checkpoints, outputs, PEFT export) with
+    adapter.method=increlora on a tiny DeBERTaV3 CoLA: the run's checks of tests/test_e2e_runs.py."""
+    from adapad_jax.run import core as run_lib
+    from test_e2e_runs import check_metrics_agree_with_predictions, check_outputs, check_peft_reproduces_jax
+    from test_e2e_runs import tiny_run_config
+
+    config = tiny_run_config(tmp_path, "glue_cola", "deberta", adapter__method="increlora")
+    config.adapter.increlora.incre_rank_num = 1
+    config.train.num_steps = 6
+    result = run_lib.run(config, progress=False, keep_trainer=True, log=lambda _: None)
+    try:
+        assert result.step == 6
+        assert sum(result.ranks.values()) == len(result.ranks) + config.adapter.top_k, "growth at g = 4"
+        check_outputs(result.output_dir, result.ranks)
+        check_metrics_agree_with_predictions(config, result.output_dir)
+        check_peft_reproduces_jax(config, result)
+    finally:
+        result.trainer.close()

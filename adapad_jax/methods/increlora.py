@@ -5,7 +5,8 @@ files), then ``IncreLoRA``, the method on the seam (``methods/base.py``) that th
 (``tests/test_increlora_method.py``). docs/methods/increlora.md lists what is faithful and every deliberate
 difference of the trainer's method (growth on the host after the optimiser step, which changes no number; the
 shared per-row Adam count of a promoted E; lr restarts as multipliers on the shared schedule; eval and export
-with the reserves' E = 1e-5 until the budget zeroes them).
+of the committed rows only, without the reserves' E = 1e-5 terms the reference's eval weight keeps until the
+budget zeroes them).
 
 Sources: ``loralib/loralib/increlora.py`` (``SVDLinear``, ``RankAllocator``), ``NLU/src/transformers/trainer.py``
 (call order, ``compute_svd_orth_regu``), ``NLU/src/transformers/optimization.py`` (``Multi_LambdaLR``),
@@ -438,10 +439,12 @@ class IncreLoRA(Method):
         return module_scale(self.alpha, alloc["rank"].astype(jnp.float32), self.setup.initial_rank)
 
     def forward_coefs(self, trainable: Tree, alloc: Tree, method_state: Tree, train: bool) -> jax.Array:
-        """e_j * alpha / (ranknum + 1e-5) on every allocated row, reserves included (their e is 1e-5, or 0 after
-        the budget is reached); the same for training and evaluation, as the reference's merged eval weight."""
+        """e_j * alpha / (ranknum + 1e-5): in training on every allocated row, reserves included (their e is
+        1e-5, or 0 after the budget); evaluated and exported, the committed rows only (docs/methods/increlora.md:
+        the reference's eval weight also has the reserves' 1e-5 terms until the budget zeroes them)."""
         e = jnp.stack([x[:, 0] for x in trainable["slots"]["e"]])
-        return (e * self.module_scales(alloc)[:, None] * self._allocated(method_state)).astype(jnp.float32)
+        rows = self._allocated(method_state) if train else alloc["committed"]
+        return (e * self.module_scales(alloc)[:, None] * rows).astype(jnp.float32)
 
     def live_mask(self, alloc: Tree, method_state: Tree) -> jax.Array:
         """Rows in an optimiser group: committed rows, and reserves' a, b with advance learning."""
@@ -534,6 +537,18 @@ class IncreLoRA(Method):
         return {**state, "trainable": {**state["trainable"], "slots": slots}, "alloc": alloc, "method": method_state}
 
     # ------------------------------------------------------------- accounting
+    def reachable_total_rank(self, num_steps: int) -> int:
+        """The total rank growth reaches in ``num_steps`` steps without ties: min(top_h, target - total) modules
+        gain ``incre_rank_num`` at each growth step g <= num_steps - 1 while total < target."""
+        s = self.schedule
+        total = self.setup.num_modules * self.setup.initial_rank
+        for g in range(int(num_steps)):
+            if total >= s.target_total:
+                break
+            if growth_due(g, s):
+                total += min(s.top_h, s.target_total - total) * s.incre_rank_num
+        return total
+
     def extra_parameters(self, ranks: Mapping[str, int]) -> int:
         """One singular value E per committed rank."""
         return int(sum(int(r) for r in ranks.values()))
