@@ -1,4 +1,4 @@
-"""IncreLoRA (Zhang et al. 2023a) as pure rules, written from ``FeiyuZhang98/IncreLoRA``.
+"""IncreLoRA (Zhang et al. 2023a), written from ``FeiyuZhang98/IncreLoRA``: its rules and the method on the seam.
 
 The rules first (``tests/test_increlora_rules.py`` checks each against a NumPy oracle written from the reference
 files), then ``IncreLoRA``, the method on the seam (``methods/base.py``) that the trainer runs with them
