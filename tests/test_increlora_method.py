@@ -371,3 +371,26 @@ def test_glue_run_end_to_end(tmp_path):
         check_peft_reproduces_jax(config, result)
     finally:
         result.trainer.close()
+
+
+def test_without_advance_learning_reserves_stay_at_their_init(tmp_path):
+    """L ``add_reserve_param(add_r, False)``: a reserve's E = 0 and its a, b frozen until promotion, when all three
+    join the optimiser (``increase_to_target_rank``'s advance_learn=False branch)."""
+    model = make_toy_model(hidden=16)
+    teacher = planted_teacher(model, [2, 1, 0, 0])
+    trainer = Trainer(model, _config(**{"adapter.increlora.advance_learn": False, "train.num_steps": 6}),
+                      make_mesh(1, 1), tmp_path)
+    trainer.restore_or_init({"position": 0})
+    init = jax.device_get(trainer.state["trainable"]["slots"])
+    data = ToyBatches(model, teacher, 8)
+    trainer.train(data, 6, data.state, progress=False)
+    state = jax.device_get(trainer.state)
+    ms, slots = state["method"], state["trainable"]["slots"]
+    assert sum(trainer.ranks().values()) == 5, "one growth at g = 4"
+    for m in range(4):
+        n, r = int(ms["allocated"][m]), int(state["alloc"]["rank"][m])
+        assert n == r + 1 and ms["e_group"][m, r] == inc.FROZEN and ms["ab_group"][m, r] == inc.FROZEN
+        assert slots["e"][m][r, 0] == 0.0, "L: a reserve's E is 0 without advance learning"
+        np.testing.assert_array_equal(slots["a"][m][r], init["a"][m][r], err_msg="L: a frozen reserve's A")
+        if r == 2:
+            assert ms["e_group"][m, 1] == ms["ab_group"][m, 1] == 4, "L: promoted E, A and B join the step-4 group"
