@@ -394,3 +394,24 @@ def test_without_advance_learning_reserves_stay_at_their_init(tmp_path):
         np.testing.assert_array_equal(slots["a"][m][r], init["a"][m][r], err_msg="L: a frozen reserve's A")
         if r == 2:
             assert ms["e_group"][m, 1] == ms["ab_group"][m, 1] == 4, "L: promoted E, A and B join the step-4 group"
+
+
+def test_a_data_and_components_mesh_trains_the_same_run(tmp_path):
+    """The same 7 steps (two growth steps) on one device and on a (data=2, components=2) mesh: the per-device dL/dW
+    are summed over ``data`` before the score, so scores, growth and parameters agree to float tolerance."""
+    model = make_toy_model(hidden=16)
+    teacher = planted_teacher(model, [2, 1, 0, 0])
+    states = []
+    for mesh in ((1, 1), (2, 2)):
+        trainer = Trainer(model, _config(**{"train.num_steps": 7}), make_mesh(*mesh), tmp_path / f"{mesh}")
+        trainer.restore_or_init({"position": 0})
+        data = ToyBatches(model, teacher, 8)
+        trainer.train(data, 7, data.state, progress=False)
+        states.append(jax.device_get(trainer.state))
+        trainer.close()
+    assert states[0]["alloc"]["rank"].sum() == 6, "growth at g = 4 and 6"
+    flat_a = jax.tree_util.tree_flatten_with_path(states[0])[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(states[1])[0]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
