@@ -71,6 +71,7 @@ ADAM = "adapad_jax/training/slot_adam.py"
 ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
 SORA = "adapad_jax/methods/sora.py"
 ARDLORA = "adapad_jax/methods/ardlora.py"
+INCRELORA = "adapad_jax/methods/increlora.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -156,6 +157,24 @@ MUTANTS: tuple[Mutant, ...] = (
            (Edit(ARDLORA, "new_alloc = self._follow_alpha(alloc, trainable[\"alpha\"])", "new_alloc = alloc"),),
            "ARD-LoRA's rank record (committed rows, rank, the live mask, ranks.json) never follows alpha",
            ("tests/test_ardlora_method.py::test_one_trainer_step_matches_the_hand_derivation",)),
+    Mutant("increlora_scale_fixed_at_lora_r",
+           (Edit(INCRELORA, 'return module_scale(self.alpha, alloc["rank"].astype(jnp.float32), self.setup.initial_rank)',
+                 'return module_scale(self.alpha, 0 * alloc["rank"].astype(jnp.float32) + self.setup.initial_rank, '
+                 'self.setup.initial_rank)'),),
+           "IncreLoRA's scale alpha / (ranknum + 1e-5) is not recomputed as a module grows",
+           ("tests/test_increlora_method.py::test_in_trainer_scores_emas_growth_and_lambda_follow_the_oracle",)),
+    Mutant("increlora_reserve_lambda_trains",
+           (Edit(INCRELORA, 'new_slots["e"] = [g * e_on[m][:, None] for m, g in enumerate(grads["slots"]["e"])]',
+                 'new_slots["e"] = list(grads["slots"]["e"])'),
+            Edit(INCRELORA, "return jnp.where((created == FROZEN) | (created_f == step), 0.0, value)",
+                 "return jnp.where(created_f == step, 0.0, jnp.where(created == FROZEN, 1.0, value))")),
+           "a reserve's E (frozen at 1e-5 in the reference) trains before its promotion",
+           ("tests/test_increlora_method.py::test_in_trainer_scores_emas_growth_and_lambda_follow_the_oracle",)),
+    Mutant("increlora_lr_never_restarts",
+           (Edit(INCRELORA, "return jnp.where(groups == INITIAL_GROUP, 1.0, later).astype(jnp.float32)",
+                 "return jnp.where(groups == FROZEN, 0.0, 1.0).astype(jnp.float32)"),),
+           "IncreLoRA's Multi_LambdaLR: a new component trains at the shared lr instead of restarting its warm-up",
+           ("tests/test_increlora_method.py::test_restarted_learning_rate_in_the_trainer",)),
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from adapad_jax.config.increlora_presets import glue_method_block as increlora_glue_block
 from adapad_jax.config.schema import base_config
 from adapad_jax.config.sora_presets import glue_sora_fields
 
@@ -60,6 +61,7 @@ def glue_config(
     config.adapter.orth_reg = orth_reg
     config.adapter.dropout = adapter_dropout
     config.adapter.sora.update(glue_sora_fields(task))  # SoRA's published eta / xi (config/sora_presets.py)
+    config.adapter.increlora.update(increlora_glue_block(task))  # IncreLoRA's own fields from its GLUE script
     config.optim.learning_rate = GLUE_LEARNING_RATES[task]
     config.optim.weight_decay = 0.01
     config.optim.adapter_weight_decay = adapter_weight_decay

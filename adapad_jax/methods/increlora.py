@@ -1,8 +1,12 @@
-"""IncreLoRA (Zhang et al. 2023a) as pure rules, written from ``FeiyuZhang98/IncreLoRA``.
+"""IncreLoRA (Zhang et al. 2023a), written from ``FeiyuZhang98/IncreLoRA``: its rules and the method on the seam.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_increlora_rules.py`` checks each rule against a NumPy oracle
-written from the reference files.
+The rules first (``tests/test_increlora_rules.py`` checks each against a NumPy oracle written from the reference
+files), then ``IncreLoRA``, the method on the seam (``methods/base.py``) that the trainer runs with them
+(``tests/test_increlora_method.py``). docs/methods/increlora.md lists what is faithful and every deliberate
+difference of the trainer's method (growth on the host after the optimiser step, which changes no number; the
+shared per-row Adam count of a promoted E; lr restarts as multipliers on the shared schedule; eval and export
+of the committed rows only, without the reserves' E = 1e-5 terms the reference's eval weight keeps until the
+budget zeroes them).
 
 Sources: ``loralib/loralib/increlora.py`` (``SVDLinear``, ``RankAllocator``), ``NLU/src/transformers/trainer.py``
 (call order, ``compute_svd_orth_regu``), ``NLU/src/transformers/optimization.py`` (``Multi_LambdaLR``),
@@ -17,7 +21,8 @@ Reference defaults (``REFERENCE_DEFAULTS``; ``run_glue.py`` arguments unless sai
 ``target_total_rank`` none (= target_rank x modules), ``init_warmup`` 4500, ``incre_interval`` 10, ``top_h`` 10,
 ``beta1`` = ``beta2`` = 0.85, ``advance_learn`` True, ``multi_lr`` True, ``incre_rank_num`` none (then
 {2: 1, 4: 2, 6: 3, 8: 4}[target_rank], ``RankAllocator.__init__``), ``reg_orth_coef`` 0.0, ``lora_dropout`` 0.0,
-``lora_r`` / ``lora_alpha`` none (every script sets them). Init (``SVDLinear.reset_parameters``): first component
+``lora_r`` / ``lora_alpha`` none (every script sets them), ``warmup_steps`` (the lr warm-up of every group; the GLUE
+scripts set it to ``incre_interval``), AdamW with ``weight_decay`` on every group, ``max_grad_norm`` 1.0. Init (``SVDLinear.reset_parameters``): first component
 E = 0 (trainable), A and B ~ N(0, 0.02); reserves (``add_reserve_param``): E = 1e-5 frozen with A, B ~ N(0, 0.02)
 trainable when ``advance_learn``, else E = 0 and A, B frozen. The GLUE scripts' values are ``GLUE_SETTINGS``.
 
@@ -63,14 +68,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adapad_jax.methods.orthogonality import orthogonality_penalty
-from adapad_jax.methods.base import Method, MethodSetup
+from adapad_jax.methods.base import Method, MethodSetup, Tree
 
 Params = dict[str, list[jax.Array]]
 Importance = dict[str, jax.Array]
@@ -100,36 +105,8 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
     "lora_alpha": None,
 }
 
-# Per-task GLUE settings of the IncreLoRA repository (DeBERTaV3-base, target_rank 2, lora_r 1, batch 32,
-# warmup_steps = init_warmup = incre_interval). Each task's values come from the file named in its comment.
-GLUE_SETTINGS: dict[str, dict[str, Any]] = {
-    # NLU/scripts/rank=2/run_cola.sh
-    "cola": {"lr": 8e-4, "top_h": 3, "interval": 100, "max_len": 64, "orth": 0.1, "epochs": 25, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.0},
-    # NLU/scripts/rank=2/run_mrpc.sh
-    "mrpc": {"lr": 1e-3, "top_h": 6, "interval": 100, "max_len": 320, "orth": 0.1, "epochs": 30, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.3, "cls_dropout": 0.0, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_rte.sh
-    "rte": {"lr": 1.2e-3, "top_h": 5, "interval": 100, "max_len": 320, "orth": 0.3, "epochs": 50, "batch": 32,
-            "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.01},
-    # NLU/scripts/rank=8/run_stsb.sh (rank=2/ has no STS-B script; this one sets target_rank=2 itself)
-    "stsb": {"lr": 2.2e-3, "top_h": 4, "interval": 100, "max_len": 128, "orth": 0.3, "epochs": 25, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.2, "weight_decay": 0.1},
-    # NLU/scripts/rank=2/run_sst2.sh
-    "sst2": {"lr": 8e-4, "top_h": 5, "interval": 1000, "max_len": 128, "orth": 0.1, "epochs": 24, "batch": 32,
-             "lora_alpha": 16, "lora_dropout": 0.1, "cls_dropout": 0.0, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_qqp.sh
-    "qqp": {"lr": 4e-4, "top_h": 3, "interval": 1000, "max_len": 320, "orth": 0.1, "epochs": 7, "batch": 32,
-            "lora_alpha": 16, "lora_dropout": 0.0, "cls_dropout": 0.15, "weight_decay": 0.01},
-    # NLU/scripts/rank=2/run_mnli.sh
-    "mnli": {"lr": 3.5e-4, "top_h": 2, "interval": 1000, "max_len": 256, "orth": 0.1, "epochs": 9, "batch": 32,
-             "lora_alpha": 16, "lora_dropout": 0.2, "cls_dropout": 0.15, "weight_decay": 0.0},
-    # NLU/scripts/rank=2/run_qnli.sh
-    "qnli": {"lr": 7e-4, "top_h": 12, "interval": 500, "max_len": 512, "orth": 0.1, "epochs": 5, "batch": 32,
-             "lora_alpha": 32, "lora_dropout": 0.0, "cls_dropout": 0.1, "weight_decay": 0.01},
-}
-GLUE_TARGET_RANK = 2
-GLUE_LORA_R = 1
+# Per-task GLUE settings of the IncreLoRA repository, each value's script cited (config layer: presets read it).
+from adapad_jax.config.increlora_presets import GLUE_LORA_R, GLUE_SETTINGS, GLUE_TARGET_RANK  # noqa: E402,F401
 
 
 def incre_rank_num_for(target_rank: int, incre_rank_num: int | None = None) -> int:
@@ -261,26 +238,31 @@ def _promote(state: dict[str, Any], m: int, step: int, schedule: Schedule) -> No
     state["total_rank"] += schedule.incre_rank_num
 
 
-def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, step: int, schedule: Schedule
-             ) -> tuple[list[jax.Array], State, np.ndarray | None]:
-    """New ``e``, state and grown modules (or None) after ``step`` (``update_and_increase``, before the optimiser).
+def score_step(state: State, scores: jax.Array | None, schedule: Schedule) -> State:
+    """The EMAs after one step's per-module ``module_score`` values while total < target (``update_ipt``)."""
+    if state.total_rank >= schedule.target_total:
+        return state
+    if scores is None:
+        raise ValueError("increlora: still scoring but no module scores were given")
+    importance = update_importance(state.importance, jnp.asarray(scores, jnp.float32),
+                                   beta1=schedule.beta1, beta2=schedule.beta2)
+    return dataclasses.replace(state, importance=importance)
 
-    ``scores`` are this step's per-module ``module_score`` values; they are read only while scoring.
-    """
+
+def grow(state: State, e: Sequence[jax.Array], step: int, schedule: Schedule
+         ) -> tuple[list[jax.Array], State, np.ndarray | None]:
+    """``update_and_increase`` after its ``update_ipt``: the step-0 reserves, then on a growth step the top-h
+    promotion with new reserves and, at the budget, the reserves' E set to 0. New ``e``, state, grown (or None)."""
     e = list(e)
     work = {"ranknum": state.ranknum.copy(), "allocated": state.allocated.copy(), "e_group": state.e_group.copy(),
             "ab_group": state.ab_group.copy(), "total_rank": state.total_rank}
     if step == 0:
         for m in range(len(e)):
             _add_reserves(e, work, m, step, schedule)
-    importance, scoring, grown = state.importance, state.scoring, None
+    scoring, grown = state.scoring, None
     if state.total_rank < schedule.target_total:
-        if scores is None:
-            raise ValueError(f"increlora: step {step} is still scoring but no module scores were given")
-        importance = update_importance(importance, jnp.asarray(scores, jnp.float32),
-                                       beta1=schedule.beta1, beta2=schedule.beta2)
         if growth_due(step, schedule):
-            grown = select_growth(np.asarray(importance_score(importance)), state.total_rank,
+            grown = select_growth(np.asarray(importance_score(state.importance)), state.total_rank,
                                   schedule.target_total, schedule.top_h)
             for m in np.flatnonzero(grown):
                 _promote(work, int(m), step, schedule)
@@ -290,7 +272,16 @@ def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, ste
                     stop = int(work["allocated"][m])
                     e[m] = e[m].at[stop - schedule.incre_rank_num:stop].set(0.0)
         scoring = work["total_rank"] < schedule.target_total
-    return e, State(importance=importance, scoring=scoring, **work), grown
+    return e, State(importance=state.importance, scoring=scoring, **work), grown
+
+
+def allocate(state: State, e: Sequence[jax.Array], scores: jax.Array | None, step: int, schedule: Schedule
+             ) -> tuple[list[jax.Array], State, np.ndarray | None]:
+    """New ``e``, state and grown modules (or None) after ``step`` (``update_and_increase``, before the optimiser).
+
+    ``scores`` are this step's per-module ``module_score`` values; they are read only while scoring.
+    """
+    return grow(score_step(state, scores, schedule), e, step, schedule)
 
 
 def trainable_masks(state: State) -> tuple[np.ndarray, np.ndarray]:
@@ -330,12 +321,234 @@ def orthogonal_regulariser(params: Params, allocated: jax.Array) -> jax.Array:
     return orthogonality_penalty({"a": params["a"], "b": params["b"]}, allocated)
 
 
+def group_multiplier_jnp(step: jax.Array, created: jax.Array, warmup: int, total_steps: int) -> jax.Array:
+    """``group_lr_multiplier`` element-wise on arrays (jit), 0 where the group is FROZEN or created at ``step``
+    (``slot_lr_multipliers``' convention: nothing of the group has a gradient then)."""
+    step = jnp.asarray(step, jnp.float32)
+    created_f = created.astype(jnp.float32)
+    count, horizon = step - created_f - 1.0, float(total_steps) - created_f - 1.0
+    warm = count / float(max(1, warmup))
+    decay = jnp.maximum(0.0, (horizon - count) / jnp.maximum(1.0, horizon - float(warmup)))
+    value = jnp.where(count < warmup, warm, decay)
+    return jnp.where((created == FROZEN) | (created_f == step), 0.0, value)
+
+
 class IncreLoRA(Method):
-    """``adapter.method=increlora`` on the method seam (``methods/base.py``). Not wired into the trainer yet."""
+    """``adapter.method=increlora`` on the method seam (``methods/base.py``), driving the rules above.
+
+    Train state: ``slots`` = ``{"a" [R, in], "b" [R, out], "e" [R, 1]}`` per module; ``alloc["rank"]`` = ranknum
+    (committed components), ``alloc["committed"]`` rows < ranknum, ``alloc["reserve"]`` rows [ranknum, allocated),
+    ``alloc["imp_ema"]`` / ``["unc_ema"]`` = Ī / Ū; ``state["method"]`` = ``allocated`` [M], ``e_group`` /
+    ``ab_group`` [M, R] (the step whose optimiser group holds the row: ``INITIAL_GROUP`` or ``FROZEN``),
+    ``scoring`` (total < target), ``ipt`` [M] (the last score). Everything a rule reads is in the state tree.
+    """
 
     name = "increlora"
+    weight_gradients = True
 
+    # ------------------------------------------------------------------ setup
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
+        from adapad_jax.config.validation import check_initial_rank, check_rank_budget
         from adapad_jax.runtime.failures import ConfigError
 
-        raise ConfigError("adapter.method=increlora: IncreLoRA is not wired into the trainer yet")
+        cfg = self.config
+        lora_r, target = int(settings.initial_rank), int(settings.rank_budget)
+        check_initial_rank(lora_r, None)
+        check_rank_budget(target, num_modules, lora_r)
+        if int(settings.growth_interval) < 1 or int(settings.top_k) < 1:
+            raise ConfigError(f"adapter.method=increlora needs adapter.growth_interval >= 1 (incre_interval) and "
+                              f"adapter.top_k >= 1 (top_h), got {settings.growth_interval} and {settings.top_k}")
+        incre = int(cfg.get("incre_rank_num", 0) or 0)
+        if not incre:
+            average = target // num_modules if target % num_modules == 0 else None
+            if average not in INCRE_RANK_NUM:
+                raise ConfigError(f"adapter.increlora.incre_rank_num=0 takes the reference's table by average target "
+                                  f"rank {sorted(INCRE_RANK_NUM)}, but adapter.rank_budget={target} over "
+                                  f"{num_modules} modules is not one of them; set adapter.increlora.incre_rank_num")
+            incre = INCRE_RANK_NUM[average]
+        if bool(cfg.get("multi_lr", True)) and settings.optim.schedule != "linear":
+            raise ConfigError(f"adapter.increlora.multi_lr restarts the linear warm-up/decay per component "
+                              f"(Multi_LambdaLR), but optim.schedule='{settings.optim.schedule}'; set "
+                              "optim.schedule=linear or adapter.increlora.multi_lr=False")
+        warmup = int(cfg.get("init_warmup", 0) or 0) or int(settings.growth_interval)
+        advance = bool(cfg.get("advance_learn", True))
+        self.schedule = Schedule(target_total=target, init_warmup=warmup, incre_interval=int(settings.growth_interval),
+                                 top_h=int(settings.top_k), incre_rank_num=incre,
+                                 beta1=float(cfg.get("beta1", REFERENCE_DEFAULTS["beta1"])),
+                                 beta2=float(cfg.get("beta2", REFERENCE_DEFAULTS["beta2"])), advance_learn=advance)
+        self.alpha = float(settings.alpha)
+        slots = slots_needed(lora_r, target, num_modules, incre)
+        # The export's scale s (B carries e / (ranknum + 1e-5)): lora_alpha, or lora_r for alpha <= 0 (SVDLinear).
+        scaling = self.alpha if self.alpha > 0 else float(lora_r)
+        return MethodSetup(num_modules, slots, scaling, lora_r, target, True, advance)
+
+    # ------------------------------------------------------------------ state
+    def init_slots(self, key: jax.Array) -> Tree:
+        slots = super().init_slots(key)
+        slots["e"] = [jnp.zeros((self.num_slots, 1), jnp.float32) for _ in self.targets]  # reset_parameters: E = 0
+        return slots
+
+    def init_alloc(self) -> Tree:
+        return self._alloc_of(init_state(self.setup.num_modules, self.num_slots, self.setup.initial_rank), -1)
+
+    def init_method_state(self, trainable: Tree) -> Tree:
+        state = init_state(self.setup.num_modules, self.num_slots, self.setup.initial_rank)
+        return self._method_state_of(state)
+
+    def _alloc_of(self, state: State, spent_step: int) -> Tree:
+        rows = np.arange(self.num_slots)[None, :]
+        ranknum = state.ranknum[:, None]
+        return {
+            "committed": jnp.asarray(rows < ranknum),
+            "reserve": jnp.asarray((rows >= ranknum) & (rows < state.allocated[:, None])),
+            "rank": jnp.asarray(state.ranknum, jnp.int32),
+            "imp_ema": jnp.asarray(state.importance["exp_avg_ipt"], jnp.float32),
+            "unc_ema": jnp.asarray(state.importance["exp_avg_unc"], jnp.float32),
+            "budget_left": jnp.asarray(max(self.schedule.target_total - state.total_rank, 0), jnp.int32),
+            "budget_spent_step": jnp.asarray(0 if state.total_rank >= self.schedule.target_total and spent_step < 0
+                                             else spent_step, jnp.int32),
+        }
+
+    @staticmethod
+    def _method_state_of(state: State) -> Tree:
+        return {
+            "allocated": jnp.asarray(state.allocated, jnp.int32),
+            "e_group": jnp.asarray(state.e_group, jnp.int32),
+            "ab_group": jnp.asarray(state.ab_group, jnp.int32),
+            "scoring": jnp.asarray(state.scoring, bool),
+            "ipt": jnp.asarray(state.importance["ipt"], jnp.float32),
+        }
+
+    def rules_state(self, alloc: Tree, method_state: Tree) -> State:
+        """The rules module's host-side ``State`` of a train state's ``alloc`` and ``method``."""
+        ranknum = np.asarray(alloc["rank"]).astype(np.int64)
+        return State(ranknum=ranknum, allocated=np.asarray(method_state["allocated"]).astype(np.int64),
+                     e_group=np.asarray(method_state["e_group"]).astype(np.int64),
+                     ab_group=np.asarray(method_state["ab_group"]).astype(np.int64),
+                     total_rank=int(ranknum.sum()), scoring=bool(np.asarray(method_state["scoring"])),
+                     importance={"ipt": jnp.asarray(method_state["ipt"]),
+                                 "exp_avg_ipt": jnp.asarray(alloc["imp_ema"]),
+                                 "exp_avg_unc": jnp.asarray(alloc["unc_ema"])})
+
+    # ---------------------------------------------------------------- forward
+    def _allocated(self, method_state: Tree) -> jax.Array:
+        return jnp.arange(self.num_slots)[None, :] < method_state["allocated"][:, None]
+
+    def module_scales(self, alloc: Tree) -> jax.Array:
+        """[M] alpha / (ranknum + 1e-5) (``loraW``), recomputed as ranknum grows."""
+        return module_scale(self.alpha, alloc["rank"].astype(jnp.float32), self.setup.initial_rank)
+
+    def forward_coefs(self, trainable: Tree, alloc: Tree, method_state: Tree, train: bool) -> jax.Array:
+        """e_j * alpha / (ranknum + 1e-5): in training on every allocated row, reserves included (their e is
+        1e-5, or 0 after the budget); evaluated and exported, the committed rows only (docs/methods/increlora.md:
+        the reference's eval weight also has the reserves' 1e-5 terms until the budget zeroes them)."""
+        e = jnp.stack([x[:, 0] for x in trainable["slots"]["e"]])
+        rows = self._allocated(method_state) if train else alloc["committed"]
+        return (e * self.module_scales(alloc)[:, None] * rows).astype(jnp.float32)
+
+    def live_mask(self, alloc: Tree, method_state: Tree) -> jax.Array:
+        """Rows in an optimiser group: committed rows, and reserves' a, b with advance learning."""
+        return (method_state["ab_group"] != FROZEN) | (method_state["e_group"] != FROZEN)
+
+    # ----------------------------------------------------------- loss, update
+    def penalty_and_scores(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree
+                           ) -> tuple[Tree, jax.Array, jax.Array]:
+        """Frozen E (reserves) and frozen a, b get no gradient; ``reg_orth_coef`` x the orthogonal regulariser over
+        the allocated rows; the per-module score sum |ΔW ⊙ ∂L/∂ΔW| / sqrt(numel) on the whole product."""
+        slots = trainable["slots"]
+        allocated = self._allocated(method_state)
+        e_on = (method_state["e_group"] != FROZEN).astype(jnp.float32)
+        ab_on = (method_state["ab_group"] != FROZEN).astype(jnp.float32)
+        coef = float(self.config.get("reg_orth_coef", REFERENCE_DEFAULTS["reg_orth_coef"]))
+        ab = {"a": slots["a"], "b": slots["b"]}
+        if coef > 0:
+            penalty, penalty_grads = jax.value_and_grad(lambda s: coef * orthogonal_regulariser(s, allocated))(ab)
+        else:
+            penalty, penalty_grads = jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, ab)
+        new_slots = dict(grads["slots"])
+        for part in ("a", "b"):
+            new_slots[part] = [(g + p) * ab_on[m][:, None]
+                               for m, (g, p) in enumerate(zip(grads["slots"][part], penalty_grads[part]))]
+        new_slots["e"] = [g * e_on[m][:, None] for m, g in enumerate(grads["slots"]["e"])]
+        scales = self.module_scales(alloc)
+        scores = []
+        for m in range(len(self.targets)):
+            e = slots["e"][m][:, 0] * allocated[m]
+            delta = delta_weight(e, slots["a"][m], slots["b"][m], scales[m])  # [out, in]
+            scores.append(module_score(delta.T, grads["weights"][m]))  # the kernel's [in, out] layout
+        return {**grads, "slots": new_slots}, penalty, jax.lax.stop_gradient(jnp.stack(scores))
+
+    def lr_multipliers(self, step: jax.Array, lr: jax.Array, method_state: Tree) -> tuple[jax.Array, jax.Array]:
+        """[M, R] multipliers of the E and of the a, b updates at 0-based ``step`` relative to the shared lr:
+        1 in the optimiser's own groups, the restarted warm-up of a later group (``Multi_LambdaLR``) divided by
+        the shared schedule's value, 0 where frozen or at a group's creation step (0 too where lr = 0)."""
+        e_group, ab_group = method_state["e_group"], method_state["ab_group"]
+        if not bool(self.config.get("multi_lr", True)):
+            return (e_group != FROZEN).astype(jnp.float32), (ab_group != FROZEN).astype(jnp.float32)
+        optim = self.settings.optim
+        warmup = min(max(int(optim.warmup_steps), 0), self.total_steps)
+        peak = float(optim.learning_rate)
+        ratio = jnp.where(lr > 0, peak / jnp.where(lr > 0, lr, 1.0), 0.0)
+
+        def table(groups):
+            later = group_multiplier_jnp(step, groups, warmup, self.total_steps) * ratio
+            return jnp.where(groups == INITIAL_GROUP, 1.0, later).astype(jnp.float32)
+
+        return table(e_group), table(ab_group)
+
+    def scale_updates(self, updates: Tree, step: jax.Array, lr: jax.Array, method_state: Tree) -> Tree:
+        e_mult, ab_mult = self.lr_multipliers(step, lr, method_state)
+        slots = {part: [u * (e_mult if part == "e" else ab_mult)[m][:, None].astype(u.dtype)
+                        for m, u in enumerate(rows)] for part, rows in updates["slots"].items()}
+        return {**updates, "slots": slots}
+
+    def after_update(self, trainable: Tree, grads: Tree, alloc: Tree, method_state: Tree, scores: Any,
+                     step: jax.Array, key: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+        """``update_ipt`` on this step's scores while total < target (the jitted half of ``update_and_increase``)."""
+        old = {"ipt": method_state["ipt"], "exp_avg_ipt": alloc["imp_ema"], "exp_avg_unc": alloc["unc_ema"]}
+        new = update_importance(old, scores, beta1=self.schedule.beta1, beta2=self.schedule.beta2)
+        on = method_state["scoring"]
+        pick = {k: jnp.where(on, new[k], old[k]).astype(jnp.float32) for k in EMA_KEYS}
+        alloc = {**alloc, "imp_ema": pick["exp_avg_ipt"], "unc_ema": pick["exp_avg_unc"]}
+        return trainable, alloc, {**method_state, "ipt": pick["ipt"]}, jnp.zeros((), bool)
+
+    def host_update_due(self, step: int) -> bool:
+        """After reference step g = ``step`` - 1: g = 0 (the first reserves) or a growth step (g > init_warmup,
+        g % incre_interval == 0)."""
+        return step == 1 or growth_due(step - 1, self.schedule)
+
+    def host_update(self, state: Tree, step: int) -> Tree | None:
+        """``grow`` (reserves at g = 0, promotions, new reserves, E = 0 at the budget) after reference step
+        g = ``step`` - 1, whose optimiser step never touches what changes here (see docs/methods/increlora.md)."""
+        host = jax.device_get({"alloc": state["alloc"], "method": state["method"],
+                               "e": state["trainable"]["slots"]["e"]})
+        rules = self.rules_state(host["alloc"], host["method"])
+        e = [jnp.asarray(x[:, 0]) for x in host["e"]]
+        new_e, new_rules, grown = grow(rules, e, step - 1, self.schedule)
+        if step - 1 != 0 and grown is None and new_rules.scoring == rules.scoring:
+            return None
+        spent = int(host["alloc"]["budget_spent_step"])
+        if spent < 0 and new_rules.total_rank >= self.schedule.target_total:
+            spent = step
+        slots = {**state["trainable"]["slots"], "e": [jnp.asarray(x)[:, None].astype(jnp.float32) for x in new_e]}
+        alloc = self._alloc_of(new_rules, spent)
+        alloc.update(imp_ema=jnp.asarray(host["alloc"]["imp_ema"]), unc_ema=jnp.asarray(host["alloc"]["unc_ema"]))
+        method_state = {**self._method_state_of(new_rules), "ipt": jnp.asarray(host["method"]["ipt"])}
+        return {**state, "trainable": {**state["trainable"], "slots": slots}, "alloc": alloc, "method": method_state}
+
+    # ------------------------------------------------------------- accounting
+    def reachable_total_rank(self, num_steps: int) -> int:
+        """The total rank growth reaches in ``num_steps`` steps without ties: min(top_h, target - total) modules
+        gain ``incre_rank_num`` at each growth step g <= num_steps - 1 while total < target."""
+        s = self.schedule
+        total = self.setup.num_modules * self.setup.initial_rank
+        for g in range(int(num_steps)):
+            if total >= s.target_total:
+                break
+            if growth_due(g, s):
+                total += min(s.top_h, s.target_total - total) * s.incre_rank_num
+        return total
+
+    def extra_parameters(self, ranks: Mapping[str, int]) -> int:
+        """One singular value E per committed rank."""
+        return int(sum(int(r) for r in ranks.values()))

@@ -220,7 +220,9 @@ class Trainer:
         """Budget, the total rank growth can reach in ``num_steps`` (default: the run's), and where it stands now."""
         steps = self._total_steps if num_steps is None else int(num_steps)
         modules = len(self.model.targets)
-        reachable = alloc_lib.reachable_total_rank(modules, self._initial_rank, self._budget, steps, self.alloc_config)
+        own = getattr(self.method_impl, "reachable_total_rank", None)  # a method whose growth is not the allocator's
+        reachable = own(steps) if own is not None else alloc_lib.reachable_total_rank(
+            modules, self._initial_rank, self._budget, steps, self.alloc_config)
         spent = int(self.state["alloc"]["budget_spent_step"]) if self.state is not None else -1
         return {
             "rank_budget": alloc_lib.rank_capacity(self._budget, modules, self.num_slots),
