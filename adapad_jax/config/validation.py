@@ -64,6 +64,7 @@ RESUME_CHANGEABLE_FIELDS = (
     "adapter.slot_chunk_size",
     "adapter.remat",
     "adapter.rank_budget",
+    "adapter.param_budget",
 )
 RESUME_LENGTH_FIELDS = ("train.num_steps", "train.num_epochs")
 # Local paths, stored absolute (``absolute_local_paths``) and compared as paths; hub ids stay ids.
@@ -214,6 +215,54 @@ def check_rank_budget(rank_budget: int, num_modules: int, initial_rank: int, mod
         )
 
 
+def budget_field(method: str) -> str:
+    """The field ``adapter.param_budget`` replaces: lora's rank in every module, else the total rank budget."""
+    return "rank_budget" if has_slot_axis(method) else "lora_rank"
+
+
+def budget_from_params(param_budget: int, widths: Sequence[int], method: str, initial_rank: int = 1) -> int:
+    """``adapter.param_budget`` (adapter factor parameters, head excluded) -> the value of ``budget_field(method)``.
+
+    ``widths``: in + out of each adapted module. rank_budget: the largest total rank B whose uniform spread fits,
+    B x mean(in + out) <= param_budget, i.e. ``floor(param_budget x M / sum(in + out))`` (exact when B is a
+    multiple of M: DeBERTaV3-base's 72 modules, mean 2,304, take 331,776 for B = 144). lora_rank: the largest r
+    with r x sum(in + out) <= param_budget. A budget below every module's first rank is refused in one line.
+    """
+    modules, total = len(widths), int(sum(int(w) for w in widths))
+    if has_slot_axis(method):
+        value, floor_rank = param_budget * modules // total, modules * initial_rank
+        needed = -(-floor_rank * total // modules)
+        what = f"{modules} adapted modules x adapter.initial_rank={initial_rank}"
+    else:
+        value, floor_rank, needed = param_budget // total, 1, total
+        what = f"rank 1 in each of the {modules} adapted modules"
+    if value < floor_rank:
+        raise ConfigError(
+            f"adapter.param_budget={param_budget} is below {what} (sum of in + out {total}): give at least {needed}"
+        )
+    return int(value)
+
+
+def check_budget_overrides(config: ml_collections.ConfigDict, overridden: Sequence[str]) -> None:
+    """With ``adapter.param_budget`` > 0, a rank budget also given on the command line must be its conversion
+    (``budget_from_params``): one of the two would be silently dropped."""
+    param_budget = _require_range(config, "adapter.param_budget", (int,), 0)
+    field = budget_field(_require_type(config, "adapter.method", (str,)))
+    if not param_budget or f"adapter.{field}" not in overridden:
+        return
+    given = config.adapter[field]
+    try:
+        widths = adapter_target_widths(config)
+    except Exception:  # noqa: BLE001 - no readable model yet (a task that builds it): the two cannot be compared
+        widths = None
+    value = None if widths is None else budget_from_params(param_budget, widths, config.adapter.method,
+                                                           int(config.adapter.initial_rank))
+    if value != given:
+        converts = "" if value is None else f", which converts to adapter.{field}={value} for this model"
+        raise ConfigError(f"adapter.{field}={given} and adapter.param_budget={param_budget}{converts}, are both "
+                          f"given: give one of them")
+
+
 # Largest accepted optim.learning_rate: AdamW steps of this size already destroy any trained weights.
 MAX_LEARNING_RATE = 1.0
 
@@ -270,6 +319,7 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
         raise ConfigError(f"adapter.target_modules must be a tuple of module names, got {targets!r}")
     r_max = _require_range(config, "adapter.r_max", integer, 1)
     _require_range(config, "adapter.rank_budget", integer, 1)
+    _require_range(config, "adapter.param_budget", integer, 0)
     check_lora_rank(_require_type(config, "adapter.lora_rank", integer))
     _require_range(config, "adapter.alpha", real, 0.0)
     _require_range(config, "adapter.init_std", real, 0.0)
@@ -452,15 +502,7 @@ def check_mesh(config: ml_collections.ConfigDict, num_devices: int, platform: st
 
 def count_adapter_targets(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> int:
     """How many modules a model built from ``hf_config`` adapts (reads the config only, builds nothing)."""
-    from adapad_jax.models.checkpoint_io import CheckpointError
-    from adapad_jax.models.registry import targets_for_config
-
-    try:
-        return len(targets_for_config(hf_config, task_kind, tuple(target_modules) or None))
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    except ValueError as err:
-        raise ConfigError(f"adapter.target_modules: {err}") from None
+    return len(target_widths(hf_config, task_kind, target_modules))
 
 
 def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any, Any, int]:
@@ -472,11 +514,42 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
         checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
-    num_modules = count_adapter_targets(hf_config, task_kind, config.adapter.target_modules)
+    widths = target_widths(hf_config, task_kind, config.adapter.target_modules)
+    num_modules = len(widths)
     adapter = config.adapter
+    rank_budget = adapter.rank_budget
+    if adapter.param_budget > 0:
+        converted = budget_from_params(adapter.param_budget, widths, adapter.method, adapter.initial_rank)
+        rank_budget = converted if has_slot_axis(adapter.method) else rank_budget
     if has_slot_axis(adapter.method) and adapter.grow:
-        check_rank_budget(adapter.rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
+        check_rank_budget(rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
     return checkpoint_dir, hf_config, num_modules
+
+
+def target_widths(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> list[int]:
+    """in + out of each module a model built from ``hf_config`` adapts (reads the config only)."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import targets_for_config
+
+    try:
+        targets = targets_for_config(hf_config, task_kind, tuple(target_modules) or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"adapter.target_modules: {err}") from None
+    return [t.in_features + t.out_features for t in targets]
+
+
+def adapter_target_widths(config: ml_collections.ConfigDict) -> list[int]:
+    """``target_widths`` of the config's model and task (reads the checkpoint's config.json)."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import load_hf_config
+
+    try:
+        _, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    return target_widths(hf_config, task_spec_for(config).kind, config.adapter.target_modules)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
