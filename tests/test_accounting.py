@@ -218,3 +218,22 @@ def test_a_rank_budget_and_a_param_budget_that_disagree_are_refused_in_one_line(
     with pytest.raises(ConfigError, match="^adapter.lora_rank=3 and adapter.param_budget=2496, which converts to "
                                           "adapter.lora_rank=2 for this model, are both given"):
         validation.check_budget_overrides(config, ["adapter.lora_rank"])
+
+
+def test_the_train_command_refuses_disagreeing_budgets_before_loading_anything(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    args = [sys.executable, str(repo / "launch" / "train.py"), "--config", str(repo / "configs" / "glue_cola.py"),
+            f"--config.output_dir={out}", f"--config.model.name_or_path={_checkpoint_config(tmp_path / 'ckpt')}",
+            "--config.adapter.param_budget=2496", "--config.adapter.rank_budget=40"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=str(repo),
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-1].endswith("adapter.rank_budget=40 and adapter.param_budget=2496, which converts to "
+                              "adapter.rank_budget=36 for this model, are both given: give one of them"), lines
+    assert not out.exists()
