@@ -224,6 +224,7 @@ def export_checkpoint(
     with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
+        accounting = trainer.accounting()  # every process joins its gather
         if not is_main_process():
             export_trainer(trainer, None)
             if merged:
@@ -243,7 +244,7 @@ def export_checkpoint(
             base_dir = restored.checked.checkpoint_dir
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", restored.config, metrics, step, model.hf_config.model_type,
-                                 base_dir=base_dir)
+                                 base_dir=base_dir, accounting=accounting)
             if merged:
                 from adapad_jax.data import load_tokenizer
                 from adapad_jax.models.export import write_merged_checkpoint
