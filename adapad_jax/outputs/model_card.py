@@ -27,6 +27,10 @@ _METHODS = {
               "ranks discovered by importance x uncertainty)",
     "joint": "joint adaptive-rank baseline (same allocator, all slots trained together, IncreLoRA-style)",
     "lora": "fixed-rank LoRA baseline",
+    "adalora": "AdaLoRA (Zhang et al. 2023b): SVD-form triplets pruned to the budget by sensitivity x uncertainty",
+    "increlora": "IncreLoRA (Zhang et al. 2023a): ranks added by importance until the budget",
+    "sora": "SoRA (Ding et al. 2023): gated ranks sparsified by an L1 term and a proximal gate step",
+    "ardlora": "ARD-LoRA (Shinwari and Usama 2025): a learnable per-module rank scale",
 }
 
 
