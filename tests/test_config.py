@@ -27,6 +27,7 @@ SCHEMA = {
     "data.text_columns": (), "data.label_column": "label", "data.label_names": (), "data.problem_type": "auto",
     "data.metric": "auto", "data.dataset_name": "", "data.dataset_config": "",
     "adapter.method": "adapad", "adapter.target_modules": (), "adapter.r_max": 8, "adapter.rank_budget": None,
+    "adapter.param_budget": 0,
     "adapter.lora_rank": 2, "adapter.alpha": None, "adapter.init_std": 0.02, "adapter.initial_rank": 1,
     "adapter.top_k": None, "adapter.growth_interval": None, "adapter.sync_every": 0, "adapter.ema_beta1": 0.85,
     "adapter.ema_beta2": 0.85, "adapter.importance": "score", "adapter.head_gradient": "mean",

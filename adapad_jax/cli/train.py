@@ -69,8 +69,10 @@ def _main(argv: list[str]) -> None:
     loaded_config_or_fail(config)
     with user_errors():
         from adapad_jax.config.validation import check_method_overrides
+        from adapad_jax.run.checks import check_budget_overrides
 
         check_method_overrides(config.adapter.method, overridden_fields(sys.argv[1:]))
+        check_budget_overrides(config, overridden_fields(sys.argv[1:]))
         from adapad_jax.run.core import run
 
         result = run(config, progress=True)  # a bar on a terminal, lines in a log file (adapad_jax.progress)

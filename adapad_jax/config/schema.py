@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.adapter.r_max = 8
     # Total rank over all modules at which growth stops (adapad / joint).
     config.adapter.rank_budget = 144
+    # A budget in adapter factor parameters instead (0 = off; head excluded): when > 0 it replaces rank_budget by
+    # the largest total rank B with B x mean(in + out) <= param_budget (lora: lora_rank by the largest r with
+    # r x sum(in + out) <= param_budget). docs/USAGE.md "Budgets and parameter counts".
+    config.adapter.param_budget = 0
     # Rank of every module for method=lora.
     config.adapter.lora_rank = 2
     # LoRA alpha: scaling s = alpha / r_max (adapad, joint) or alpha / lora_rank (lora).

@@ -61,6 +61,7 @@ RESUME_CHANGEABLE_FIELDS = (
     "adapter.slot_chunk_size",
     "adapter.remat",
     "adapter.rank_budget",
+    "adapter.param_budget",
 )
 RESUME_LENGTH_FIELDS = ("train.num_steps", "train.num_epochs")
 # Local paths, stored absolute (``absolute_local_paths``) and compared as paths; hub ids stay ids.
@@ -207,6 +208,34 @@ def check_profile_window(start: int, count: int, num_steps: int) -> None:
                           f"would be traced; choose a step in 1..{num_steps} (0 = no profile)")
 
 
+def budget_field(method: str) -> str:
+    """The field ``adapter.param_budget`` replaces: lora's rank in every module, else the total rank budget."""
+    return "rank_budget" if has_slot_axis(method) else "lora_rank"
+
+
+def budget_from_params(param_budget: int, widths: Sequence[int], method: str, initial_rank: int = 1) -> int:
+    """``adapter.param_budget`` (adapter factor parameters, head excluded) -> the value of ``budget_field(method)``.
+
+    ``widths``: in + out of each adapted module. rank_budget: the largest total rank B whose uniform spread fits,
+    B x mean(in + out) <= param_budget, i.e. ``floor(param_budget x M / sum(in + out))`` (exact when B is a
+    multiple of M: DeBERTaV3-base's 72 modules, mean 2,304, take 331,776 for B = 144). lora_rank: the largest r
+    with r x sum(in + out) <= param_budget. A budget below every module's first rank is refused in one line.
+    """
+    modules, total = len(widths), int(sum(int(w) for w in widths))
+    if has_slot_axis(method):
+        value, floor_rank = param_budget * modules // total, modules * initial_rank
+        needed = -(-floor_rank * total // modules)
+        what = f"{modules} adapted modules x adapter.initial_rank={initial_rank}"
+    else:
+        value, floor_rank, needed = param_budget // total, 1, total
+        what = f"rank 1 in each of the {modules} adapted modules"
+    if value < floor_rank:
+        raise ConfigError(
+            f"adapter.param_budget={param_budget} is below {what} (sum of in + out {total}): give at least {needed}"
+        )
+    return int(value)
+
+
 # Largest accepted optim.learning_rate: AdamW steps of this size already destroy any trained weights.
 MAX_LEARNING_RATE = 1.0
 
@@ -263,6 +292,7 @@ def check_fields(config: ml_collections.ConfigDict, *, installed_packages: bool 
         raise ConfigError(f"adapter.target_modules must be a tuple of module names, got {targets!r}")
     r_max = _require_range(config, "adapter.r_max", integer, 1)
     _require_range(config, "adapter.rank_budget", integer, 1)
+    _require_range(config, "adapter.param_budget", integer, 0)
     check_lora_rank(_require_type(config, "adapter.lora_rank", integer))
     _require_range(config, "adapter.alpha", real, 0.0)
     _require_range(config, "adapter.init_std", real, 0.0)

@@ -170,13 +170,52 @@ class Method:
         return out
 
     # ------------------------------------------------------------- accounting
-    def parameter_counts(self, ranks: Mapping[str, int], head: int = 0) -> dict[str, int]:
-        """Adapter parameters of the final model: factors only (``factors``), with the method's own per-rank
-        leaves (``with_extras``), and the task head separately (``head``)."""
+    # How the method's own paper counts its adapter parameters (``paper_parameters``); a subclass restates it.
+    paper_count: ClassVar[str] = "factors: committed rank x (in + out) per module"
+
+    def parameter_counts(self, ranks: Mapping[str, int], head: int = 0,
+                         reserves: Mapping[str, int] | None = None) -> dict[str, int]:
+        """The common count of the final model's adapter parameters, one number per convention:
+
+        - ``factors``: committed rows x (in + out) per module (what the exported LoRA adapter holds);
+        - ``with_extras``: plus the method's own leaves per final rank (``extra_parameters``: lambda, gates);
+        - ``with_reserves``: factors and extras of every row that still exists and trains in the trained model,
+          committed plus ``reserves`` (rows per module, e.g. a growth method's reserve slot);
+        - ``head``: the task head, never in the three above.
+        """
         by_path = {t.hf_path: t for t in self.targets}
-        factors = sum(int(r) * (by_path[p].in_features + by_path[p].out_features) for p, r in ranks.items())
-        return {"factors": factors, "with_extras": factors + self.extra_parameters(ranks), "head": int(head)}
+        reserves = reserves or {}
+
+        def factors_of(rows: Mapping[str, int]) -> int:
+            return sum(int(r) * (by_path[p].in_features + by_path[p].out_features) for p, r in rows.items())
+
+        factors = factors_of(ranks)
+        rows = {p: int(r) + int(reserves.get(p, 0)) for p, r in ranks.items()}
+        return {"factors": factors, "with_extras": factors + int(self.extra_parameters(ranks)),
+                "with_reserves": factors_of(rows) + int(self.extra_parameters(rows)), "head": int(head)}
 
     def extra_parameters(self, ranks: Mapping[str, int]) -> int:
         """Parameters per final rank besides the factors (a singular value or gate per rank: sum of ranks)."""
         return 0
+
+    def reserve_rows(self, alloc: Mapping[str, Any], method_state: Mapping[str, Any]) -> np.ndarray:
+        """[M] rows per module that train (``live_mask``) without being committed: the reserves (host side)."""
+        live = np.asarray(self.live_mask(alloc, method_state), bool)
+        return (live & ~np.asarray(alloc["committed"], bool)).sum(axis=1)
+
+    def paper_parameters(self, counts: Mapping[str, int], trainable: Mapping[str, Any], alloc: Mapping[str, Any],
+                         method_state: Mapping[str, Any]) -> int:
+        """The count the method's own paper reports (``paper_count`` says how; default: ``factors``)."""
+        return int(counts["factors"])
+
+    def accounting(self, trainable: Mapping[str, Any], alloc: Mapping[str, Any],
+                   method_state: Mapping[str, Any]) -> dict[str, Any]:
+        """``parameter_counts`` of a (host) train state, with ``paper`` (the paper's own count) and how it counts."""
+        paths = [t.hf_path for t in self.targets]
+        ranks = dict(zip(paths, (int(r) for r in np.asarray(alloc["rank"]))))
+        reserves = dict(zip(paths, (int(r) for r in self.reserve_rows(alloc, method_state))))
+        head = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(trainable.get("head", {})))
+        counts: dict[str, Any] = self.parameter_counts(ranks, head, reserves)
+        counts["paper"] = int(self.paper_parameters(counts, trainable, alloc, method_state))
+        counts["paper_count"] = self.paper_count
+        return counts

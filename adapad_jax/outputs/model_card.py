@@ -6,6 +6,7 @@ license, pipeline_tag, library_name, tags and a model-index with the run's metri
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,10 @@ _METHODS = {
               "ranks discovered by importance x uncertainty)",
     "joint": "joint adaptive-rank baseline (same allocator, all slots trained together, IncreLoRA-style)",
     "lora": "fixed-rank LoRA baseline",
+    "adalora": "AdaLoRA (Zhang et al. 2023b): SVD-form triplets pruned to the budget by sensitivity x uncertainty",
+    "increlora": "IncreLoRA (Zhang et al. 2023a): ranks added by importance until the budget",
+    "sora": "SoRA (Ding et al. 2023): gated ranks sparsified by an L1 term and a proximal gate step",
+    "ardlora": "ARD-LoRA (Shinwari and Usama 2025): a learnable per-module rank scale",
 }
 
 
@@ -189,10 +194,35 @@ def _metric_table(metrics: Mapping[str, Any]) -> list[str]:
     return ["| metric | value |", "|---|---|", *rows] if rows else ["No evaluation at this step."]
 
 
+def parameter_lines(config: Any, accounting: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines of the run's adapter parameter counts (``Trainer.accounting``); none without them."""
+    if not accounting:
+        return []
+    budget = int(accounting.get("param_budget", 0))
+    lines = [
+        "## Adapter parameters",
+        "",
+        "| count | parameters |",
+        "|---|---|",
+        f"| factors (committed rank x (in + out)) | {accounting['factors']:,} |",
+        f"| with the method's per-rank extras | {accounting['with_extras']:,} |",
+        f"| with reserves (every row that trains) | {accounting['with_reserves']:,} |",
+        f"| task head (not in the above) | {accounting['head']:,} |",
+        f"| {config.adapter.method}'s paper count ({accounting['paper_count']}) | {accounting['paper']:,} |",
+        "",
+    ]
+    if budget > 0:
+        into = ", ".join(f"`{k}={v}`" for k, v in (accounting.get("converted_to") or {}).items())
+        lines += [f"Budget given in parameters: `adapter.param_budget={budget}`" + (f", run as {into}" if into else "")
+                  + ".", ""]
+    return lines
+
+
 def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any], step: int,
-               model_type: str = "", license: str | None = None, *, reachable_budget: int | None) -> Any:
+               model_type: str = "", license: str | None = None, accounting: Mapping[str, Any] | None = None, *,
+               reachable_budget: int | None) -> Any:
     """The ``huggingface_hub.ModelCard`` of an adapter exported from a run with ``config`` at ``step``
-    (``reachable_budget``: see ``budget_line``)."""
+    (``reachable_budget``: see ``budget_line``; ``accounting``: the run's parameter counts)."""
     from huggingface_hub import ModelCard
 
     from adapad_jax.config.validation import task_spec_for
@@ -201,6 +231,11 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
     base = str(config.model.name_or_path)
     revision = str(config.model.get("revision", "") or "")
     data = card_data(config, spec, metrics, "peft", ["lora"], license)
+    converted = (accounting or {}).get("converted_to") or {}
+    if converted:  # the budget line states the rank budget adapter.param_budget set
+        config = copy.deepcopy(config)
+        for dotted, value in converted.items():
+            config.adapter[dotted.rpartition(".")[2]] = value
     body = [
         f"# {config.adapter.method} adapter for {base} on {spec.name}",
         "",
@@ -212,6 +247,7 @@ def model_card(config: Any, ranks: Mapping[str, int], metrics: Mapping[str, Any]
         "",
         "Per-module ranks are in `rank_pattern` of `adapter_config.json` (and `ranks.json` beside this folder).",
         "",
+        *parameter_lines(config, accounting),
         "## Metrics",
         "",
         *_metric_table(metrics),
@@ -272,15 +308,16 @@ def _exported_ranks(adapter_dir: Path) -> dict[str, int]:
 
 def write_model_card(
     adapter_dir: str | os.PathLike, config: Any, metrics: Mapping[str, Any], step: int, model_type: str = "",
-    base_dir: str | os.PathLike | None = None, *, reachable_budget: int | None,
+    base_dir: str | os.PathLike | None = None, accounting: Mapping[str, Any] | None = None, *,
+    reachable_budget: int | None,
 ) -> Path:
     """Write ``README.md`` into an exported ``adapter/``; ``base_dir``: the base checkpoint (its card's license);
-    ``reachable_budget``: see ``budget_line``."""
+    ``accounting``: the run's parameter counts (``Trainer.accounting``); ``reachable_budget``: see ``budget_line``."""
     from adapad_jax.outputs.output_set import write_text_atomic
 
     adapter_dir = Path(adapter_dir)
     card = model_card(config, _exported_ranks(adapter_dir), metrics, step, model_type, base_license(base_dir),
-                      reachable_budget=reachable_budget)
+                      accounting, reachable_budget=reachable_budget)
     path = adapter_dir / "README.md"
     write_text_atomic(path, str(card))
     return path

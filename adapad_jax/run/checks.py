@@ -18,8 +18,8 @@ import ml_collections
 
 from adapad_jax.config.schema import ConfigError, base_config
 from adapad_jax.config.validation import (
-    LOCAL_PATH_FIELDS, RESUME_CHANGEABLE_FIELDS, RESUME_LENGTH_FIELDS, check_fields, check_mesh, check_rank_budget,
-    has_slot_axis, task_spec_for,
+    LOCAL_PATH_FIELDS, RESUME_CHANGEABLE_FIELDS, RESUME_LENGTH_FIELDS, _require_range, _require_type, budget_field,
+    budget_from_params, check_fields, check_mesh, check_rank_budget, has_slot_axis, task_spec_for,
 )
 from adapad_jax.run.resume_identity import normalise_model_path
 
@@ -64,15 +64,7 @@ def validate_config(
 
 def count_adapter_targets(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> int:
     """How many modules a model built from ``hf_config`` adapts (reads the config only, builds nothing)."""
-    from adapad_jax.models.checkpoint_io import CheckpointError
-    from adapad_jax.models.registry import targets_for_config
-
-    try:
-        return len(targets_for_config(hf_config, task_kind, tuple(target_modules) or None))
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    except ValueError as err:
-        raise ConfigError(f"adapter.target_modules: {err}") from None
+    return len(target_widths(hf_config, task_kind, target_modules))
 
 
 def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any, Any, int]:
@@ -84,11 +76,62 @@ def check_model(config: ml_collections.ConfigDict, task_kind: str) -> tuple[Any,
         checkpoint_dir, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
-    num_modules = count_adapter_targets(hf_config, task_kind, config.adapter.target_modules)
+    widths = target_widths(hf_config, task_kind, config.adapter.target_modules)
+    num_modules = len(widths)
     adapter = config.adapter
+    rank_budget = adapter.rank_budget
+    if adapter.param_budget > 0:
+        converted = budget_from_params(adapter.param_budget, widths, adapter.method, adapter.initial_rank)
+        rank_budget = converted if has_slot_axis(adapter.method) else rank_budget
     if has_slot_axis(adapter.method) and adapter.grow:
-        check_rank_budget(adapter.rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
+        check_rank_budget(rank_budget, num_modules, adapter.initial_rank, config.model.name_or_path)
     return checkpoint_dir, hf_config, num_modules
+
+
+def target_widths(hf_config: Any, task_kind: str, target_modules: Sequence[str]) -> list[int]:
+    """in + out of each module a model built from ``hf_config`` adapts (reads the config only)."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import targets_for_config
+
+    try:
+        targets = targets_for_config(hf_config, task_kind, tuple(target_modules) or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(f"adapter.target_modules: {err}") from None
+    return [t.in_features + t.out_features for t in targets]
+
+
+def adapter_target_widths(config: ml_collections.ConfigDict) -> list[int]:
+    """``target_widths`` of the config's model and task (reads the checkpoint's config.json)."""
+    from adapad_jax.models.checkpoint_io import CheckpointError
+    from adapad_jax.models.registry import load_hf_config
+
+    try:
+        _, hf_config = load_hf_config(config.model.name_or_path, revision=config.model.revision or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    return target_widths(hf_config, task_spec_for(config).kind, config.adapter.target_modules)
+
+
+def check_budget_overrides(config: ml_collections.ConfigDict, overridden: Sequence[str]) -> None:
+    """With ``adapter.param_budget`` > 0, a rank budget also given on the command line must be its conversion
+    (``budget_from_params``): one of the two would be silently dropped."""
+    param_budget = _require_range(config, "adapter.param_budget", (int,), 0)
+    field = budget_field(_require_type(config, "adapter.method", (str,)))
+    if not param_budget or f"adapter.{field}" not in overridden:
+        return
+    given = config.adapter[field]
+    try:
+        widths = adapter_target_widths(config)
+    except Exception:  # noqa: BLE001 - no readable model yet (a task that builds it): the two cannot be compared
+        widths = None
+    value = None if widths is None else budget_from_params(param_budget, widths, config.adapter.method,
+                                                           int(config.adapter.initial_rank))
+    if value != given:
+        converts = "" if value is None else f", which converts to adapter.{field}={value} for this model"
+        raise ConfigError(f"adapter.{field}={given} and adapter.param_budget={param_budget}{converts}, are both "
+                          f"given: give one of them")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -448,6 +448,8 @@ def _run(
         evals = EvalMemo(data, eval_batch)
         if num_steps > 0 and trainer.step < num_steps:
             log(f"training {config.adapter.method} for {num_steps} steps ({len(model.targets)} adapted modules)")
+            if trainer.budget_conversion is not None:
+                log(param_budget_line(trainer.budget_conversion))
             log(rank_schedule_line(trainer.rank_schedule(num_steps), config))
             release_free_heap()  # set-up's freed host memory; the steps' own stays mapped (host_malloc)
             trainer.train(
@@ -467,17 +469,22 @@ def _run(
             step = trainer.step
             metrics, rows = evals.at(trainer)
         results["rank"] = trainer.rank_schedule(num_steps)
+        accounting = trainer.accounting()  # of the exported step
+        results["adapter_parameters"] = accounting
+        trainer.metrics.write({"step": step, "adapter_parameters": accounting})
 
         def write_card(staging: Path) -> None:
             from adapad_jax.outputs.model_card import write_model_card
 
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", config, metrics, step, model.hf_config.model_type,
-                                 base_dir=checked.checkpoint_dir, reachable_budget=reachable_budget(trainer))
+                                 base_dir=checked.checkpoint_dir, accounting=accounting,
+                                 reachable_budget=reachable_budget(trainer))
 
         export_output_set(trainer, output_dir, results, rows, after_export=write_card)
         trainer.metrics.write_image("ranks", output_dir / "ranks.png", step)
         ranks = trainer.ranks()
+        log(accounting_line(config.adapter.method, accounting))
         log(
             f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
             + f"; total rank {sum(ranks.values())} over {len(ranks)} modules; outputs in {output_dir}"
@@ -548,6 +555,19 @@ def rank_schedule_line(schedule: Mapping[str, Any], config: ml_collections.Confi
         line += (f" (initial ranks + (floor(steps / T) - 1) x top_k with T={adapter.growth_interval}, "
                  f"top_k={adapter.top_k}; more steps, a smaller T or a larger top_k would spend the rest)")
     return line
+
+
+def param_budget_line(conversion: Mapping[str, Any]) -> str:
+    """The start-of-run line on what ``adapter.param_budget`` became (``Trainer.budget_conversion``)."""
+    return (f"budget: adapter.param_budget={conversion['param_budget']} -> {conversion['field']}="
+            f"{conversion['value']} ({conversion['modules']} modules, mean in + out {conversion['mean_width']:g})")
+
+
+def accounting_line(method: str, counts: Mapping[str, Any]) -> str:
+    """The end-of-run line on the adapter's parameters (``Trainer.accounting``)."""
+    return (f"adapter parameters: factors {counts['factors']:,}, with extras {counts['with_extras']:,}, with "
+            f"reserves {counts['with_reserves']:,}; head {counts['head']:,}; {method}'s paper count "
+            f"{counts['paper']:,} ({counts['paper_count']})")
 
 
 def _ignore(_: str) -> None:

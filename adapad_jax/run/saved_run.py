@@ -225,6 +225,7 @@ def export_checkpoint(
     with restored_run(run_dir, step, log) as restored:
         trainer, model, step = restored.trainer, restored.model, restored.step
         out = Path(out_dir) if out_dir else Path(run_dir) / f"export-step{step}"
+        accounting = trainer.accounting()  # every process joins its gather
         if not is_main_process():
             export_trainer(trainer, None)
             if merged:
@@ -244,7 +245,7 @@ def export_checkpoint(
             base_dir, reachable = restored.checked.checkpoint_dir, reachable_budget(trainer)
             if (staging / "adapter").is_dir():
                 write_model_card(staging / "adapter", restored.config, metrics, step, model.hf_config.model_type,
-                                 base_dir=base_dir, reachable_budget=reachable)
+                                 base_dir=base_dir, accounting=accounting, reachable_budget=reachable)
             if merged:
                 from adapad_jax.data import load_tokenizer
                 from adapad_jax.models.export import write_merged_checkpoint

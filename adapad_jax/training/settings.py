@@ -67,6 +67,8 @@ class TrainerSettings:
     optim: OptimSettings
     # The running method's own adapter.<method>.* fields (empty for adapad, joint, lora).
     method_config: Mapping[str, Any] = field(default_factory=dict)
+    # adapter.param_budget (0 = off); the Trainer converts it into rank_budget / lora_rank before the method is built.
+    param_budget: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> "TrainerSettings":
@@ -93,4 +95,5 @@ class TrainerSettings:
             optim=OptimSettings.from_config(config.optim),
             method_config=(config.adapter[adapter.method].to_dict()
                            if adapter.method in adapter and hasattr(adapter[adapter.method], "to_dict") else {}),
+            param_budget=int(adapter.get("param_budget", 0)),
         )

@@ -9,6 +9,7 @@ files (``run.core.export_trainer``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 from adapad_jax.runtime import progress as progress_lib
 from adapad_jax.models.base import LoadedModel
 from adapad_jax.methods import allocator as alloc_lib
-from adapad_jax.config.validation import batch_splits, check_method
+from adapad_jax.config.validation import batch_splits, budget_field, budget_from_params, check_method
 from adapad_jax.methods.registry import build_method
 from adapad_jax.training.checkpointing import Checkpointer
 from adapad_jax.training import recovery
@@ -97,7 +98,17 @@ class Trainer:
         check_method(config.adapter.method)
         if not model.targets:
             raise ValueError("the model has no adapter targets; check adapter.target_modules")
-        self.settings = settings = TrainerSettings.from_config(config)
+        settings = TrainerSettings.from_config(config)
+        # adapter.param_budget -> the rank budget (lora: lora_rank) the method is built with, and what it came from.
+        self.budget_conversion: dict[str, Any] | None = None
+        if settings.param_budget > 0:
+            field = budget_field(settings.method)
+            widths = [t.in_features + t.out_features for t in model.targets]
+            value = budget_from_params(settings.param_budget, widths, settings.method, settings.initial_rank)
+            settings = dataclasses.replace(settings, **{field: value})
+            self.budget_conversion = {"param_budget": settings.param_budget, "field": f"adapter.{field}",
+                                      "value": value, "modules": len(widths), "mean_width": sum(widths) / len(widths)}
+        self.settings = settings
         self.model, self.mesh = model, mesh
         self.output_dir = Path(output_dir)
         self.method = settings.method
@@ -414,6 +425,18 @@ class Trainer:
         host = to_host({"trainable": self.state["trainable"], "alloc": self.state["alloc"],
                         "method": self.state.get("method", {})})
         return self.method_impl.export_factors(host["trainable"], host["alloc"], host["method"])
+
+    def accounting(self) -> dict[str, Any]:
+        """The adapter parameters of the current state (``Method.accounting``: factors, with_extras,
+        with_reserves, head, paper, paper_count) and the budget they answer to (``param_budget``, 0 = off, and
+        ``converted_to``: the rank field it set)."""
+        host = to_host({"trainable": self.state["trainable"], "alloc": self.state["alloc"],
+                        "method": self.state.get("method", {})})
+        counts = self.method_impl.accounting(host["trainable"], host["alloc"], host["method"])
+        counts["param_budget"] = int(self.settings.param_budget)
+        if self.budget_conversion is not None:
+            counts["converted_to"] = {self.budget_conversion["field"]: int(self.budget_conversion["value"])}
+        return counts
 
     def trained_params(self) -> dict[str, Any]:
         """The model params (numpy) with the trained head in place."""
