@@ -195,10 +195,10 @@ def test_the_tiny_checkpoint_widths_are_the_hand_computed_ones(tmp_path):
 
 def test_validation_checks_the_converted_budget_before_any_compute(tmp_path):
     config = _config(tmp_path, param_budget=2 * 1248, rank_budget=1)  # rank_budget 1 alone would be refused
-    validation.check_model(config, "classification")
+    checks.check_model(config, "classification")
     config.adapter.param_budget = 1247  # 17 ranks over 18 modules
     with pytest.raises(ConfigError) as err:
-        validation.check_model(config, "classification")
+        checks.check_model(config, "classification")
     assert str(err.value) == ("adapter.param_budget=1247 is below 18 adapted modules x adapter.initial_rank=1 (sum "
                               "of in + out 1248): give at least 1248")
     config.adapter.param_budget = -1
