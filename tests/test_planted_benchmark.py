@@ -3,6 +3,7 @@ quick mode end to end (table structure, and every summary figure recomputed from
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,7 +74,10 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    variants = list(study.VARIANTS)
+    spec = importlib.util.spec_from_file_location("planted_config_default", REPO / "configs" / "planted.py")
+    config_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_module)
+    variants = config_module.get_config().variants.split(",")  # the config's default list
     assert results["variants"] == variants and results["seeds"] == [0, 1]
     rows = results["rows"]
     assert [r["variant"] for r in rows] == variants
