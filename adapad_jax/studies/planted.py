@@ -28,7 +28,7 @@ from adapad_jax.training.sharding import make_mesh
 from adapad_jax.testing.toy import make_toy_model, planted_teacher, toy_config
 from adapad_jax.training.trainer import Trainer
 
-# The study's adapter and optimiser settings (configs/planted.py; the demo's branches comparison uses them too).
+# The study's adapter and optimiser settings (configs/planted.py; the demo's branches check uses them too).
 STUDY_ADAPTER = {"r_max": 4, "rank_budget": 16, "alpha": 4.0, "init_std": 0.1, "top_k": 1, "growth_interval": 20,
                  "slot_chunk_size": 0}
 STUDY_OPTIM = {"learning_rate": 1e-2, "warmup_steps": 20, "weight_decay": 0.0}
