@@ -1,4 +1,5 @@
-"""Offline demo (the README's main command): AdaPaD learns a planted-rank teacher task and shows where rank went.
+"""Offline demo (the README's main command): AdaPaD against fixed-rank LoRA and another adaptive method where
+allocation matters, then an end-to-end DeBERTaV3-architecture run.
 
 Run:
     python launch/train.py --config configs/demo.py
@@ -6,14 +7,18 @@ Run:
 No network. Builds once (cached in ~/.cache/adapad_jax/demo, or --config.demo.assets_dir) a random
 DeBERTaV3-architecture backbone (hidden 64, 2 layers, 12 adapted modules) with a SentencePiece tokenizer,
 and a 6-class task whose labels come from a teacher = backbone + planted adapter deltas of rank 4, 3 and 2
-in three FFN modules (rank 0 elsewhere; see adapad_jax/studies/demo.py for why these modules and six classes). Then trains AdaPaD (r_max 4, budget 21 = 12 modules x rank 1 + 9)
-for a few hundred steps and prints validation accuracy against chance and against the backbone alone, plus
-a planted-vs-found rank table with its agreement (share of rank on planted modules, Spearman). Then, because
-in a transformer other modules can stand in for a planted one, it trains AdaPaD on the planted benchmark's
-`branches` toy task (launch/planted.py; each planted delta learnable only by its own module, about a minute;
---config.demo.branches_check=False skips it) and prints that table and agreement too.
-Outputs in runs/demo: metrics.jsonl, eval_results.json, predictions.jsonl, checkpoints/, adapter/ (PEFT),
-ranks.json, ranks.png, planted_vs_found.png, planted_vs_found.json, planted_vs_found_branches.json, config.json.
+in three FFN modules (rank 0 elsewhere; see adapad_jax/studies/demo.py for why these modules and six classes),
+and trains AdaPaD on it (r_max 4, budget 21 = 12 modules x rank 1 + 9) for a few hundred steps.
+The report leads with the comparison: on the planted benchmark's `branches` toy task (launch/planted.py; each
+planted delta learnable only by its own module), AdaPaD, fixed-rank LoRA (rank 2) and demo.other_methods
+(default joint; comma-separated adapter.method names) at the same budget 16, each trained to a plateau:
+held-out error and planted-vs-found ranks per module, with a picture (--config.demo.branches_check=False skips
+it). Then the DeBERTa-architecture run as the pipeline check (tokenizer, model, PEFT export): validation accuracy
+against chance and the backbone alone, and its planted-vs-found table (in a transformer other modules can
+stand in for a planted one, so the ranks need not follow the planted ones there).
+Outputs in runs/demo: comparison_branches.png, comparison_branches.json, metrics.jsonl, eval_results.json,
+predictions.jsonl, checkpoints/, adapter/ (PEFT), ranks.json, ranks.png, planted_vs_found.png,
+planted_vs_found.json, config.json.
 """
 
 from adapad_jax.config.schema import base_config

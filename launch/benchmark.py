@@ -41,12 +41,21 @@ Suites:
           visible GPUs (mesh.components = #GPUs). Markdown + JSON. Exits at
           once with one line where no GPU is visible.
 
+  methods every adapter.method's train step against lora's on the same model
+          and batch (toy by default, --method_model for a random-weights
+          DeBERTaV3-base / Qwen3-0.6B), each method in its own process,
+          timed in alternating rounds (one step each, order rotated every
+          round): step time, XLA's compiled temporaries and peak memory,
+          ratios to lora. A method that cannot start (not wired into the
+          trainer yet) is reported as not available.
+
 Every measurement runs in its own subprocess, so peak memory (GPU allocator peak
 when a GPU is present, else peak process RSS) belongs to that measurement alone.
 
   python launch/benchmark.py --suite models --batch 4 --seq 128
   python launch/benchmark.py --suite slots
   python launch/benchmark.py --suite step_memory
+  python launch/benchmark.py --suite methods --repeats 30
   python launch/benchmark.py --suite scaling --processes 2 --out scaling.json
   python launch/benchmark.py --suite gpu --out gpu.json   # writes gpu.md too; one GPU, < 8 min
 """
@@ -278,6 +287,97 @@ def _serve(fw: str, name: str, mode: str, batch: int, seq: int) -> None:
             return
 
 
+def _serve_method(method: str, name: str, batch: int, seq: int) -> None:
+    """Persistent worker of the methods suite: one method's trainer on the suite's model and batches; answers
+    ``run`` (time one step) and ``peak`` like ``_serve``. Exits with the trainer's error line when the method
+    cannot start (the suite reports it as not available)."""
+    import tempfile
+
+    from adapad_jax.runtime.host_malloc import release_free_heap
+    from adapad_jax.studies.benchmarking import MethodStep, random_batch, toy_methods_model
+
+    if name == "toy":
+        model, batches = toy_methods_model(batch, seq)
+    else:
+        import jax.numpy as jnp
+
+        from adapad_jax.models.registry import model_from_config
+
+        spec = MODEL_SPECS[name]
+        dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
+        model = model_from_config(_hf_config(name), task=spec["task"], num_labels=2, dtype=dtype)
+        batches = [random_batch(model, batch, seq, seed) for seed in range(4)]
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            step = MethodStep(model, method, batches, out)
+        except Exception as err:  # noqa: BLE001 - reported as "not available", one line
+            sys.exit(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+        release_free_heap()
+        first = step.run()
+        step.run()  # a second warm-up: donation and caches settle
+        print(json.dumps({"ready": True, "first_call_s": first, "temp_bytes": step.temp_bytes,
+                          "live_rows": step.live_rows}), flush=True)
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "run":
+                print(json.dumps({"s": step.run(), "page_faults": 0}), flush=True)
+            elif command == "peak":
+                print(json.dumps({"peak_mib": _peak_memory_mib("jax"), "resident_mib": _resident_mib()}), flush=True)
+            else:
+                break
+        step.close()
+
+
+METHODS = ("lora", "adapad", "joint", "adalora", "increlora", "sora", "ardlora")
+JOINT_LIMIT = 1.3  # issue 20: a jointly trained method should cost at most this many lora steps
+
+
+def suite_methods(args) -> list[dict]:
+    """Every method's train step against lora's on the same model and batch, timed in alternating rounds."""
+    methods = ["lora"] + [m for m in args.methods.split(",") if m and m != "lora"]
+    servers, rows, missing = {}, [], {}
+    try:
+        for method in methods:  # set up one after the other so compiles do not overlap
+            server = _Server("jax", args.method_model, "fwd", args.batch, args.seq, args.timeout,
+                             worker=["serve_method", method, args.method_model, str(args.batch), str(args.seq)])
+            try:
+                server.ready = server.ask()
+                servers[method] = server
+            except RuntimeError as err:
+                missing[method] = str(err)
+        if "lora" not in servers:
+            raise SystemExit(f"error: the lora step did not start: {missing.get('lora')}")
+        times, _ = alternate_rounds(servers, args.repeats, rotate=True)
+        memory = {method: server.ask("peak") for method, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.close()
+    base_min, base_median = min(times["lora"]), statistics.median(times["lora"])
+    base_temp, base_peak = servers["lora"].ready["temp_bytes"], memory["lora"]["peak_mib"]
+    for method in methods:
+        if method in missing:
+            rows.append({"method": method, "available": False, "reason": missing[method]})
+            print(f"| {method} | not available ({missing[method]}) | | | | | | | |", flush=True)
+            continue
+        t, ready = times[method], servers[method].ready
+        row = {"method": method, "available": True, "min_s": min(t), "median_s": statistics.median(t),
+               "mean_s": statistics.fmean(t), "times_s": t, "first_call_s": ready["first_call_s"],
+               "live_rows": ready["live_rows"], "temp_bytes": ready["temp_bytes"],
+               "peak_mib": memory[method]["peak_mib"]}
+        row["ratio_of_medians"] = row["median_s"] / base_median
+        row["ratio_of_mins"] = row["min_s"] / base_min
+        row["temp_ratio"] = row["temp_bytes"] / base_temp if base_temp else None
+        row["peak_ratio"] = row["peak_mib"] / base_peak
+        rows.append(row)
+        flag = " (> 1.3)" if method not in ("lora", "adapad") and row["ratio_of_medians"] > JOINT_LIMIT else ""
+        temp_ratio = "n/a" if row["temp_ratio"] is None else f"{row['temp_ratio']:.2f}"
+        print(f"| {method} | {row['live_rows']} | {1e3 * row['min_s']:.2f} / {1e3 * row['median_s']:.2f} / "
+              f"{1e3 * row['mean_s']:.2f} ms | **{row['ratio_of_medians']:.2f}**{flag} | {row['ratio_of_mins']:.2f} | "
+              f"{row['temp_bytes'] / 2**20:.1f} MiB | {temp_ratio} | {row['peak_mib']:.0f} MiB | "
+              f"{row['peak_ratio']:.2f} |", flush=True)
+    return rows
+
+
 def _slots_worker(method: str, live_slots: int, repeats: int, slot_chunk_size: int, log_every: int,
                   grad_accum_steps: int) -> dict:
     from adapad_jax.studies.benchmarking import time_train_step
@@ -344,7 +444,8 @@ class _Server:
     """One persistent ``_serve`` worker process (JAX or PyTorch side of a models row); every read is bounded."""
 
     def __init__(self, fw: str, name: str, mode: str, batch: int, seq: int, timeout_s: float, core: int = -1,
-                 preload: str = "", malloc: str = "tuned"):
+                 preload: str = "", malloc: str = "tuned", worker: list[str] | None = None):
+        """``worker``: the worker's arguments (default: a models-suite side, ``serve fw name mode batch seq``)."""
         from adapad_jax.runtime.host_malloc import OPT_OUT, cpu_worker_environment
 
         self.timeout_s = timeout_s
@@ -356,7 +457,8 @@ class _Server:
         else:
             env = {**env, OPT_OUT: "system"}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--_worker", "serve", fw, name, mode, str(batch), str(seq)],
+            [sys.executable, __file__, "--_worker",
+             *(worker or ["serve", fw, name, mode, str(batch), str(seq)])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
 
@@ -385,8 +487,10 @@ class _Server:
                 self.proc.wait()
 
 
-def alternate_rounds(servers: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Time one call per side per round, swapping which side goes first every round.
+def alternate_rounds(servers: dict, rounds: int, rotate: bool = False
+                     ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Time one call per side per round, swapping which side goes first every round (``rotate``: round i starts
+    at side i mod n, for more than two sides).
 
     Returns the seconds and the minor page faults of each call, per side.
     """
@@ -394,7 +498,12 @@ def alternate_rounds(servers: dict, rounds: int) -> tuple[dict[str, list[float]]
     faults: dict[str, list[int]] = {fw: [] for fw in servers}
     order = list(servers)
     for index in range(rounds):
-        for fw in order if index % 2 == 0 else order[::-1]:
+        if rotate:
+            shift = index % len(order)
+            this_round = order[shift:] + order[:shift]
+        else:
+            this_round = order if index % 2 == 0 else order[::-1]
+        for fw in this_round:
             answer = servers[fw].ask("run")
             times[fw].append(answer["s"])
             faults[fw].append(answer["page_faults"])
@@ -708,6 +817,10 @@ def main() -> None:
             name, dtype, batch, seq, components, repeats, deadline = rest
             result = _gpu_adapad_worker(name, dtype, int(batch), int(seq), int(components), int(repeats),
                                         float(deadline))
+        elif kind == "serve_method":
+            method, name, batch, seq = rest
+            _serve_method(method, name, int(batch), int(seq))
+            return
         elif kind == "serve":
             fw, name, mode, batch, seq = rest
             _serve(fw, name, mode, int(batch), int(seq))
@@ -722,7 +835,12 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling", "gpu"], default="models")
+    parser.add_argument("--suite", choices=["models", "slots", "step_memory", "scaling", "gpu", "methods"],
+                        default="models")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"methods suite: the methods timed against lora (default all: {','.join(METHODS)})")
+    parser.add_argument("--method_model", default="toy", choices=["toy", *MODEL_SPECS],
+                        help="methods suite: the model (toy: hidden 256, 2 blocks; or a random-weights model)")
     parser.add_argument("--models", default=",".join(MODEL_SPECS))
     parser.add_argument("--batch", type=int, default=0, help="models: default 4; step_memory: the paper's shape")
     parser.add_argument("--seq", type=int, default=0, help="models: default 128; step_memory: the paper's shape")
@@ -788,6 +906,23 @@ def main() -> None:
               "(JAX / PyTorch) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         rows = suite_models(args)
+        print(f"{load_average()} after")
+    elif args.suite == "methods":
+        unknown = sorted(set(filter(None, args.methods.split(","))) - set(METHODS))
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        default_shape = (512, 16) if args.method_model == "toy" else MODEL_SPECS[args.method_model]["train_shape"]
+        args.batch, args.seq = args.batch or default_shape[0], args.seq or default_shape[1]
+        print(f"{args.method_model} model, batch {args.batch} x seq {args.seq}; lora rank 2, the others at rank 2 per "
+              f"module (r_max 4, from rank 1; studies/benchmarking.METHODS_SUITE_ADAPTER), at the start of a run; "
+              f"{args.repeats} rounds, one step of each method per round, the order rotated every round, after two "
+              f"warm-up steps; {load_average()} before")
+        print("| method | rows in the forward | step min / median / mean | median / lora | min / lora | "
+              "compiled temporaries | / lora | peak memory | / lora |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        rows = suite_methods(args)
         print(f"{load_average()} after")
     elif args.suite == "step_memory":
         print("compiled train-step temporaries (activations kept for backward + scratch); ratio to lora")

@@ -6,6 +6,10 @@
 
 Writes output_dir/results.json (every run: error, ranks, curve, time per step; the summary rows), summary.md
 (the table, with the command and date) and runs/<task>/<variant>/seed<k>/{ranks.json,planted.json}.
+--config.results_doc merges the rows into that file's tables (a row replaces the same variant's, each row names
+its run's command), so a run of some variants, e.g. --config.variants=adalora,increlora,sora,ardlora, adds them
+to the all-methods table. Every (task, variant) is checked before the first run (a method not wired into the
+trainer, or settings it refuses, stop it in one line).
 """
 
 from __future__ import annotations
@@ -88,15 +92,38 @@ def parse_diagnostics(config) -> list[tuple]:
     return pairs
 
 
+def preflight(config, pairs: list[tuple]) -> None:
+    """Every (task, variant)'s config passes validation and its method can be built on the task's model (a method
+    not wired into the trainer yet, or settings it refuses, stop here in one line, before any run)."""
+    from adapad_jax.config.validation import check_fields
+    from adapad_jax.methods.registry import build_method
+    from adapad_jax.studies import planted as study
+    from adapad_jax.testing.toy import make_toy_model
+    from adapad_jax.training.settings import TrainerSettings
+
+    adapter, optim = config.adapter.to_dict(), config.optim.to_dict()
+    for task, variant in pairs:
+        model = make_toy_model(hidden=task.hidden, num_layers=task.num_layers, vocab_size=task.vocab_size,
+                               num_outputs=task.hidden, layout=task.layout, seed=0)
+        run_config = study.study_config(adapter, optim, variant, 0, int(config.stop.max_steps), len(model.targets))
+        run_config.output_dir = str(config.output_dir)  # the study's trainers write to a temp dir each
+        check_fields(run_config)
+        build_method(TrainerSettings.from_config(run_config), model.targets)
+
+
 def write_results_doc(path: Path, summary: str) -> None:
-    """Replace the planted-benchmark section of ``path`` (between the markers), or append one."""
+    """Merge this run's rows into the planted-benchmark section of ``path`` (between the markers: a row replaces
+    the one of the same variant and table, new ones are appended, each row names its run's command), or append
+    the section."""
+    from adapad_jax.studies.planted import merge_summaries
+
     text = path.read_text() if path.is_file() else "# Results\n"
-    block = f"{DOC_BEGIN}\n{summary.rstrip()}\n{DOC_END}"
     if DOC_BEGIN in text and DOC_END in text:
         head, rest = text.split(DOC_BEGIN, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
+        old, tail = rest.split(DOC_END, 1)
+        text = head + f"{DOC_BEGIN}\n{merge_summaries(old, summary).rstrip()}\n{DOC_END}" + tail
     else:
-        text = text.rstrip() + "\n\n## Planted-rank benchmark\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## Planted-rank benchmark\n\n{DOC_BEGIN}\n{summary.rstrip()}\n{DOC_END}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -110,6 +137,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/studies/planted.py")
     from adapad_jax.studies import planted as study
     from adapad_jax.outputs.rank_outputs import write_ranks_json
+    from adapad_jax.runtime.failures import ConfigError
     from adapad_jax.testing.toy import enable_compilation_cache
 
     with config.unlocked():
@@ -129,7 +157,8 @@ def main(argv: list[str]) -> None:
             if config.adapter.rank_budget % len(task.planted):
                 raise ValueError(f"adapter.rank_budget={config.adapter.rank_budget} is not a multiple of task "
                                  f"{task.name}'s {len(task.planted)} modules, so no fixed-rank LoRA matches it")
-    except ValueError as error:
+        preflight(config, [(t, v) for t in tasks for v in variants] + diagnostics)
+    except (ValueError, ConfigError) as error:
         sys.exit(f"error: {error}")
     enable_compilation_cache()
     adapter, optim = config.adapter.to_dict(), config.optim.to_dict()
@@ -161,8 +190,9 @@ def main(argv: list[str]) -> None:
     command = "python launch/planted.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = "\n".join([
-        f"Command: `{command}` ({date}, {len(records) + len(diagnostic_records)} runs in {elapsed / 60:.1f} min, "
-        f"seeds {seeds}).", "",
+        "Runs (the last column of each table names the run a row comes from):", "",
+        f"- A: Command: `{command}` ({date}, {len(records) + len(diagnostic_records)} runs in {elapsed / 60:.1f} "
+        f"min, seeds {seeds}).", "",
     ] + ([study.summary_markdown(rows, {t.name: task_info[t.name] for t in tasks})] if rows else []) + ([
         "### Diagnostics", "",
         study.summary_markdown(diagnostic_rows, {name: task_info[name] for name in
@@ -174,7 +204,10 @@ def main(argv: list[str]) -> None:
     (out / "results.json").write_text(json.dumps(_json_safe(results), allow_nan=False, indent=1))
     (out / "summary.md").write_text(summary + "\n")
     if config.results_doc:
-        write_results_doc(Path(config.results_doc), summary)
+        try:
+            write_results_doc(Path(config.results_doc), summary)
+        except ValueError as error:
+            sys.exit(f"error: {error} (results.json and summary.md are written)")
     print(summary)
     print(f"wrote {out / 'results.json'} and {out / 'summary.md'} in {elapsed:.1f} s")
 

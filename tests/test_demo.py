@@ -1,4 +1,5 @@
-"""The offline demo: teacher construction checked against closed forms, and the README command end to end."""
+"""The offline demo: teacher construction checked against closed forms, the comparison's table, picture and
+method check, and the README command end to end."""
 
 from __future__ import annotations
 
@@ -125,6 +126,56 @@ def test_agreement_measures_are_the_rank_recovery_of_the_table():
     assert "0.62 of the rank on planted modules (at most 0.75" in line and "Spearman 0.83" in line  # 3.75 / 4.5
 
 
+def test_comparison_methods_and_their_check(monkeypatch):
+    import ml_collections
+
+    from adapad_jax.config.schema import ConfigError
+    from adapad_jax.methods import registry
+
+    settings = ml_collections.ConfigDict({"other_methods": " joint, lora,joint ,adapad"})
+    assert demo.comparison_methods(settings) == ["adapad", "lora", "joint"]
+    settings.other_methods = ""
+    assert demo.comparison_methods(settings) == ["adapad", "lora"]
+    demo.check_comparison_methods(["adapad", "lora", "joint"])
+    with pytest.raises(ConfigError, match=r"^demo.other_methods: unknown method 'dora'"):
+        demo.check_comparison_methods(["adapad", "lora", "dora"])
+
+    class Refuses(registry.METHOD_CLASSES["joint"]):
+        def make_setup(self, settings, num_modules, components):
+            raise ConfigError("adapter.method=sora: not wired (test)")
+
+    monkeypatch.setitem(registry.METHOD_CLASSES, "sora", Refuses)
+    with pytest.raises(ConfigError, match=r"^demo.other_methods: sora cannot run: adapter.method=sora: not wired"):
+        demo.check_comparison_methods(["adapad", "lora", "sora"])
+
+
+def _records():
+    return {
+        "adapad": {"error": 0.0193, "steps": 800, "ranks": {"m0": 1, "m1": 4, "m2": 1, "m3": 3},
+                   "planted_fraction": 7 / 9, "spearman": 0.9},
+        "lora": {"error": 0.1043, "steps": 550, "ranks": {"m0": 2, "m1": 2, "m2": 2, "m3": 2},
+                 "planted_fraction": 0.5, "spearman": float("nan")},
+    }
+
+
+def test_comparison_table_lists_every_methods_ranks_and_measures():
+    lines = demo.comparison_table([0, 4, 0, 3], _records()).splitlines()
+    assert lines[0].split() == ["planted", "adapad", "lora"]
+    assert [line.split() for line in lines[2:6]] == [["m0", "0", "1", "2"], ["m1", "4", "4", "2"],
+                                                     ["m2", "0", "1", "2"], ["m3", "3", "3", "2"]]
+    assert lines[6].split() == ["total", "rank", "7", "9", "8"]
+    assert lines[7].split()[-2:] == ["0.0193", "0.1043"]
+    assert lines[8].split()[-2:] == ["0.78", "0.50"]
+    assert lines[9].split()[-2:] == ["0.90", "—"]  # lora's ranks are constant: no Spearman
+    assert lines[10].split()[-2:] == ["800", "550"]
+
+
+def test_plot_comparison_writes_a_png(tmp_path):
+    path = tmp_path / "comparison.png"
+    demo.plot_comparison(path, [0, 4, 0, 3], _records())
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_demo_command_runs_offline_and_learns(tmp_path):
     """The README's main command, shrunk (fewer rows and steps): outputs, table, picture, accuracy."""
@@ -154,17 +205,24 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
     on_planted = sum(rank for module, rank in ranks.items() if module in info["planted"])
     assert measures["planted_fraction"] == pytest.approx(on_planted / sum(ranks.values()))
     assert demo.agreement_line(measures) in result.stdout
-    # The branches check: its own table and agreement, printed and written.
-    branches = json.loads((out / "planted_vs_found_branches.json").read_text())
-    assert [row["planted"] for row in branches["modules"]] == [0, 4, 0, 0, 3, 0, 2, 0]
-    found = np.array([row["found"] for row in branches["modules"]])
-    assert branches["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
-    # RESULTS.md's claims in kind: the error (relative to the backbone's, 1.0) well below the backbone's, and more of
-    # the rank on the planted modules than fixed-rank LoRA's share at this budget (rank 2 in each of 8 modules).
-    assert branches["steps"] <= 60 and 0 < branches["error"] < 0.8
-    lora_share = 3 * 2 / 16
-    assert branches["planted_fraction"] > lora_share, branches
-    assert demo.agreement_line(branches) in result.stdout
+    # The comparison the report leads with: adapad, lora and the other method at the same budget, each method's
+    # ranks and measures printed in one table, the picture written; it comes before the pipeline check.
+    comparison = json.loads((out / "comparison_branches.json").read_text())
+    assert comparison["planted"] == [0, 4, 0, 0, 3, 0, 2, 0] and comparison["budget"] == 16
+    records = comparison["methods"]
+    assert list(records) == ["adapad", "lora", "joint"]
+    assert list(records["lora"]["ranks"].values()) == [2] * 8  # fixed rank 16 / 8 modules
+    for method, record in records.items():
+        found = np.array(list(record["ranks"].values()))
+        assert found.sum() == record["total_rank"] <= 16, method
+        assert record["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
+        assert record["steps"] <= 60 and 0 < record["error"] < 0.9, (method, record)
+    assert (out / "comparison_branches.png").read_bytes()[:4] == b"\x89PNG"
+    table = demo.comparison_table(comparison["planted"], records)
+    assert table in result.stdout
+    # RESULTS.md's claim in kind: adapad puts more of the budget on the planted modules than LoRA's 6 of 16.
+    assert records["adapad"]["planted_fraction"] > records["lora"]["planted_fraction"] == pytest.approx(6 / 16)
+    assert result.stdout.rindex(table) < result.stdout.rindex("2. End-to-end pipeline check")
     accuracy = json.loads((out / "eval_results.json").read_text())["metrics"]["accuracy"]
     # The backbone alone is near chance by construction; the trained adapters must beat it clearly.
     assert info["backbone_only_accuracy"] < 0.65

@@ -3,6 +3,7 @@ quick mode end to end (table structure, and every summary figure recomputed from
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -74,7 +75,10 @@ def test_quick_benchmark_table_matches_its_runs(tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    variants = list(study.VARIANTS)
+    spec = importlib.util.spec_from_file_location("planted_config_default", CONFIG)
+    config_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_module)
+    variants = config_module.get_config().variants.split(",")  # the config's default list
     assert results["variants"] == variants and results["seeds"] == [0, 1]
     rows = results["rows"]
     assert [r["variant"] for r in rows] == variants
@@ -146,3 +150,127 @@ def test_bad_input_stops_before_any_run(tmp_path, override, message):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-500:]
     assert not out.exists()
+
+
+def test_comparison_methods_follow_adapads_allocation_schedule():
+    adapter = dict(study.STUDY_ADAPTER)
+    # 8 modules from rank 1 to 16, one promotion per T = 20 after the warm-up round: the last at 20 * (1 + 8).
+    assert study.allocation_step(adapter, 8) == 180
+    assert study.allocation_step({**adapter, "rank_budget": 8, "growth_interval": 5}, 4) == 25  # the quick mode
+    adalora = study.method_overrides("adalora", adapter, 8, 2000)
+    assert adalora == {"adapter.adalora.tinit": 20, "adapter.adalora.tfinal": 1820, "adapter.adalora.deltaT": 10}
+    # A smoke run shorter than the schedule keeps a quarter of the run on each side of the decay.
+    assert study.method_overrides("adalora", adapter, 8, 12) == {
+        "adapter.adalora.tinit": 3, "adapter.adalora.tfinal": 3, "adapter.adalora.deltaT": 10}
+    assert study.method_overrides("ardlora", adapter, 8, 2000) == {"adapter.initial_rank": 2}  # r0 = LoRA's rank
+    assert study.method_overrides("increlora", adapter, 8, 2000) == {"adapter.increlora.incre_rank_num": 1}
+    config = study.study_config(adapter, study.STUDY_OPTIM, "adalora", 0, 2000, 8)
+    assert (config.adapter.method, config.adapter.rank_budget, config.adapter.r_max) == ("adalora", 16, 4)
+    assert (config.adapter.adalora.tinit, config.adapter.adalora.tfinal) == (20, 1820)
+    # A diagnostic's own value wins over the study's METHOD_SETTINGS.
+    xi = study.study_config(adapter, study.STUDY_OPTIM, "sora_xi_6e-3", 0, 2000, 8).adapter.sora.sparse_lambda_2
+    assert xi == 6e-3 and study.METHOD_SETTINGS["sora"]["adapter.sora.sparse_lambda_2"] != 6e-3
+
+
+@pytest.mark.parametrize("variant, step, total, done", [
+    ("lora", 1, 16, True), ("adapad_fixed_rank", 1, 16, True),
+    ("adapad", 500, 15, False), ("joint", 41, 16, True),
+    ("adalora", 179, 16, False), ("adalora", 180, 16, True),  # the mask freezes at 2000 - tfinal 1820
+    ("sora", 179, 30, False), ("ardlora", 179, 16, False), ("ardlora", 180, 20, True),  # adapad's last growth
+])
+def test_allocation_done(variant, step, total, done):
+    config = study.study_config(study.STUDY_ADAPTER, study.STUDY_OPTIM, variant, 0, 2000, 8)
+    assert study.allocation_done(config, step, total, 8) is done
+
+
+OLD_BLOCK = """
+Command: `python launch/planted.py --old` (2026-11-29 22:21 UTC, 2 runs).
+
+### branches
+
+Task text.
+
+| variant | error | ms / step |
+|---|---|---|
+| adapad | 0.1 | 1.0 |
+| lora | 0.2 | 2.0 |
+
+### Diagnostics
+
+#### branches
+
+Task text.
+
+| variant | error | ms / step |
+|---|---|---|
+| adapad_lr_3e-3 | 0.3 | 3.0 |
+"""
+
+NEW_BLOCK = """Runs (the last column of each table names the run a row comes from):
+
+- A: Command: `python launch/planted.py --new` (2026-12-02).
+
+### branches
+
+Task text.
+
+| variant | error | ms / step | run |
+|---|---|---|---|
+| lora | 0.25 | 2.5 | A |
+| sora | 0.5 | 5.0 | A |
+
+### residual
+
+Residual text.
+
+| variant | error | ms / step | run |
+|---|---|---|---|
+| sora | 0.6 | 6.0 | A |
+"""
+
+
+def test_merge_summaries_replaces_and_appends_rows_naming_their_run():
+    merged = study.merge_summaries(OLD_BLOCK, NEW_BLOCK)
+    lines = merged.splitlines()
+    assert "- A: Command: `python launch/planted.py --old` (2026-11-29 22:21 UTC, 2 runs)." in lines
+    assert "- B: Command: `python launch/planted.py --new` (2026-12-02)." in lines
+    branches = lines[lines.index("### branches"):lines.index("### residual")]
+    assert [line for line in branches if line.startswith("| ") and "---" not in line] == [
+        "| variant | error | ms / step | run |", "| adapad | 0.1 | 1.0 | A |", "| lora | 0.25 | 2.5 | B |",
+        "| sora | 0.5 | 5.0 | B |"]
+    # A task the old block lacks goes before the diagnostics, which keep their rows and run.
+    assert lines.index("### residual") < lines.index("### Diagnostics")
+    assert "| sora | 0.6 | 6.0 | B |" in lines and "| adapad_lr_3e-3 | 0.3 | 3.0 | A |" in lines
+    # Merging the same run again replaces its rows; run A keeps the rows nothing replaced, a run with none left goes.
+    again = study.merge_summaries(merged, NEW_BLOCK.replace("--new", "--newer"))
+    assert "--new`" not in again and "- C: Command: `python launch/planted.py --newer`" in again
+    assert "| lora | 0.25 | 2.5 | C |" in again and "| adapad | 0.1 | 1.0 | A |" in again
+    with pytest.raises(ValueError, match="other task settings"):
+        study.merge_summaries(OLD_BLOCK, NEW_BLOCK.replace("Task text.", "Quick task text."))
+
+
+def test_preflight_refuses_a_method_that_cannot_start(monkeypatch, tmp_path):
+    """An unwired method (or settings it refuses) stops the benchmark before any run, with its own line."""
+    import importlib.util
+
+    from adapad_jax.methods import registry
+    from adapad_jax.runtime.failures import ConfigError
+
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    launcher = load("planted_launcher", REPO / "launch" / "planted.py")
+    config = load("planted_config", CONFIG).get_config()
+    task = launcher.parse_tasks(config)[0]
+    launcher.preflight(config, [(task, "joint"), (task, "lora")])
+
+    class Refuses(registry.METHOD_CLASSES["joint"]):
+        def make_setup(self, settings, num_modules, components):
+            raise ConfigError("adapter.method=sora: refused for the test")
+
+    monkeypatch.setitem(registry.METHOD_CLASSES, "sora", Refuses)
+    with pytest.raises(ConfigError, match="refused for the test"):
+        launcher.preflight(config, [(task, "joint"), (task, "sora")])

@@ -140,3 +140,58 @@ def time_real_step(
             "flops": float((cost or {}).get("flops", 0.0)), "temp_bytes": int(memory.temp_size_in_bytes),
             "slot_chunk_size": slot_chunk_size, "remat": remat, "components": components,
             "device": jax.devices()[0].device_kind}
+
+
+# ------------------------------------------------------------------------------- every method against lora
+
+# The methods suite's like-for-like settings: the GLUE presets' shape (lora rank 2; the adaptive methods at the same
+# total rank 2 per module, r_max 4 rows, growth from rank 1), at the start of a run. Growth, re-masks and the
+# other rank rules run on their own schedules; the timed steps are the method's steady step between those (the
+# median), and a rule that fires in the timed window shows in the mean. AdaLoRA re-masks every deltaT = 10 steps
+# (its GLUE scripts' value; PEFT's default is every step).
+METHODS_SUITE_ADAPTER = {"adapter.r_max": 4, "adapter.lora_rank": 2, "adapter.initial_rank": 1, "adapter.top_k": 1,
+                         "adapter.growth_interval": 100, "adapter.slot_chunk_size": 1, "adapter.adalora.deltaT": 10}
+METHODS_SUITE_STEPS = 100_000  # the run's length the schedules see (no schedule ends inside the timed window)
+
+
+class MethodStep:
+    """One method's trainer on ``model`` with fixed batches: ``run()`` times one train step (plus the method's
+    host-side rule when due, as ``Trainer.train`` runs it), ``temp_bytes`` is XLA's temporaries of the compiled
+    step. Raises the trainer's ConfigError when the method cannot start (e.g. not wired yet)."""
+
+    def __init__(self, model: LoadedModel, method: str, batches: list[dict], output_dir: str):
+        from adapad_jax.studies.planted import train_step_with_rules
+
+        self._step_with_rules = train_step_with_rules
+        overrides = {**METHODS_SUITE_ADAPTER, "adapter.method": method, "checkpoint.every_steps": 0,
+                     "adapter.rank_budget": 2 * len(model.targets), "train.num_steps": METHODS_SUITE_STEPS,
+                     "train.log_every_steps": METHODS_SUITE_STEPS, "train.batch_size": len(batches[0]["input_ids"])}
+        self.trainer = Trainer(model, toy_config(**overrides), make_mesh(1, 1), output_dir)
+        self.trainer.restore_or_init({})
+        self.batches, self.index = batches, 0
+        compiled = self.trainer.compiled_step().lower(self.trainer.state, self.trainer.frozen,
+                                                      self.trainer.put_batch(batches[0])).compile()
+        self.temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def run(self) -> float:
+        """Seconds of one train step on the next batch."""
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        start = time.perf_counter()
+        self._step_with_rules(self.trainer, batch)
+        return time.perf_counter() - start
+
+    @property
+    def live_rows(self) -> int:
+        return self.trainer.live_slots
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+def toy_methods_model(batch_size: int, seq_len: int) -> tuple[LoadedModel, list[dict]]:
+    """The methods suite's default model (the slots suite's toy: hidden 256, 2 blocks, regression on a planted
+    teacher) and 4 batches of it."""
+    model = make_toy_model(hidden=256, num_layers=2, vocab_size=512)
+    teacher = planted_teacher(model, [1] * len(model.targets))
+    return model, [toy_batch(model, teacher, i, batch_size, seq_len) for i in range(4)]

@@ -11,15 +11,16 @@
    the backbone alone predicts these labels at about chance, so everything learnable is in the deltas;
 5. train/validation files (``sentence``, ``label``, ``idx``) labelled by the teacher.
 
-AdaPaD then trains on it like any GLUE task; ``report`` prints accuracy against the backbone alone and a
-planted-vs-found rank table with its agreement (share of the rank on planted modules, Spearman; also in
-``planted_vs_found.json``), and draws ``planted_vs_found.png`` next to ``ranks.png``.
-
-In a transformer every module's output reaches the head through the residual stream, so other modules can
-stand in for a planted one, and the found ranks need not follow the planted ones (see docs/RESULTS.md, the
-planted benchmark's ``residual`` task). So the demo then also runs AdaPaD on the planted benchmark's
-``branches`` task (``demo.branches_check``, a toy model where each planted delta can only be learnt by its own
-module, about a minute) and prints that table and agreement too (``planted_vs_found_branches.json``).
+AdaPaD then trains on it like any GLUE task. The report (``report``) leads with the comparison a researcher
+wants: on the planted benchmark's ``branches`` task (a toy model where each planted delta can only be learnt by
+its own module, so allocation matters), AdaPaD, fixed-rank LoRA and ``demo.other_methods`` (default joint) at
+the same budget, each trained to a plateau: held-out error and planted-vs-found ranks, a table and
+``comparison_branches.png`` (also ``comparison_branches.json``). Then the DeBERTa-architecture run as the
+end-to-end pipeline check (tokenizer, model, PEFT export): accuracy against the backbone alone and a
+planted-vs-found rank table with its agreement (``planted_vs_found.json``, ``planted_vs_found.png``). In a
+transformer every module's output reaches the head through the residual stream, so other modules can stand in
+for a planted one and the found ranks need not follow the planted ones there (docs/RESULTS.md, the planted
+benchmark's ``residual`` task); that is why the comparison runs on the branches task.
 
 Over 400 lines because the demo's assets, its teacher construction and its report belong to one command.
 """
@@ -58,7 +59,8 @@ BACKBONE_DIR = "backbone"
 PLANTED_FILE = "planted.json"
 PICTURE_FILE = "planted_vs_found.png"
 AGREEMENT_FILE = "planted_vs_found.json"
-BRANCHES_FILE = "planted_vs_found_branches.json"
+COMPARISON_FILE = "comparison_branches.json"
+COMPARISON_PICTURE = "comparison_branches.png"
 _ASSET_VERSION = 2  # bump when the asset recipe changes, so stale caches are rebuilt
 
 
@@ -86,10 +88,13 @@ def demo_settings() -> ml_collections.ConfigDict:
     demo.max_length = 48  # tokens, as data.max_length of the run
     demo.logit_scale = 4.0  # std of the teacher's logit margin
     demo.seed = 0
-    # After the run, the planted benchmark's branches task (launch/planted.py): AdaPaD on a toy model where each
-    # planted delta can only be learnt by its own module, trained to a plateau; its planted-vs-found table too.
+    # The comparison the demo leads with, on the planted benchmark's branches task (launch/planted.py; a toy model
+    # where each planted delta can only be learnt by its own module): AdaPaD, fixed-rank LoRA and other_methods at
+    # the same budget, each trained to a plateau (at most branches_max_steps); held-out error and planted vs found.
     demo.branches_check = True
     demo.branches_max_steps = 2000
+    # Other adaptive methods in the comparison (comma-separated adapter.method names; "" = none): the one to beat.
+    demo.other_methods = "joint"
     return demo
 
 
@@ -306,6 +311,8 @@ def prepare_config(config: ml_collections.ConfigDict, log: Callable[[str], None]
 
     if not isinstance(config.demo.branches_max_steps, int) or config.demo.branches_max_steps < 1:
         raise ConfigError(f"demo.branches_max_steps={config.demo.branches_max_steps!r} must be an int >= 1")
+    if config.demo.branches_check:
+        check_comparison_methods(comparison_methods(config.demo))
     root = ensure_assets(config.demo, log)
     if config.model.name_or_path in ("", PLACEHOLDER_MODEL):
         config.model.name_or_path = str(root / BACKBONE_DIR)
@@ -383,9 +390,99 @@ def agreement_line(measures: Mapping[str, Any]) -> str:
             f"Spearman {show(measures['spearman'])}")
 
 
-def branches_check(demo: ml_collections.ConfigDict, output_dir: Path, log: Callable[[str], None] = print) -> str:
-    """Train AdaPaD on the planted benchmark's branches task (seed ``demo.seed``) to a plateau; write its
-    planted-vs-found agreement to ``planted_vs_found_branches.json`` and return the text report."""
+def comparison_methods(demo: ml_collections.ConfigDict) -> list[str]:
+    """The methods of the branches comparison: adapad, lora, then ``demo.other_methods`` in their order."""
+    others = [m.strip() for m in str(demo.other_methods).split(",") if m.strip()]
+    return ["adapad", "lora"] + [m for m in dict.fromkeys(others) if m not in ("adapad", "lora")]
+
+
+def check_comparison_methods(methods: list[str]) -> None:
+    """Every method of the comparison is an ``adapter.method`` that can start on the branches task (one line
+    naming ``demo.other_methods`` otherwise), before any compute."""
+    from adapad_jax.config.schema import METHODS, ConfigError
+    from adapad_jax.methods.registry import build_method
+    from adapad_jax.studies import planted as study
+    from adapad_jax.testing.toy import make_toy_model
+    from adapad_jax.training.settings import TrainerSettings
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"demo.other_methods: unknown method {unknown[0]!r}; choose among {list(METHODS)}")
+    task = study.PlantedTask("branches", study.BRANCHES_PLANTED)
+    model = make_toy_model(hidden=task.hidden, num_layers=task.num_layers, vocab_size=task.vocab_size,
+                           num_outputs=task.hidden, layout=task.layout)
+    for method in methods:
+        config = study.study_config(study.STUDY_ADAPTER, study.STUDY_OPTIM, method, 0, 2000, len(model.targets))
+        try:
+            build_method(TrainerSettings.from_config(config), model.targets)
+        except ConfigError as err:
+            raise ConfigError(f"demo.other_methods: {method} cannot run: {err}") from None
+
+
+def comparison_table(planted: list[int], records: Mapping[str, Mapping[str, Any]]) -> str:
+    """Text table: per module its planted rank and each method's found rank, the totals, then per method the
+    held-out error, the share of the rank on planted modules and the Spearman correlation."""
+    methods = list(records)
+    width = max(12, *(len(m) for m in methods))
+    head = f"{'':<34}{'planted':>9}" + "".join(f"{m:>{width}}" for m in methods)
+
+    def number(value: Any, digits: int) -> str:
+        return "—" if value is None or value != value else f"{value:.{digits}f}"
+
+    lines = [head, "-" * len(head)]
+    modules = list(next(iter(records.values()))["ranks"])
+    for m, module in enumerate(modules):
+        lines.append(f"{module:<34}{planted[m]:>9}" + "".join(f"{records[k]['ranks'][module]:>{width}}"
+                                                              for k in methods))
+    lines.append(f"{'total rank':<34}{sum(planted):>9}" + "".join(f"{sum(records[k]['ranks'].values()):>{width}}"
+                                                                  for k in methods))
+    for label, key, digits in (("held-out error (backbone = 1)", "error", 4),
+                               ("share of the rank on planted", "planted_fraction", 2),
+                               ("Spearman planted vs found", "spearman", 2)):
+        lines.append(f"{label:<34}{'':>9}" + "".join(f"{number(records[k][key], digits):>{width}}" for k in methods))
+    lines.append(f"{'steps (stopped at a plateau)':<34}{'':>9}" + "".join(f"{records[k]['steps']:>{width}}"
+                                                                          for k in methods))
+    return "\n".join(lines)
+
+
+def plot_comparison(path: str | os.PathLike, planted: list[int], records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Left: held-out error per method (log scale). Right: per module, the planted rank (black outline) and each
+    method's found rank (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(records)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 2.4]})
+    errors = [max(records[m]["error"], 1e-6) for m in methods]
+    left.bar(range(len(methods)), errors, color=[f"C{i}" for i in range(len(methods))])
+    left.set_yscale("log")
+    left.set_xticks(range(len(methods)), methods)
+    left.set_ylabel("held-out error (backbone = 1)")
+    left.set_title("error at the same budget", fontsize=10)
+    width = 0.8 / len(methods)
+    modules = np.arange(len(planted))
+    for i, method in enumerate(methods):
+        right.bar(modules - 0.4 + width * (i + 0.5), list(records[method]["ranks"].values()), width,
+                  color=f"C{i}", label=method)
+    right.bar(modules, planted, 0.85, fill=False, edgecolor="black", linewidth=1.5, label="planted")
+    top = max(max(planted), *(max(records[m]["ranks"].values()) for m in methods))
+    right.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    right.set_xticks(modules, [f"m{m}" for m in modules])
+    right.set_ylabel("rank")
+    right.set_title("planted vs found rank per module", fontsize=10)
+    right.legend(fontsize=8, ncol=len(methods) + 1, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def branches_comparison(demo: ml_collections.ConfigDict, output_dir: Path, log: Callable[[str], None] = print
+                        ) -> str:
+    """Train AdaPaD, fixed-rank LoRA and ``demo.other_methods`` on the planted benchmark's branches task (seed
+    ``demo.seed``, the study's settings, the same budget) to a plateau; write ``comparison_branches.json`` and
+    ``comparison_branches.png``, return the text report."""
     from adapad_jax.studies import planted as study
     from adapad_jax.testing.toy import enable_compilation_cache
 
@@ -393,26 +490,47 @@ def branches_check(demo: ml_collections.ConfigDict, output_dir: Path, log: Calla
     task = study.PlantedTask("branches", study.BRANCHES_PLANTED)
     stop = study.StopRule(patience=8, max_steps=int(demo.branches_max_steps),
                           min_steps=min(100, int(demo.branches_max_steps)))
-    record = study.run_one(task, "adapad", int(demo.seed), study.STUDY_ADAPTER, study.STUDY_OPTIM, stop)
     budget, r_max = study.STUDY_ADAPTER["rank_budget"], study.STUDY_ADAPTER["r_max"]
-    measures = agreement(record["planted"], record["ranks"], budget, r_max)
-    measures.update(error=record["error"], steps=record["steps"], converged=record["converged"])
-    tmp = output_dir / f".{BRANCHES_FILE}.tmp"
-    tmp.write_text(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in measures.items()},
-                              indent=2) + "\n")
-    os.replace(tmp, output_dir / BRANCHES_FILE)
+    records = {}
+    for method in comparison_methods(demo):
+        log(f"  {method} ...")
+        record = study.run_one(task, method, int(demo.seed), study.STUDY_ADAPTER, study.STUDY_OPTIM, stop)
+        records[method] = {key: record[key] for key in ("error", "steps", "converged", "total_rank", "ranks",
+                                                        "planted_fraction", "extra_on_planted", "spearman")}
+    planted = list(task.planted)
+    result = {"planted": planted, "budget": budget, "r_max": r_max, "seed": int(demo.seed),
+              "best_planted_fraction": study.best_planted_fraction(planted, budget, r_max), "methods": records}
+    tmp = output_dir / f".{COMPARISON_FILE}.tmp"
+    tmp.write_text(json.dumps(_nan_to_none(result), indent=2) + "\n")
+    os.replace(tmp, output_dir / COMPARISON_FILE)
+    tmp = output_dir / f".{COMPARISON_PICTURE}.tmp.png"
+    plot_comparison(tmp, planted, records)
+    os.replace(tmp, output_dir / COMPARISON_PICTURE)
     return "\n".join([
-        f"branches check (launch/planted.py's task: {len(task.planted)} toy modules, each planted delta learnable "
-        f"only by its own module; budget {budget}, r_max {r_max}): held-out error {record['error']:.4f} of the "
-        f"backbone's after {record['steps']} steps",
-        rank_table(record["planted"], record["ranks"]),
-        agreement_line(measures),
+        f"1. Where allocation matters: the planted benchmark's branches task ({len(planted)} toy modules, each planted "
+        f"delta learnable only by its own module; planted ranks {planted}). Every method has the same total rank "
+        f"budget {budget} (fixed-rank LoRA: rank {budget // len(planted)} everywhere; r_max {r_max}); at most "
+        f"{result['best_planted_fraction']:.2f} of it can sit on planted modules. Seed {int(demo.seed)}; all seeds "
+        "and methods: docs/RESULTS.md.",
+        comparison_table(planted, records),
+        f"picture: {output_dir / COMPARISON_PICTURE}",
     ])
 
 
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], None] = print) -> str:
-    """Print accuracy against chance and the backbone alone, the planted-vs-found table and agreement measures
-    (also written to ``planted_vs_found.json``); draw the picture."""
+    """The demo's report: first the branches comparison (AdaPaD vs LoRA vs ``demo.other_methods``, trained now),
+    then the DeBERTa-architecture run as the end-to-end pipeline check: accuracy against chance and the backbone
+    alone, the planted-vs-found table and agreement (also ``planted_vs_found.json``), the pictures."""
     root = assets_root(config.demo)
     info = json.loads((root / PLANTED_FILE).read_text())
     planted = {k: int(v) for k, v in info["planted"].items()}
@@ -423,26 +541,28 @@ def report(config: ml_collections.ConfigDict, result: Any, log: Callable[[str], 
     os.replace(tmp, out / PICTURE_FILE)
     measures = agreement(planted, found, int(config.adapter.rank_budget), int(config.adapter.r_max))
     tmp = out / f".{AGREEMENT_FILE}.tmp"
-    tmp.write_text(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in measures.items()},
-                              indent=2) + "\n")
+    tmp.write_text(json.dumps(_nan_to_none(measures), indent=2) + "\n")
     os.replace(tmp, out / AGREEMENT_FILE)
     accuracy = result.metrics.get("accuracy", float("nan"))
     frequency = info["class_frequency_validation"]
     chance = max(frequency) / max(sum(frequency), 1)
-    text = "\n".join([
-        f"demo: validation accuracy {accuracy:.3f} after {result.step} steps "
-        f"(majority class {chance:.3f}, backbone without the planted deltas {info['backbone_only_accuracy']:.3f}, "
-        f"teacher {info['teacher_accuracy']:.3f})",
+    pipeline = "\n".join([
+        f"{'2' if config.demo.branches_check else '1'}. End-to-end pipeline check on the DeBERTaV3 architecture "
+        f"(SentencePiece tokenizer, {len(found)} adapted modules, {config.adapter.method}, budget "
+        f"{config.adapter.rank_budget}, PEFT export in {out / 'adapter'}): validation accuracy {accuracy:.3f} after "
+        f"{result.step} steps (majority class {chance:.3f}, backbone without the planted deltas "
+        f"{info['backbone_only_accuracy']:.3f}, teacher {info['teacher_accuracy']:.3f}). In a transformer other "
+        "modules can stand in for a planted one, so the found ranks need not follow the planted ones here.",
         rank_table(planted, found),
         agreement_line(measures),
         f"pictures: {out / 'ranks.png'}, {out / PICTURE_FILE}",
     ])
-    log(text)
-    if config.demo.branches_check:
-        log("training the branches check (a toy model, about a minute) ...")
-        branches = branches_check(config.demo, out, log)
-        log(branches)
-        text = text + "\n" + branches
+    if not config.demo.branches_check:
+        log(pipeline)
+        return pipeline
+    log("training the comparison on the branches task (toy models, a few seconds to a minute each) ...")
+    text = branches_comparison(config.demo, out, log) + "\n\n" + pipeline
+    log("\n" + text)
     return text
 
 

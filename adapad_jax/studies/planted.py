@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -41,6 +42,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adapad_uniform": {"adapter.method": "adapad", "adapter.importance": "uniform"},
     "adapad_no_advance": {"adapter.method": "adapad", "adapter.advance_learning": False},
     "adapad_fixed_rank": {"adapter.method": "adapad", "adapter.grow": False},
+    # The comparison methods (issue 20), each at the same budget with its schedule fitted to the study's short runs
+    # by ``method_overrides``; run only these with --config.variants=adalora,increlora,sora,ardlora.
+    **{method: {"adapter.method": method} for method in ("adalora", "increlora", "sora", "ardlora")},
+}
+COMPARISON_METHODS = ("adalora", "increlora", "sora", "ardlora")
+# The comparison methods' own settings that do not follow from the run length (``method_overrides`` adds those).
+# increlora: one rank per promotion, as adapad's top_k = 1 (the reference's table gives 1 for target rank 2 too).
+# sora: eta (sparse_lambda) and xi (sparse_lambda_2, the per-step shrink of every gate) at the reference's defaults,
+# 1e-3 each. SoRA has no budget target: it starts from r_max = 4 gates per module (32, twice the budget) and the
+# table reports the rank it ends at. On branches (seed 0, a trial merge of the wired methods, 2026-12-02) it ended at
+# 11, 11 and 10 gates for xi 5e-4, 1e-3 and 1.5e-3, all on the planted modules, at error 1e-4: the L1 term under
+# Adam removes the gates the task does not use at any of these xi, so no xi near them makes it end at 16; it ends
+# below the budget. The sora_xi_* diagnostics show the end rank against xi.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "adalora": {},
+    "increlora": {"adapter.increlora.incre_rank_num": 1},
+    "sora": {"adapter.sora.sparse_lambda": 1e-3, "adapter.sora.sparse_lambda_2": 1e-3},
+    "ardlora": {},
 }
 # Diagnostics (why a variant wins or loses). "frozen_head": the head does not train (it is the teacher's already);
 # "oracle_ranks": no growth, every module starts at its planted rank clipped to [1, r_max] (the right allocation,
@@ -64,6 +83,10 @@ DIAGNOSTICS: dict[str, dict[str, Any]] = {
     "adapad_head_committed": {"adapter.method": "adapad", "adapter.head_gradient": "committed"},
     "adapad_head_committed_no_advance": {"adapter.method": "adapad", "adapter.head_gradient": "committed",
                                          "adapter.advance_learning": False},
+    # SoRA's end rank against its threshold xi (the table's sora uses METHOD_SETTINGS["sora"]).
+    **{f"sora_xi_{xi}": {"adapter.method": "sora", "adapter.sora.sparse_lambda_2": float(xi)}
+       for xi in ("3e-4", "5e-4", "3e-3", "6e-3")},
+    "sora_no_l1": {"adapter.method": "sora", "adapter.sora.sparse_lambda": 0.0},  # the threshold alone
 }
 ALL_VARIANTS = {**VARIANTS, **DIAGNOSTICS}
 _RUN_OPTIONS = ("frozen_head", "oracle_ranks")
@@ -152,6 +175,50 @@ def best_planted_fraction(planted: Sequence[int], budget: int, r_max: int, initi
     return float(most / budget)
 
 
+def allocation_step(adapter: Mapping[str, Any], num_modules: int) -> int:
+    """The step after which adapad (and joint) has spent its budget at the latest: the first growth after 2T, then
+    one every T, each promoting top_k modules from ``initial_rank`` each (``allocator.is_growth_step``)."""
+    interval, top_k = int(adapter["growth_interval"]), int(adapter.get("top_k", 1))
+    promotions = max(int(adapter["rank_budget"]) - num_modules * int(adapter.get("initial_rank", 1)), 0)
+    return interval * (1 + math.ceil(promotions / top_k))
+
+
+def method_overrides(method: str, adapter: Mapping[str, Any], num_modules: int, max_steps: int) -> dict[str, Any]:
+    """A comparison method's settings on this study, so that it allocates on the schedule adapad does.
+
+    adalora: the full budget (r_max rows per module) until tinit = T, the cubic decay to the target budget
+    (``rank_budget``) until ``allocation_step`` (adapad's last growth), re-masked every deltaT = T / 2 steps, the
+    mask frozen after that: tfinal = max_steps - allocation_step (AdaLoRA's schedule ends at the run's total steps,
+    here the step cap; runs stop earlier at convergence, after the mask is frozen). Short runs (a smoke test) keep
+    at least a quarter of the run on each side of the decay. increlora: adapad's growth settings (shared fields)
+    and METHOD_SETTINGS. sora: r_max gates per module and METHOD_SETTINGS (no budget). ardlora: r0 =
+    rank_budget / modules (the budget's rank at alpha = 1, LoRA's rank), capped at r_max.
+    """
+    out = dict(METHOD_SETTINGS.get(method, {}))
+    if method == "adalora":
+        interval, end = int(adapter["growth_interval"]), allocation_step(adapter, num_modules)
+        out.update({"adapter.adalora.tinit": min(interval, max_steps // 4),
+                    "adapter.adalora.tfinal": max(max_steps - end, max_steps // 4),
+                    "adapter.adalora.deltaT": max(interval // 2, 1)})
+    elif method == "ardlora":
+        out["adapter.initial_rank"] = max(int(adapter["rank_budget"]) // num_modules, 1)
+    return out
+
+
+def allocation_done(config: Any, step: int, total_rank: int, num_modules: int) -> bool:
+    """Whether the run's allocation is final at ``step``, so that the stop rule may fire: lora and fixed ranks at
+    once; the growth methods (adapad, joint, increlora) when the budget is spent; adalora when its mask is frozen
+    (``total_steps - tfinal``); sora and ardlora, which have no budget target, after ``allocation_step``."""
+    adapter = config.adapter
+    if adapter.method == "lora" or not adapter.grow:
+        return True
+    if adapter.method in ("adapad", "joint", "increlora"):
+        return total_rank >= int(adapter.rank_budget)
+    if adapter.method == "adalora":
+        return step >= int(config.train.num_steps) - int(adapter.adalora.tfinal)
+    return step >= allocation_step({**adapter.to_dict(), "initial_rank": 1}, num_modules)  # adapad's, from rank 1
+
+
 def study_config(adapter: Mapping[str, Any], optim: Mapping[str, Any], variant: str, seed: int, max_steps: int,
                  num_modules: int) -> Any:
     """The toy config for one run: the study's adapter / optim settings, the variant's overrides, the seed."""
@@ -159,7 +226,11 @@ def study_config(adapter: Mapping[str, Any], optim: Mapping[str, Any], variant: 
     overrides.update({f"optim.{k}": v for k, v in optim.items()})
     if variant not in ALL_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(ALL_VARIANTS)}")
-    overrides.update({k: v for k, v in ALL_VARIANTS[variant].items() if k not in _RUN_OPTIONS})
+    chosen = {k: v for k, v in ALL_VARIANTS[variant].items() if k not in _RUN_OPTIONS}
+    if chosen["adapter.method"] in COMPARISON_METHODS:
+        settings = {**adapter, **{k.split(".", 1)[1]: v for k, v in chosen.items() if k.startswith("adapter.")}}
+        overrides.update(method_overrides(chosen["adapter.method"], settings, num_modules, max_steps))
+    overrides.update(chosen)
     budget = int(overrides["adapter.rank_budget"])
     if variant == "lora":
         if budget % num_modules:
@@ -214,6 +285,18 @@ def set_ranks(trainer: Trainer, ranks: Sequence[int]) -> None:
     trainer.state = jax.device_put(state, trainer.state_shardings(state))
 
 
+def train_step_with_rules(trainer: Trainer, batch: dict) -> None:
+    """One train step, then the method's host-side rank rule when due (what ``Trainer.train``'s hooks run between
+    steps: a growth or re-mask that changes shapes or Python-side state), blocking until both are done."""
+    jax.block_until_ready(trainer.train_step(batch))
+    method, step = trainer.method_impl, trainer.step
+    if method.host_update_due(step):
+        new_state = method.host_update(trainer.state, step)
+        if new_state is not None:
+            trainer.state = jax.device_put(new_state, trainer.state_shardings(new_state))
+            jax.block_until_ready(trainer.state)
+
+
 def held_out_error(trainer: Trainer, batches: Sequence[dict], baseline: float) -> float:
     """Held-out MSE against the teacher, divided by the MSE of the backbone without adapters."""
     mse = np.mean([np.divide(*map(float, loss_terms("regression", trainer.predict(b), b))) for b in batches])
@@ -243,8 +326,6 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
     # Held-out rows come from indices training never reaches (one batch per training step).
     held_out = [data.batch(10**9 + i, min(task.eval_rows, 256)) for i in range(max(task.eval_rows // 256, 1))]
     baseline = backbone_error(model, held_out)
-    budget = int(config.adapter.rank_budget)
-    grows = config.adapter.method != "lora" and bool(config.adapter.grow)
     history, curve, step_times = [], [], []
     spent_at = None
     with tempfile.TemporaryDirectory() as out:
@@ -255,11 +336,11 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
         while trainer.step < stop.max_steps:
             batch = next(data)
             start = time.perf_counter()
-            jax.block_until_ready(trainer.train_step(batch))
+            train_step_with_rules(trainer, batch)
             step_times.append(time.perf_counter() - start)
             step = trainer.step
             total = sum(trainer.ranks().values())
-            if spent_at is None and (not grows or total >= budget):
+            if spent_at is None and allocation_done(config, step, total, len(model.targets)):
                 spent_at = step
             if step % stop.eval_every == 0:
                 error = held_out_error(trainer, held_out, baseline)
@@ -271,6 +352,7 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
                     break
         final = held_out_error(trainer, held_out, baseline)
         found = [trainer.ranks()[t.hf_path] for t in model.targets]
+        parameters = trainer.method_impl.parameter_counts(dict(zip([t.hf_path for t in model.targets], found)))
         trainer.close()
     # Steady-state step time: the median, so the steps that compiled (one per new L) do not count.
     record = {
@@ -278,7 +360,10 @@ def run_one(task: PlantedTask, variant: str, seed: int, adapter: Mapping[str, An
         "converged": len(step_times) < stop.max_steps, "budget_spent_step": spent_at,
         "total_rank": int(sum(found)), "ranks": dict(zip([t.hf_path for t in model.targets], found)),
         "planted": dict(zip([t.hf_path for t in model.targets], task.planted)),
-        "seconds_per_step": statistics.median(step_times), "curve": curve,
+        "seconds_per_step": statistics.median(step_times), "curve": curve, "method": config.adapter.method,
+        "method_settings": (config.adapter[config.adapter.method].to_dict()
+                            if config.adapter.method in COMPARISON_METHODS else {}),
+        "initial_rank": int(config.adapter.initial_rank), "parameters": parameters,
         **rank_recovery(task.planted, found),
     }
     log(f"{task.name} {variant} seed {seed}: error {final:.4f} after {record['steps']} steps, "
@@ -318,8 +403,9 @@ def _fmt(value: float, std: float, digits: int) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
-                     heading: str = "###") -> str:
-    """Markdown: per task, its planted ranks and budget, then the table of ``summarise`` rows.
+                     heading: str = "###", run: str = "A") -> str:
+    """Markdown: per task, its planted ranks and budget, then the table of ``summarise`` rows; the last column
+    names the run (its command line is listed above the tables) each row comes from.
 
     ``tasks[name]`` holds ``planted``, ``layout``, ``budget``, ``lora_rank``, ``r_max``, ``best_planted_fraction``.
     """
@@ -334,8 +420,8 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapp
             f"planted module its planted rank (at least 1, at most r_max) has Spearman 1.",
             "",
             "| variant | held-out error (rel. to backbone) | total rank | rank on planted modules | "
-            "extra rank on planted | Spearman planted vs found | steps | converged | ms / step |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "extra rank on planted | Spearman planted vs found | steps | converged | ms / step | run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             if row["task"] != name:
@@ -347,7 +433,78 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Mapp
                 f"{_fmt(row['extra_on_planted'], row['extra_on_planted_std'], 2)} | "
                 f"{_fmt(row['spearman'], row['spearman_std'], 2)} | {row['steps']:.0f} | "
                 f"{row['converged']}/{len(row['seeds'])} | "
-                f"{_fmt(1e3 * row['seconds_per_step'], 1e3 * row['seconds_per_step_std'], 1)} |"
+                f"{_fmt(1e3 * row['seconds_per_step'], 1e3 * row['seconds_per_step_std'], 1)} | {run} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- merging result tables
+
+_RUN_LINE = re.compile(r"^- ([A-Z]): (.*)$")
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _parse_block(text: str) -> tuple[dict[str, str], list[tuple[str, list[str], list[str], dict[str, list[str]]]]]:
+    """A summary block -> (runs {letter: text}, sections [(heading, text lines, table header, rows {variant:
+    cells})]). The block before tables carried a run column reads as one run A ("Command: ..." line)."""
+    runs: dict[str, str] = {}
+    sections: list = []
+    for line in text.strip("\n").splitlines():
+        match = _RUN_LINE.match(line)
+        if not sections and match:
+            runs[match.group(1)] = match.group(2)
+        elif not sections and line.startswith("Command: "):
+            runs["A"] = line
+        elif line.startswith("#"):
+            sections.append((line, [], [], {}))
+        elif sections and line.startswith("|"):
+            _, _, header, rows = sections[-1]
+            cells = _cells(line)
+            if not header:
+                header.extend(cells if cells[-1] == "run" else cells + ["run"])
+            elif not set(line) <= set("|-: "):
+                rows[cells[0]] = cells if len(cells) == len(header) else cells + ["A"]
+        elif sections and not sections[-1][3] and not line.startswith("Runs:"):
+            sections[-1][1].append(line)
+    return runs, sections
+
+
+def merge_summaries(old: str, new: str) -> str:
+    """The summary block ``old`` with ``new``'s rows merged in: a row of ``new`` replaces the row of the same
+    variant under the same heading, or is appended to that table (a heading ``old`` lacks is added, task tables
+    before the diagnostics); ``new``'s command gets the next free run letter, and a run no row names any more
+    is dropped from the list of runs."""
+    old_runs, old_sections = _parse_block(old)
+    new_runs, new_sections = _parse_block(new)
+    letter = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in old_runs)
+    by_heading = {section[0]: section for section in old_sections}
+    for heading, text, header, rows in new_sections:
+        if heading not in by_heading:
+            section = (heading, text, header, {})
+            at = next((i for i, s in enumerate(old_sections) if s[0].startswith("### Diagnostics")), len(old_sections))
+            at = len(old_sections) if heading.startswith("####") or heading.startswith("### Diagnostics") else at
+            old_sections.insert(at, section)
+            by_heading[heading] = section
+        target = by_heading[heading]
+        if [t for t in target[1] if t.strip()] != [t for t in text if t.strip()]:
+            raise ValueError(f"results_doc: the table under {heading!r} was made with other task settings than "
+                             "this run's; write this run to another results_doc")
+        if not target[2]:
+            target[2].extend(header)
+        for variant, cells in rows.items():
+            target[3][variant] = cells[:-1] + [letter]
+    used = {cells[-1] for _, _, _, rows in old_sections for cells in rows.values()}
+    runs = {k: v for k, v in old_runs.items() if k in used}
+    runs[letter] = next(iter(new_runs.values()))
+    lines = ["Runs (the last column of each table names the run a row comes from):", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(runs.items())] + [""]
+    for heading, text, header, rows in old_sections:
+        lines += [heading] + text
+        if header:
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cells) + " |" for cells in rows.values()] + [""]
+    return "\n".join(lines).rstrip() + "\n"

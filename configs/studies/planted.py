@@ -21,6 +21,9 @@ instead of found (oracle_ranks: every module at its planted rank, clipped to [1,
 AdaPaD at learning rates 3e-3 and 3e-2 (the table's runs use 1e-2). More diagnostics (joint_fixed_rank,
 adapad_fixed_rank_alpha8, adapad_T100, joint_T100) run with --config.variants= --config.diagnostics=task:variant,...
 (the commands are in docs/RESULTS.md).
+The comparison methods (adalora, increlora, sora, ardlora: studies/planted.method_overrides fits their schedules
+to these runs) run with --config.variants=adalora,increlora,sora,ardlora; --config.results_doc merges their rows
+into the tables there, each row naming its run's command.
 `quick` shrinks everything (1 task, 2 seeds, 4 modules, <= 60 steps) for the test.
 """
 
