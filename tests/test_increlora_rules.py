@@ -341,3 +341,19 @@ def test_glue_settings_match_baselines_and_scripts():
         assert got["batch"] == 32 and got["epochs"] == EPOCHS[task], f"S run_{task}.sh batch / epochs"
     assert (inc.GLUE_TARGET_RANK, inc.GLUE_LORA_R) == (2, 1), "S: --target_rank 2 --lora_r 1"
     assert inc.incre_rank_num_for(inc.GLUE_TARGET_RANK) == 1, "BASELINES: one rank per promotion"
+
+
+def test_the_cap_leaves_modules_at_r_max_out_of_the_growth_and_k_shrinks_to_the_eligible():
+    """Ours, not the reference's (docs/methods/increlora.md, difference 2): adapter.r_max caps a module's rank."""
+    from adapad_jax.methods.increlora import select_growth
+
+    scores = np.array([5.0, 4.0, 3.0, 3.0, 1.0], np.float32)
+    # uncapped: top-2 by score
+    np.testing.assert_array_equal(select_growth(scores, 5, 20, 2), [True, True, False, False, False])
+    # the two best are at the cap: the next two (tied at 3, the >= rule takes both) grow instead
+    eligible = np.array([False, False, True, True, True])
+    np.testing.assert_array_equal(select_growth(scores, 5, 20, 2, eligible), [False, False, True, True, False])
+    # one eligible module: k shrinks to 1; none: nothing grows
+    np.testing.assert_array_equal(select_growth(scores, 5, 20, 3, np.array([0, 0, 0, 0, 1], bool)),
+                                  [False, False, False, False, True])
+    assert not select_growth(scores, 5, 20, 3, np.zeros(5, bool)).any()

@@ -131,6 +131,7 @@ class Schedule:
     beta1: float = REFERENCE_DEFAULTS["beta1"]
     beta2: float = REFERENCE_DEFAULTS["beta2"]
     advance_learn: bool = REFERENCE_DEFAULTS["advance_learn"]
+    max_rank: int = 0  # the per-module cap (adapter.r_max): a module at it is not eligible; 0 = none, the reference
 
     def __post_init__(self):
         if self.incre_interval < 1 or self.top_h < 1 or self.incre_rank_num < 1:
@@ -207,10 +208,20 @@ def growth_due(step: int, schedule: Schedule) -> bool:
     return step > schedule.init_warmup and step % schedule.incre_interval == 0
 
 
-def select_growth(scores: np.ndarray, total_rank: int, target_total: int, top_h: int) -> np.ndarray:
-    """[M] bool: modules scoring ``>=`` the k-th largest, k = min(top_h, target - total) (``torch.topk``)."""
+def select_growth(scores: np.ndarray, total_rank: int, target_total: int, top_h: int,
+                  eligible: np.ndarray | None = None) -> np.ndarray:
+    """[M] bool: modules scoring ``>=`` the k-th largest, k = min(top_h, target - total) (``torch.topk``).
+
+    ``eligible`` ([M] bool, ours): only these modules compete (those below the cap); k shrinks to their number.
+    """
     scores = np.asarray(scores, np.float32)
     k = min(top_h, target_total - total_rank)
+    if eligible is not None:
+        eligible = np.asarray(eligible, bool)
+        scores = np.where(eligible, scores, -np.inf)
+        k = min(k, int(eligible.sum()))
+        if k <= 0:
+            return np.zeros(scores.shape, bool)
     threshold = np.sort(scores)[::-1][k - 1]
     return scores >= threshold
 
@@ -262,8 +273,9 @@ def grow(state: State, e: Sequence[jax.Array], step: int, schedule: Schedule
     scoring, grown = state.scoring, None
     if state.total_rank < schedule.target_total:
         if growth_due(step, schedule):
+            eligible = (state.ranknum + schedule.incre_rank_num <= schedule.max_rank) if schedule.max_rank else None
             grown = select_growth(np.asarray(importance_score(state.importance)), state.total_rank,
-                                  schedule.target_total, schedule.top_h)
+                                  schedule.target_total, schedule.top_h, eligible)
             for m in np.flatnonzero(grown):
                 _promote(work, int(m), step, schedule)
                 _add_reserves(e, work, int(m), step, schedule)
@@ -353,8 +365,11 @@ class IncreLoRA(Method):
 
         cfg = self.config
         lora_r, target = int(settings.initial_rank), int(settings.rank_budget)
-        check_initial_rank(lora_r, None)
+        check_initial_rank(lora_r, int(settings.r_max))
         check_rank_budget(target, num_modules, lora_r)
+        if target > num_modules * int(settings.r_max):
+            raise ConfigError(f"adapter.rank_budget={target} is more than {num_modules} modules x adapter.r_max="
+                              f"{settings.r_max} (the per-module cap) can hold; raise r_max or lower the budget")
         if int(settings.growth_interval) < 1 or int(settings.top_k) < 1:
             raise ConfigError(f"adapter.method=increlora needs adapter.growth_interval >= 1 (incre_interval) and "
                               f"adapter.top_k >= 1 (top_h), got {settings.growth_interval} and {settings.top_k}")
@@ -375,9 +390,11 @@ class IncreLoRA(Method):
         self.schedule = Schedule(target_total=target, init_warmup=warmup, incre_interval=int(settings.growth_interval),
                                  top_h=int(settings.top_k), incre_rank_num=incre,
                                  beta1=float(cfg.get("beta1", REFERENCE_DEFAULTS["beta1"])),
-                                 beta2=float(cfg.get("beta2", REFERENCE_DEFAULTS["beta2"])), advance_learn=advance)
+                                 beta2=float(cfg.get("beta2", REFERENCE_DEFAULTS["beta2"])), advance_learn=advance,
+                                 max_rank=int(settings.r_max))
         self.alpha = float(settings.alpha)
-        slots = slots_needed(lora_r, target, num_modules, incre)
+        # Rows: the cap plus one promotion's reserves (fewer when the budget cannot take a module that far).
+        slots = min(slots_needed(lora_r, target, num_modules, incre), int(settings.r_max) + incre)
         # The export's scale s (B carries e / (ranknum + 1e-5)): lora_alpha, or lora_r for alpha <= 0 (SVDLinear).
         scaling = self.alpha if self.alpha > 0 else float(lora_r)
         return MethodSetup(num_modules, slots, scaling, lora_r, target, True, advance)
@@ -547,7 +564,7 @@ class IncreLoRA(Method):
                 break
             if growth_due(g, s):
                 total += min(s.top_h, s.target_total - total) * s.incre_rank_num
-        return total
+        return min(total, self.setup.num_modules * s.max_rank) if s.max_rank else total
 
     def extra_parameters(self, ranks: Mapping[str, int]) -> int:
         """One singular value E per committed rank."""
