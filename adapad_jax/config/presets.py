@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from adapad_jax.config.adalora_presets import ADALORA_GLUE
 from adapad_jax.config.schema import base_config
 
 # The paper text lost its learning rates. These are AdaLoRA's published DeBERTaV3-base learning rates
@@ -59,6 +60,7 @@ def glue_config(
     config.adapter.orth_reg = orth_reg
     config.adapter.dropout = adapter_dropout
     config.optim.learning_rate = GLUE_LEARNING_RATES[task]
+    config.adapter.adalora.update(ADALORA_GLUE[task])  # AdaLoRA's own published schedule (adalora_presets.py)
     config.optim.weight_decay = 0.01
     config.optim.adapter_weight_decay = adapter_weight_decay
     config.optim.warmup_steps = warmup

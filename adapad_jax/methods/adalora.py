@@ -235,6 +235,10 @@ class AdaLoRA(Method):
 
     name = "adalora"
 
+    def __init__(self, settings: Any, targets: Sequence[Any], components: int = 1):
+        super().__init__(settings, targets, components)
+        self.set_total_steps(self.total_steps)
+
     def make_setup(self, settings: Any, num_modules: int, components: int) -> MethodSetup:
         from adapad_jax.config.validation import check_components_divide
         from adapad_jax.runtime.failures import ConfigError
@@ -371,6 +375,25 @@ class AdaLoRA(Method):
         return {**trainable, "slots": slots}, new_alloc, {**method_state, "importance": new_importance}, mask_now
 
     # -------------------------------------------------------------- export
+    def native_settings(self) -> dict[str, Any]:
+        """The ``AdaLoraConfig`` fields of this run (``target_r``: the target budget per module, rounded down)."""
+        schedule = self.schedule()
+        return {"init_r": self.num_slots, "target_r": max(self.setup.rank_budget // self.setup.num_modules, 1),
+                "lora_alpha": float(self.settings.alpha), "tinit": schedule.tinit, "tfinal": schedule.tfinal,
+                "deltaT": schedule.delta_t, "beta1": schedule.beta1, "beta2": schedule.beta2,
+                "orth_reg_weight": self.orth_reg_weight, "total_step": schedule.total_steps}
+
+    def export_native(self, out_dir: Any, model: Any, params: Any, host: Tree, base_model_name_or_path: str) -> Any:
+        """The native PEFT AdaLoRA adapter (``models/adalora_export.py``) in ``out_dir/adapter_adalora``, from the
+        gathered ``host`` state (``trainable``, ``alloc``)."""
+        from pathlib import Path
+
+        from adapad_jax.models.adalora_export import NATIVE_DIR, write_adalora_adapter
+
+        slots = host["trainable"]["slots"]
+        return write_adalora_adapter(Path(out_dir) / NATIVE_DIR, model, params, slots, host["alloc"]["committed"],
+                                     self.native_settings(), base_model_name_or_path)
+
     def extra_parameters(self, ranks: Any) -> int:
         """One singular value E per kept triplet (AdaLoRA counts in + out + 1 per triplet)."""
         return int(sum(int(r) for r in ranks.values()))
