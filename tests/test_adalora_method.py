@@ -245,3 +245,132 @@ def test_resume_is_bit_exact(tmp_path):
     assert sum(straight.ranks().values()) == BUDGET < 4 * R, "the resumed half must include masking"
     straight.close()
     second.close()
+
+
+# ------------------------------------------------------------------------- real models: forward, export
+def _hf_batch(rng, task, size=6, seq=12):
+    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
+    mask = np.ones((size, seq), np.int32)
+    mask[0, seq // 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
+    if task == "classification":
+        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
+    else:
+        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+    return batch
+
+
+def _auto(task):
+    import transformers
+
+    return {"classification": transformers.AutoModelForSequenceClassification,
+            "qa": transformers.AutoModelForQuestionAnswering}[task]
+
+
+def _trained(tmp_path_factory, family, task):
+    """A few adalora steps on a tiny checkpoint (masking included), then both exports."""
+    from adapad_jax.models.registry import load_model
+    from adapad_jax.testing.tiny import build_tiny_deberta, build_tiny_qwen3
+
+    root = tmp_path_factory.mktemp(f"adalora_{family}")
+    build = build_tiny_deberta if family == "deberta" else build_tiny_qwen3
+    num_labels = 3 if task == "classification" else 2
+    path = build(root / "ckpt", task=task, num_labels=num_labels)
+    model = load_model(str(path), task=task, num_labels=num_labels)
+    modules = len(model.targets)
+    cfg = toy_config(**{**ADALORA, "adapter.rank_budget": modules * R // 2, "adapter.init_std": 0.05,
+                        "adapter.adalora.tinit": 1, "adapter.adalora.tfinal": 2, "adapter.adalora.deltaT": 1,
+                        "train.num_steps": 6, "optim.learning_rate": 5e-2, "model.name_or_path": str(path),
+                        "checkpoint.every_steps": 0})
+    trainer = Trainer(model, cfg, make_mesh(1, 1), root / "out")
+    trainer.restore_or_init({})
+    rng = np.random.default_rng(0)
+    trainer.train(iter([_hf_batch(rng, task) for _ in range(6)]), 6, lambda: {}, progress=False)
+    ranks = trainer.ranks()
+    assert sum(ranks.values()) == modules * R // 2 and max(ranks.values()) > min(ranks.values())
+    return trainer, path, trainer.export(root / "export"), _hf_batch(rng, task, size=5)
+
+
+@pytest.fixture(scope="module")
+def deberta_run(tmp_path_factory):
+    trainer, path, out, batch = _trained(tmp_path_factory, "deberta", "classification")
+    yield trainer, path, out, batch
+    trainer.close()
+
+
+def _torch_inputs(batch):
+    return {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
+
+
+def _assert_peft_reproduces(trainer, path, adapter_dir, batch, task):
+    base = _auto(task).from_pretrained(str(path))
+    with torch.no_grad():
+        base_out = base(**_torch_inputs(batch))
+        peft_out = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()(**_torch_inputs(batch))
+    ours = trainer.predict(batch)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
+
+
+def test_deberta_lora_export_reproduces_predict(deberta_run):
+    trainer, path, out, batch = deberta_run
+    _assert_peft_reproduces(trainer, path, out / "adapter", batch, "classification")
+
+
+def test_deberta_native_adalora_export_loads_in_peft_and_reproduces_predict(deberta_run):
+    trainer, path, out, batch = deberta_run
+    config = peft.PeftConfig.from_pretrained(str(out / "adapter_adalora"))
+    assert isinstance(config, peft.AdaLoraConfig) and config.init_r == R
+    pattern = np.asarray(jax.device_get(trainer.state["alloc"]["committed"]))
+    kept = {t.hf_path: row.tolist() for t, row in zip(trainer.model.targets, pattern) if row.any()}
+    assert config.rank_pattern == {f"{p}.lora_E": v for p, v in kept.items()}
+    assert len(kept) < len(trainer.model.targets) or not pattern.all(), "the run should have masked some triplets"
+    _assert_peft_reproduces(trainer, path, out / "adapter_adalora", batch, "classification")
+
+
+def test_forward_and_orthogonal_penalty_equal_peft_adalora_with_the_same_weights(deberta_run):
+    """PEFT's AdaLoRA model (``SVDLinear`` layers, ``AdaLoraModel.forward``'s regulariser) with the trainer's
+    A, E, B (every row, as the train forward has them) and head: same logits as the trainer's train forward, and
+    its loss minus the task loss equals the penalty the trainer adds."""
+    from adapad_jax.models.export import head_tensors
+
+    trainer, path, _, batch = deberta_run
+    model, method = trainer.model, trainer.method_impl
+    state = jax.device_get(trainer.state)
+    slots = state["trainable"]["slots"]
+    base = _auto("classification").from_pretrained(str(path))
+    heads = head_tensors(model, model.to_hf_state_dict(trainer.trained_params()))
+    missing = base.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in heads.items()}, strict=False)
+    assert not missing.unexpected_keys
+    config = peft.AdaLoraConfig(init_r=R, target_r=1, lora_alpha=trainer.settings.alpha, total_step=TOTAL,
+                                orth_reg_weight=method.orth_reg_weight,
+                                target_modules=[t.hf_path for t in model.targets], modules_to_save=None)
+    ada = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for m, target in enumerate(model.targets):
+            layer = ada.base_model.model.get_submodule(target.hf_path)
+            for kind in "aeb":
+                getattr(layer, f"lora_{kind.upper()}")["default"].data = _to_torch(kind, slots[kind][m])
+        labels = torch.tensor(batch["labels"]).long()
+        ada.eval()
+        ref = ada.base_model(**_torch_inputs(batch), labels=labels)  # AdaLoraModel.forward adds the regulariser
+        task_loss = torch.nn.functional.cross_entropy(ref.logits, labels)
+    assert np.abs(np.asarray(slots["e"])).max() > 0 and not np.asarray(state["alloc"]["committed"]).all()
+    every_row = {**state["alloc"], "committed": np.ones_like(state["alloc"]["committed"])}
+    train_forward = trainer._eval(state["trainable"], every_row, state["method"], trainer.frozen,
+                                  {k: batch[k] for k in trainer.input_keys})
+    np.testing.assert_allclose(np.asarray(train_forward["logits"]), ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+    zero = jax.tree.map(np.zeros_like, state["trainable"])
+    _, penalty, _ = method.penalty_and_scores(state["trainable"], zero, state["alloc"], state["method"])
+    assert float(penalty) > 1e-3
+    np.testing.assert_allclose(float(penalty), float(ref.loss - task_loss), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_qwen3_both_exports_reproduce_predict(tmp_path_factory):
+    trainer, path, out, batch = _trained(tmp_path_factory, "qwen3", "qa")
+    _assert_peft_reproduces(trainer, path, out / "adapter", batch, "qa")
+    _assert_peft_reproduces(trainer, path, out / "adapter_adalora", batch, "qa")
+    trainer.close()
