@@ -1,7 +1,9 @@
 """AdaLoRA (Zhang et al. 2023b) as pure rules, written from PEFT's ``tuners/adalora/{config,layer,model}.py``.
 
-Pure rules; the trainer uses them once the method seam lands. Nothing here is wired into ``trainer.py``,
-``config.py`` or ``validation.py`` yet. ``tests/test_adalora_rules.py`` drives PEFT itself with the same numbers.
+The pure rules first (``tests/test_adalora_rules.py`` drives PEFT itself with the same numbers), then the
+``AdaLoRA`` method that runs them inside the jitted train step (``tests/test_adalora_method.py``: against PEFT's
+``update_and_allocate`` fed the trainer's own weights and gradients, its forward and penalty, both exports).
+docs/methods/adalora.md describes the method, its settings and presets.
 
 Layout (our slot-leading one, so the factors are the adapters' ``a`` / ``b`` and the repo's orthogonality penalty
 reads them as they are): per module m, ``e`` [R] (PEFT ``lora_E`` [r, 1]), ``a`` [R, in] (PEFT ``lora_A``) and
@@ -43,8 +45,19 @@ Deliberate differences:
 - ``budget_schedule`` and ``allocate`` branch on the host step with Python numbers (the same float64 arithmetic
   as PEFT); the array rules (``update_importance``, ``triplet_scores``, ``mask_to_budget`` with a traced budget,
   ``apply_rank_pattern``, ``orthogonal_regulariser``, ``svd_delta``) can be jitted.
-- Not here: DeepSpeed's gradient gathering, Conv2d / quantised layers, and PEFT's rank-pattern slicing of saved
-  adapters (export waits for the seam).
+- Not here: DeepSpeed's gradient gathering, Conv2d / quantised layers.
+
+In the trainer (``AdaLoRA`` below), also deliberate:
+
+- global step = trainer step - 1 (the reference trainer calls ``update_and_allocate(state.global_step)`` before
+  incrementing it); the gradients are clipped with ``optim.grad_clip`` by optax's rule (torch's
+  ``clip_grad_norm_`` divides by ``norm + 1e-6``), the clip the optimiser applies;
+- the evaluated / exported model keeps the rank pattern's rows only (what PEFT saves); between re-masks PEFT's
+  in-memory model also uses masked triplets whose E regrew since the last mask. The train forward uses every row;
+- ``adapter.rank_budget`` is the total target (PEFT: ``target_r`` x modules); ``adapter.orth_reg`` is not read
+  (AdaLoRA's weight is ``adapter.adalora.orth_reg_weight``);
+- an impossible schedule or budget is a ``ConfigError`` on construction (an epoch-based run: when the Trainer sets
+  the run's length, before the first step).
 """
 
 from __future__ import annotations
