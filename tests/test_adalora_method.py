@@ -222,6 +222,32 @@ def test_a_short_run_of_the_glue_preset_says_the_published_schedule_needs_a_full
     assert "published tinit/tfinal, as in the GLUE presets, are for its full-length runs" in str(err.value)
 
 
+# Copied by hand from QingruZhang/AdaLoRA NLU/scripts/run_debertav3_<task>.sh (--init_warmup, --final_warmup,
+# --mask_interval, --reg_orth_coef; --beta1/--beta2 0.85 in all), so a changed preset value is a visible edit.
+PUBLISHED_SCHEDULES = {"cola": (800, 3500, 10, 0.1), "mnli": (8000, 50000, 100, 0.1), "mrpc": (600, 1800, 1, 0.1),
+                       "qnli": (2000, 8000, 100, 0.1), "qqp": (8000, 25000, 100, 0.1), "rte": (600, 1800, 1, 0.3),
+                       "sst2": (6000, 22000, 100, 0.1), "stsb": (800, 2000, 10, 0.3)}
+
+
+@pytest.mark.parametrize("task", sorted(PUBLISHED_SCHEDULES))
+def test_glue_configs_carry_adalora_published_schedule(task):
+    import importlib.util
+    from pathlib import Path
+
+    from adapad_jax.config.validation import check_fields
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"glue_{task}.py"
+    spec = importlib.util.spec_from_file_location(f"config_glue_{task}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    block = config.adapter.adalora
+    assert (block.tinit, block.tfinal, block.deltaT, block.orth_reg_weight) == PUBLISHED_SCHEDULES[task]
+    assert (block.beta1, block.beta2) == (0.85, 0.85)
+    config.adapter.method = "adalora"
+    check_fields(config)
+
+
 # --------------------------------------------------------------------------------------------- resume
 def test_resume_is_bit_exact(tmp_path):
     half = TOTAL // 2
