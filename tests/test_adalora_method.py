@@ -248,6 +248,20 @@ def test_glue_configs_carry_adalora_published_schedule(task):
     check_fields(config)
 
 
+def test_native_export_settings_load_in_peft_when_the_run_length_is_unknown():
+    """A checkpoint of an epoch-based run re-exported (the Trainer knows no length): ``total_step`` is the least
+    PEFT's ``AdaLoraConfig`` accepts, so the native adapter still loads; with the length known it is the run's."""
+    unknown = _method(**{"train.num_steps": -1}).native_settings()
+    assert unknown["total_step"] == TINIT + TFINAL + 1
+    known = _method().native_settings()
+    assert known == {**unknown, "total_step": TOTAL}
+    assert (known["init_r"], known["target_r"], known["lora_alpha"]) == (R, BUDGET // 4, 8.0)
+    for settings in (unknown, known):
+        peft.AdaLoraConfig(**settings, target_modules=["fc"])
+    with pytest.raises(ValueError):
+        peft.AdaLoraConfig(**{**unknown, "total_step": TINIT + TFINAL}, target_modules=["fc"])
+
+
 # --------------------------------------------------------------------------------------------- resume
 def test_resume_is_bit_exact(tmp_path):
     half = TOTAL // 2
@@ -400,3 +414,29 @@ def test_qwen3_both_exports_reproduce_predict(tmp_path_factory):
     _assert_peft_reproduces(trainer, path, out / "adapter", batch, "qa")
     _assert_peft_reproduces(trainer, path, out / "adapter_adalora", batch, "qa")
     trainer.close()
+
+
+@pytest.mark.slow
+def test_tiny_glue_run_end_to_end_writes_both_adapters(tmp_path):
+    """The run layer (``run.core.run``) on a tiny DeBERTa GLUE task: outputs consistent, PEFT reproduces the
+    predictions from ``adapter/``, and ``adapter_adalora/`` loads as an AdaLoRA adapter with the run's ranks."""
+    from test_e2e_runs import check_metrics_agree_with_predictions, check_outputs, check_peft_reproduces_jax
+    from test_e2e_runs import tiny_run_config
+
+    from adapad_jax.run import core as run_lib
+
+    config = tiny_run_config(tmp_path, "glue_mrpc", "deberta", adapter__method="adalora", adapter__rank_budget=12)
+    config.adapter.adalora.update(tinit=0, tfinal=1, deltaT=1)
+    config.optim.learning_rate = 0.1  # E starts at 0: a few larger steps make the adapters matter
+    result = run_lib.run(config, progress=False, keep_trainer=True, log=lambda _: None)
+    try:
+        assert result.step == config.train.num_steps and sum(result.ranks.values()) == 12
+        check_outputs(result.output_dir, result.ranks)
+        check_metrics_agree_with_predictions(config, result.output_dir)
+        check_peft_reproduces_jax(config, result)
+        native = peft.PeftConfig.from_pretrained(str(result.output_dir / "adapter_adalora"))
+        assert isinstance(native, peft.AdaLoraConfig) and native.total_step == config.train.num_steps
+        assert {k[: -len(".lora_E")]: sum(v) for k, v in native.rank_pattern.items()} == {
+            k: v for k, v in result.ranks.items() if v}
+    finally:
+        result.trainer.close()

@@ -389,8 +389,21 @@ class AdaLoRA(Method):
 
     # -------------------------------------------------------------- export
     def native_settings(self) -> dict[str, Any]:
-        """The ``AdaLoraConfig`` fields of this run (``target_r``: the target budget per module, rounded down)."""
-        schedule = self.schedule()
+        """The ``AdaLoraConfig`` fields of this run (``target_r``: the target budget per module, rounded down).
+
+        ``total_step`` is the run's length; where it is not known (a checkpoint of an epoch-based run re-exported
+        by ``launch/export.py``) the least PEFT accepts, tinit + tfinal + 1: only PEFT's training reads it."""
+        from adapad_jax.runtime.failures import ConfigError
+
+        try:
+            schedule = self.schedule()
+        except ConfigError:
+            cfg = {**REFERENCE_DEFAULTS, **self.config}
+            schedule = dataclasses.replace(
+                Schedule(init_budget=1, target_budget=1, tinit=0, tfinal=0, total_steps=1),
+                tinit=int(cfg["tinit"]), tfinal=int(cfg["tfinal"]), delta_t=int(cfg["deltaT"]),
+                beta1=float(cfg["beta1"]), beta2=float(cfg["beta2"]),
+                total_steps=int(cfg["tinit"]) + int(cfg["tfinal"]) + 1)
         return {"init_r": self.num_slots, "target_r": max(self.setup.rank_budget // self.setup.num_modules, 1),
                 "lora_alpha": float(self.settings.alpha), "tinit": schedule.tinit, "tfinal": schedule.tfinal,
                 "deltaT": schedule.delta_t, "beta1": schedule.beta1, "beta2": schedule.beta2,
@@ -401,10 +414,12 @@ class AdaLoRA(Method):
         gathered ``host`` state (``trainable``, ``alloc``)."""
         from pathlib import Path
 
-        from adapad_jax.models.adalora_export import NATIVE_DIR, write_adalora_adapter
+        from adapad_jax.models.adalora_export import write_adalora_adapter
+        from adapad_jax.outputs.layout import ADALORA_ADAPTER_DIR
 
         slots = host["trainable"]["slots"]
-        return write_adalora_adapter(Path(out_dir) / NATIVE_DIR, model, params, slots, host["alloc"]["committed"],
+        pattern = host["alloc"]["committed"]
+        return write_adalora_adapter(Path(out_dir) / ADALORA_ADAPTER_DIR, model, params, slots, pattern,
                                      self.native_settings(), base_model_name_or_path)
 
     def extra_parameters(self, ranks: Any) -> int:

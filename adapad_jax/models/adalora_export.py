@@ -30,7 +30,6 @@ from adapad_jax.models.base import LoadedModel
 from adapad_jax.models.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_TASK_TYPES, head_tensors
 
 _PEFT_PREFIX = "base_model.model."
-NATIVE_DIR = "adapter_adalora"
 
 
 def write_adalora_adapter(
