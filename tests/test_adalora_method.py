@@ -121,7 +121,9 @@ def test_in_trainer_allocation_equals_peft_update_and_allocate(tmp_path, monkeyp
     ada = peft.get_peft_model(_Linears(targets), config).base_model
     layers = [getattr(ada.model, n) for n in names]
     clipped_norms = []
+    budgets, flags = adalora.budget_tables(trainer.method_impl.schedule())  # what the jitted step indexes
     for step in range(1, TOTAL + 1):
+        assert (int(budgets[step - 1]), bool(flags[step - 1])) == ada.rankallocator.budget_schedule(step - 1)
         trainer.train_step(next(data))
         state = jax.device_get(trainer.state)
         seen, grads = state["method"]["seen_slots"], state["method"]["seen_grads"]
