@@ -1,4 +1,5 @@
-"""AdaLoRA (Zhang et al. 2023b) as pure rules, written from PEFT's ``tuners/adalora/{config,layer,model}.py``.
+"""AdaLoRA (Zhang et al. 2023b): its rules and ``adapter.method=adalora``, written from PEFT's
+``tuners/adalora/{config,layer,model}.py``.
 
 The pure rules first (``tests/test_adalora_rules.py`` drives PEFT itself with the same numbers), then the
 ``AdaLoRA`` method that runs them inside the jitted train step (``tests/test_adalora_method.py``: against PEFT's
@@ -14,7 +15,9 @@ Reference defaults (``AdaLoraConfig`` / ``LoraConfig`` in peft 0.21, ``REFERENCE
 tests): ``init_r`` 12, ``target_r`` 8, ``tinit`` 0, ``tfinal`` 0, ``deltaT`` 1, ``beta1`` = ``beta2`` = 0.85,
 ``orth_reg_weight`` 0.5, ``lora_alpha`` 8, ``lora_dropout`` 0.0, ``total_step`` none (required, > 0). Init:
 E = 0, A and B ~ N(0, 0.02). The AdaLoRA paper's GLUE scripts use other values (orth 0.1 or 0.3, target_rank 1,
-lora_r 2 or 3; see /work/shared/docs/BASELINES.md).
+lora_r 2 or 3; ``config/adalora_presets.py`` has them per task). The ``adapter.adalora.*`` defaults in
+``config/schema.py`` are PEFT's; the shared fields keep the project's defaults (``adapter.r_max`` = init_r 8,
+``adapter.alpha`` 16, ``adapter.init_std`` 0.02 as PEFT) unless a preset sets them.
 
 Rules, as PEFT has them:
 
