@@ -442,3 +442,25 @@ def test_tiny_glue_run_end_to_end_writes_both_adapters(tmp_path):
             k: v for k, v in result.ranks.items() if v}
     finally:
         result.trainer.close()
+
+
+def test_a_resume_with_another_budget_keeps_the_rank_pattern_and_ends_at_the_new_budget(tmp_path):
+    """The growth methods' budget change (``recovery.apply_budget_change``) would rebuild ``committed`` as a
+    prefix of slots; AdaLoRA keeps its rank pattern and its schedule aims at the new target from the resume on."""
+    half = TOTAL // 2
+    first, data = _toy_trainer(tmp_path, "run", **{"checkpoint.every_steps": half})
+    first.train(data, TOTAL, data.state, progress=False)
+    first.close()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / str(TOTAL))
+    saved, _ = _toy_trainer(tmp_path, "run")
+    saved.restore(half)
+    pattern = np.asarray(jax.device_get(saved.state["alloc"]["committed"]))
+    saved.close()
+    assert not pattern.all() and not np.all(pattern[:, :1] | ~pattern.any(axis=1, keepdims=True)), pattern
+    resumed, _ = _toy_trainer(tmp_path, "run", **{"adapter.rank_budget": BUDGET - 2})
+    position = resumed.restore_or_init({"position": -1})
+    np.testing.assert_array_equal(np.asarray(jax.device_get(resumed.state["alloc"]["committed"])), pattern)
+    data = ToyBatches(resumed.model, planted_teacher(resumed.model, [2, 1, 0, 0]), 16, start=position["position"])
+    resumed.train(data, TOTAL, data.state, progress=False)
+    assert sum(resumed.ranks().values()) == BUDGET - 2
+    resumed.close()
