@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adapad_jax.run.core import export_trainer
 from adapad_jax.adapters.slots import to_lora_collection
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.training import Trainer, make_mesh
@@ -285,7 +286,7 @@ def test_trained_ardlora_exports_to_peft(tmp_path, family, task):
     module_alpha = np.asarray(trainer.method_impl.module_alpha(trainer.state["trainable"]["alpha"]))
     assert list(ranks.values()) == _hand_rank(module_alpha, r0).tolist()
     assert len(set(ranks.values())) >= 3 and min(ranks.values()) >= 1
-    out = trainer.export(tmp_path / "export")
+    out = export_trainer(trainer, tmp_path / "export")
 
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "qa": transformers.AutoModelForQuestionAnswering}[task]

@@ -27,9 +27,9 @@ SUM_WIDTHS = 2 * (4 * 64 + 2 * 96)
 PARAM_BUDGET = 2 * SUM_WIDTHS
 
 # The methods wired onto the seam.
-WIRED = ("adapad", "joint", "lora", "increlora", "sora", "ardlora")
+WIRED = ("adapad", "joint", "lora", "adalora", "increlora", "sora", "ardlora")
 # Registered with placeholders that refuse to start; the integrator moves each to WIRED once its branch is merged.
-NOT_WIRED_YET = ("adalora",)
+NOT_WIRED_YET: tuple[str, ...] = ()
 # Hand-computed factor counts after 4 steps (no growth before step 2T): rank 1 in each module; lora rank 2.
 EXPECTED_FACTORS = {"adapad": SUM_WIDTHS, "joint": SUM_WIDTHS, "lora": 2 * SUM_WIDTHS}
 # Overrides a 4-step run needs on top of the preset: CoLA's published AdaLoRA schedule (tinit 800, tfinal 3500) has

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from adapad_jax.run.core import export_trainer
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.methods import increlora as inc
 from adapad_jax.methods.registry import build_method
@@ -333,7 +334,7 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     reserve_e = [float(np.asarray(e)[int(n) - 1, 0]) for e, n in zip(trainer.state["trainable"]["slots"]["e"],
                                                                      trainer.state["method"]["allocated"])]
     assert all(x == (0.0 if family == "deberta" else np.float32(1e-5)) for x in reserve_e)
-    out = trainer.export(tmp_path / "export")
+    out = export_trainer(trainer, tmp_path / "export")
     ranks = json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     assert sorted(ranks.values()) == sorted(r for r in trainer.ranks().values() if r > 0)
 

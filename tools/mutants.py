@@ -72,6 +72,8 @@ ADAPAD, LORA = "adapad_jax/methods/adapad.py", "adapad_jax/methods/lora.py"
 SORA = "adapad_jax/methods/sora.py"
 ARDLORA = "adapad_jax/methods/ardlora.py"
 INCRELORA = "adapad_jax/methods/increlora.py"
+ADALORA = "adapad_jax/methods/adalora.py"
+_ADALORA_PEFT = "tests/test_adalora_method.py::test_in_trainer_allocation_equals_peft_update_and_allocate"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("snapshot_never_refreshes",
@@ -175,6 +177,20 @@ MUTANTS: tuple[Mutant, ...] = (
                  "return jnp.where(groups == FROZEN, 0.0, 1.0).astype(jnp.float32)"),),
            "IncreLoRA's Multi_LambdaLR: a new component trains at the shared lr instead of restarting its warm-up",
            ("tests/test_increlora_method.py::test_restarted_learning_rate_in_the_trainer",)),
+    Mutant("adalora_global_step_not_shifted",
+           (Edit(ADALORA, "global_step = jnp.asarray(step, jnp.int32) - 1",
+                 "global_step = jnp.asarray(step, jnp.int32)"),),
+           "adalora allocates with the 1-based step (the reference passes global_step before its increment)",
+           (_ADALORA_PEFT,)),
+    Mutant("adalora_importance_from_unclipped_grads",
+           (Edit(ADALORA, "clipped = clip_by_global_norm(grads, float(self.settings.optim.grad_clip))",
+                 "clipped = grads"),),
+           "adalora's importance EMAs read the raw gradients, not those clip_grad_norm_ left",
+           (_ADALORA_PEFT,)),
+    Mutant("adalora_final_pattern_not_reapplied",
+           (Edit(ADALORA, "jnp.where(after, x_frozen, x)", "x"),),
+           "after the final mask, masked triplets' E regrow (the rank pattern is not re-applied each step)",
+           ("tests/test_adalora_method.py::test_trainer_trains_and_ranks_follow_the_cubic_schedule",)),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from adapad_jax.config.increlora_presets import glue_method_block as increlora_glue_block
+from adapad_jax.config.adalora_presets import ADALORA_GLUE
 from adapad_jax.config.schema import base_config
 from adapad_jax.config.sora_presets import glue_sora_fields
 
@@ -63,6 +64,7 @@ def glue_config(
     config.adapter.sora.update(glue_sora_fields(task))  # SoRA's published eta / xi (config/sora_presets.py)
     config.adapter.increlora.update(increlora_glue_block(task))  # IncreLoRA's own fields from its GLUE script
     config.optim.learning_rate = GLUE_LEARNING_RATES[task]
+    config.adapter.adalora.update(ADALORA_GLUE[task])  # AdaLoRA's own published schedule (adalora_presets.py)
     config.optim.weight_decay = 0.01
     config.optim.adapter_weight_decay = adapter_weight_decay
     config.optim.warmup_steps = warmup

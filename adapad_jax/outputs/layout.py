@@ -9,4 +9,6 @@ PROFILE_DIR = "profile"  # train.profile_start_step's jax.profiler trace (traini
 # One JSON object per resume: time, the step it resumed from, the fields it changed ([old, new]) and, when the length
 # changed, the re-planned learning-rate schedule. config.json stays as the run first wrote it.
 RESUMES_FILE = "resumes.jsonl"
-EXPORTED_OUTPUTS = ("adapter", "ranks.json", "ranks.png", "allocator.json")
+# adapter_adalora: method adalora's native PEFT AdaLoRA adapter, beside the LoRA form in adapter/.
+ADALORA_ADAPTER_DIR = "adapter_adalora"
+EXPORTED_OUTPUTS = ("adapter", ADALORA_ADAPTER_DIR, "ranks.json", "ranks.png", "allocator.json")

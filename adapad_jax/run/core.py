@@ -71,10 +71,15 @@ def export_trainer(trainer: Any, out_dir: str | Path | None = None) -> Path:
     """
     from adapad_jax.outputs.rank_outputs import plot_ranks, write_allocator_json, write_ranks_json
     from adapad_jax.training import recovery
+    from adapad_jax.training.trainer import to_host
 
     out = Path(out_dir) if out_dir is not None else trainer.output_dir
     recovery.require_finite(trainer.state, trainer.step, "export")
     params, factors = trainer.trained_params(), trainer.committed_peft_factors()
+    # A method with a native PEFT form of its own (adalora: AdaLoraConfig) writes it beside adapter/.
+    native = getattr(trainer.method_impl, "export_native", None) if trainer.model.exports_to_peft else None
+    host = to_host({"trainable": trainer.state["trainable"], "alloc": trainer.state["alloc"],
+                    "method": trainer.state.get("method", {})}) if native is not None else None
     if not trainer.writes_files:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,8 @@ def export_trainer(trainer: Any, out_dir: str | Path | None = None) -> Path:
 
         write_peft_adapter(out / "adapter", trainer.model, params, factors, trainer.scaling,
                            trainer.settings.model_name_or_path)
+    if native is not None:
+        native(out, trainer.model, params, host, trainer.settings.model_name_or_path)
     write_allocator_json(out / "allocator.json", trainer.scaling, trainer.method, trainer.step,
                          trainer.state["alloc"])
     return out

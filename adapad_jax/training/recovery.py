@@ -165,6 +165,10 @@ def apply_budget_change(trainer: Any, meta: dict, step: int) -> Any:
     new = trainer.rank_budget
     if old is None or int(old) == new:
         return state
+    method = getattr(trainer, "method_impl", None)
+    if method is not None and not method.setup.grow:  # e.g. adalora: its schedule reads the budget, masks stay
+        _log(f"rank budget changed from {old} to {new} on resume (step {step}); {trainer.method} aims at it from now")
+        return state
     total = int(np.asarray(jax.device_get(state["alloc"]["rank"])).sum())
     if new < total:
         raise ResumeMismatch(
