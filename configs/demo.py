@@ -11,7 +11,8 @@ in three FFN modules (rank 0 elsewhere; see adapad_jax/studies/demo.py for why t
 and trains AdaPaD on it (r_max 4, budget 21 = 12 modules x rank 1 + 9) for a few hundred steps.
 The report leads with the comparison: on the planted benchmark's `branches` toy task (launch/planted.py; each
 planted delta learnable only by its own module), AdaPaD, fixed-rank LoRA (rank 2) and demo.other_methods
-(default joint; comma-separated adapter.method names) at the same budget 16, each trained to a plateau:
+(default sora, the best published adaptive method there in docs/RESULTS.md; comma-separated
+adapter.method names) at the same budget 16, each trained to a plateau:
 held-out error and planted-vs-found ranks per module, with a picture (--config.demo.branches_check=False skips
 it). Then the DeBERTa-architecture run as the pipeline check (tokenizer, model, PEFT export): validation accuracy
 against chance and the backbone alone, and its planted-vs-found table (in a transformer other modules can

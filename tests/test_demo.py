@@ -210,11 +210,11 @@ def test_demo_command_runs_offline_and_learns(tmp_path):
     comparison = json.loads((out / "comparison_branches.json").read_text())
     assert comparison["planted"] == [0, 4, 0, 0, 3, 0, 2, 0] and comparison["budget"] == 16
     records = comparison["methods"]
-    assert list(records) == ["adapad", "lora", "joint"]
+    assert list(records) == ["adapad", "lora", "sora"]
     assert list(records["lora"]["ranks"].values()) == [2] * 8  # fixed rank 16 / 8 modules
     for method, record in records.items():
         found = np.array(list(record["ranks"].values()))
-        assert found.sum() == record["total_rank"] <= 16, method
+        assert found.sum() == record["total_rank"] <= 16 or method == "sora", method  # sora has no budget
         assert record["planted_fraction"] == pytest.approx(found[[1, 4, 6]].sum() / found.sum())
         assert record["steps"] <= 60 and 0 < record["error"] < 0.9, (method, record)
     assert (out / "comparison_branches.png").read_bytes()[:4] == b"\x89PNG"
