@@ -18,7 +18,10 @@ A method is a ``Method`` subclass in its own module (``methods/<name>.py``) plus
 - the rank update after the optimiser step: ``after_update`` (grow, mask, gate) on the jitted step, and
   ``host_update`` between steps for rules that change shapes or Python-side bookkeeping;
 - the export: ``export_factors`` -> ``{hf_path: (A [r, in], B [out, r])}`` with everything folded into B so that
-  the update is ``scaling * B @ A``.
+  the update is ``scaling * B @ A``; optionally ``export_native(out_dir, model, params, host_state, base)``, a
+  PEFT form of the method's own written beside ``adapter/`` (adalora: ``AdaLoraConfig``);
+- the accounting: ``parameter_counts`` / ``accounting`` (``extra_parameters``, ``reserve_rows``,
+  ``paper_parameters``).
 
 Methods sit below ``training/`` so the step can call them; they never import the trainer.
 """
