@@ -163,3 +163,43 @@ def max_abs_diff(ours: dict[str, Any], reference: dict[str, np.ndarray]) -> floa
     """Largest absolute difference over the output arrays both dicts share (keys must be the same)."""
     assert set(ours) == set(reference), (sorted(ours), sorted(reference))
     return max(float(np.max(np.abs(np.asarray(ours[k], np.float64) - reference[k]))) for k in reference)
+
+
+def hf_batch(rng: np.random.Generator, task: str, size: int = 8, seq: int = 16) -> dict[str, np.ndarray]:
+    """A random batch for a tiny checkpoint: ids, a mask with row 0 half padded, weights and task labels."""
+    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
+    mask = np.ones((size, seq), np.int32)
+    mask[0, seq // 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
+    if task == "classification":
+        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
+    else:
+        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
+    return batch
+
+
+def assert_peft_reproduces_predict(trainer: Any, checkpoint: Path, adapter_dir: Path, batch: dict[str, np.ndarray],
+                                   task: str) -> Any:
+    """``peft.PeftModel.from_pretrained`` on the transformers model of ``checkpoint`` with ``adapter_dir`` gives
+    ``trainer.predict``'s outputs (rtol 1e-4, atol 1e-5), which differ from the base model's; returns the PEFT
+    model."""
+    from reference_libs import import_reference
+
+    torch = import_reference("torch")
+    peft = import_reference("peft")
+    import transformers
+
+    auto = {"classification": transformers.AutoModelForSequenceClassification,
+            "qa": transformers.AutoModelForQuestionAnswering}[task]
+    base = auto.from_pretrained(str(checkpoint))
+    with torch.no_grad():
+        inputs = {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
+        base_out = base(**inputs)
+        peft_model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        peft_out = peft_model(**inputs)
+    ours = trainer.predict(batch)
+    for key in ours:
+        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
+    return peft_model

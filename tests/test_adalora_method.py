@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from reference_libs import import_reference
 
+from helpers_hf import assert_peft_reproduces_predict, hf_batch
 from adapad_jax.run.core import export_trainer
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.methods import adalora
@@ -291,18 +292,6 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------- real models: forward, export
-def _hf_batch(rng, task, size=6, seq=12):
-    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
-    mask = np.ones((size, seq), np.int32)
-    mask[0, seq // 2:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
-    if task == "classification":
-        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
-    else:
-        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-    return batch
-
 
 def _auto(task):
     import transformers
@@ -329,10 +318,10 @@ def _trained(tmp_path_factory, family, task):
     trainer = Trainer(model, cfg, make_mesh(1, 1), root / "out")
     trainer.restore_or_init({})
     rng = np.random.default_rng(0)
-    trainer.train(iter([_hf_batch(rng, task) for _ in range(6)]), 6, lambda: {}, progress=False)
+    trainer.train(iter([hf_batch(rng, task) for _ in range(6)]), 6, lambda: {}, progress=False)
     ranks = trainer.ranks()
     assert sum(ranks.values()) == modules * R // 2 and max(ranks.values()) > min(ranks.values())
-    return trainer, path, export_trainer(trainer, root / "export"), _hf_batch(rng, task, size=5)
+    return trainer, path, export_trainer(trainer, root / "export"), hf_batch(rng, task, size=5)
 
 
 @pytest.fixture(scope="module")
@@ -346,20 +335,10 @@ def _torch_inputs(batch):
     return {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
 
 
-def _assert_peft_reproduces(trainer, path, adapter_dir, batch, task):
-    base = _auto(task).from_pretrained(str(path))
-    with torch.no_grad():
-        base_out = base(**_torch_inputs(batch))
-        peft_out = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()(**_torch_inputs(batch))
-    ours = trainer.predict(batch)
-    for key in ours:
-        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
-        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
-
 
 def test_deberta_lora_export_reproduces_predict(deberta_run):
     trainer, path, out, batch = deberta_run
-    _assert_peft_reproduces(trainer, path, out / "adapter", batch, "classification")
+    assert_peft_reproduces_predict(trainer, path, out / "adapter", batch, "classification")
 
 
 def test_deberta_native_adalora_export_loads_in_peft_and_reproduces_predict(deberta_run):
@@ -370,7 +349,7 @@ def test_deberta_native_adalora_export_loads_in_peft_and_reproduces_predict(debe
     kept = {t.hf_path: row.tolist() for t, row in zip(trainer.model.targets, pattern) if row.any()}
     assert config.rank_pattern == {f"{p}.lora_E": v for p, v in kept.items()}
     assert len(kept) < len(trainer.model.targets) or not pattern.all(), "the run should have masked some triplets"
-    _assert_peft_reproduces(trainer, path, out / "adapter_adalora", batch, "classification")
+    assert_peft_reproduces_predict(trainer, path, out / "adapter_adalora", batch, "classification")
 
 
 def test_forward_and_orthogonal_penalty_equal_peft_adalora_with_the_same_weights(deberta_run):
@@ -414,8 +393,8 @@ def test_forward_and_orthogonal_penalty_equal_peft_adalora_with_the_same_weights
 @pytest.mark.slow
 def test_qwen3_both_exports_reproduce_predict(tmp_path_factory):
     trainer, path, out, batch = _trained(tmp_path_factory, "qwen3", "qa")
-    _assert_peft_reproduces(trainer, path, out / "adapter", batch, "qa")
-    _assert_peft_reproduces(trainer, path, out / "adapter_adalora", batch, "qa")
+    assert_peft_reproduces_predict(trainer, path, out / "adapter", batch, "qa")
+    assert_peft_reproduces_predict(trainer, path, out / "adapter_adalora", batch, "qa")
     trainer.close()
 
 

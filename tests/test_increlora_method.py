@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers_hf import assert_peft_reproduces_predict, hf_batch
 from adapad_jax.run.core import export_trainer
 from adapad_jax.config.schema import ConfigError
 from adapad_jax.methods import increlora as inc
@@ -286,18 +287,6 @@ def test_parameter_counts_add_one_lambda_per_rank():
     assert math.isclose(method.scaling, ALPHA)
 
 
-def _hf_batch(rng, task, size=8, seq=16):
-    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
-    mask = np.ones((size, seq), np.int32)
-    mask[0, seq // 2:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
-    if task == "classification":
-        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
-    else:
-        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-    return batch
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, task, budget_extra", [("deberta", "classification", 2), ("qwen3", "qa", 8)])
@@ -305,12 +294,7 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     """PEFT LoRA export (e * alpha / (ranknum + 1e-5) folded into B, rank_pattern / alpha_pattern) loaded by
     ``peft.PeftModel.from_pretrained`` gives trainer.predict's logits; DeBERTa ends at the budget (reserves'
     E = 0), Qwen3 before it (reserves at E = 1e-5 train but are neither evaluated nor exported)."""
-    from reference_libs import import_reference
-
-    torch = import_reference("torch")
-    peft = import_reference("peft")
     import json
-    import transformers
 
     from adapad_jax.models.registry import load_model
     from adapad_jax.testing.tiny import build_tiny_deberta, build_tiny_qwen3
@@ -327,7 +311,7 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     trainer = Trainer(model, cfg, make_mesh(1, 1), tmp_path / "out")
     trainer.restore_or_init({})
     rng = np.random.default_rng(0)
-    trainer.train(iter([_hf_batch(rng, task) for _ in range(7)]), 7, lambda: {}, progress=False)
+    trainer.train(iter([hf_batch(rng, task) for _ in range(7)]), 7, lambda: {}, progress=False)
     total = sum(trainer.ranks().values())
     assert total == modules + min(budget_extra, 4), "growth steps g = 4, 6 of top_h = 2, up to the budget"
     assert (total == trainer.rank_budget) == (family == "deberta")
@@ -338,18 +322,7 @@ def test_peft_export_reproduces_predict(tmp_path, family, task, budget_extra):
     ranks = json.loads((out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     assert sorted(ranks.values()) == sorted(r for r in trainer.ranks().values() if r > 0)
 
-    auto = {"classification": transformers.AutoModelForSequenceClassification,
-            "qa": transformers.AutoModelForQuestionAnswering}[task]
-    base = auto.from_pretrained(str(path))
-    batch = _hf_batch(rng, task, size=5)
-    with torch.no_grad():
-        inputs = {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
-        base_out = base(**inputs)
-        peft_out = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**inputs)
-    ours = trainer.predict(batch)
-    for key in ours:
-        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
-        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
+    assert_peft_reproduces_predict(trainer, path, out / "adapter", hf_batch(rng, task, size=5), task)
     trainer.close()
 
 

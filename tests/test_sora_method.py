@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers_hf import assert_peft_reproduces_predict, hf_batch
 from adapad_jax.run.core import export_trainer
 from adapad_jax.adapters.slots import to_lora_collection
 from adapad_jax.config.schema import ConfigError
@@ -256,28 +256,11 @@ def test_accounting_keeps_gates_apart_and_offers_the_reference_count(toy):
     assert method.paper_parameter_count(gates, 16, 7) == (total - 10 * 2 * 16, total)
 
 
-def _hf_batch(rng, task, size=6, seq=12):
-    ids = rng.integers(5, 300, size=(size, seq)).astype(np.int32)
-    mask = np.ones((size, seq), np.int32)
-    mask[0, seq // 2:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "example_weight": np.ones(size, np.float32)}
-    if task == "classification":
-        batch["labels"] = rng.integers(0, 3, size=size).astype(np.int32)
-    else:
-        batch["start_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-        batch["end_positions"] = rng.integers(0, seq // 2, size=size).astype(np.int32)
-    return batch
-
 
 @pytest.mark.slow  # ~90 s each on a loaded 2-core machine (model build, compile, torch + PEFT)
 @pytest.mark.parametrize("family,task", [("deberta", "classification"), ("qwen3", "qa")])
 def test_export_loads_in_peft_and_reproduces_predict(tmp_path, family, task):
     """Zero-gate rows dropped, g folded into B, all-zero modules left out; PEFT logits == trainer.predict."""
-    from reference_libs import import_reference
-
-    torch = import_reference("torch")
-    peft = import_reference("peft")
-    import transformers
 
     from adapad_jax.models.registry import load_model
     from adapad_jax.testing.tiny import build_tiny_deberta, build_tiny_qwen3
@@ -292,7 +275,7 @@ def test_export_loads_in_peft_and_reproduces_predict(tmp_path, family, task):
     trainer = Trainer(model, cfg, make_mesh(1, 1), tmp_path / "out")
     trainer.restore_or_init({})
     rng = np.random.default_rng(0)
-    trainer.train(iter([_hf_batch(rng, task) for _ in range(3)]), 3, lambda: {}, progress=False)
+    trainer.train(iter([hf_batch(rng, task) for _ in range(3)]), 3, lambda: {}, progress=False)
     ranks = trainer.ranks()
     assert 0 in ranks.values() and any(0 < r < 4 for r in ranks.values()), ranks
     factors = trainer.committed_peft_factors()
@@ -302,18 +285,7 @@ def test_export_loads_in_peft_and_reproduces_predict(tmp_path, family, task):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) | {config["r"]} >= {r for r in ranks.values() if r > 0}
 
-    auto = {"classification": transformers.AutoModelForSequenceClassification,
-            "qa": transformers.AutoModelForQuestionAnswering}[task]
-    base = auto.from_pretrained(str(path))
-    batch = _hf_batch(rng, task, size=5)
-    with torch.no_grad():
-        inputs = {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask")}
-        base_out = base(**inputs)
-        peft_out = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**inputs)
-    ours = trainer.predict(batch)
-    for key in ours:
-        np.testing.assert_allclose(ours[key], peft_out[key].numpy(), rtol=1e-4, atol=1e-5)
-        assert np.abs(ours[key] - base_out[key].numpy()).max() > 1e-4, "training should have changed the model"
+    assert_peft_reproduces_predict(trainer, path, out / "adapter", hf_batch(rng, task, size=5), task)
     trainer.close()
 
 
