@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adapad_jax.methods.allocator import rank_capacity
 from adapad_jax.methods.orthogonality import orthogonality_penalty
 from adapad_jax.methods.base import Method, MethodSetup, Tree
 
@@ -367,9 +368,8 @@ class IncreLoRA(Method):
         lora_r, target = int(settings.initial_rank), int(settings.rank_budget)
         check_initial_rank(lora_r, int(settings.r_max))
         check_rank_budget(target, num_modules, lora_r)
-        if target > num_modules * int(settings.r_max):
-            raise ConfigError(f"adapter.rank_budget={target} is more than {num_modules} modules x adapter.r_max="
-                              f"{settings.r_max} (the per-module cap) can hold; raise r_max or lower the budget")
+        # As for every method, the target is the reachable budget min(rank_budget, modules x r_max).
+        target = rank_capacity(target, num_modules, int(settings.r_max))
         if int(settings.growth_interval) < 1 or int(settings.top_k) < 1:
             raise ConfigError(f"adapter.method=increlora needs adapter.growth_interval >= 1 (incre_interval) and "
                               f"adapter.top_k >= 1 (top_h), got {settings.growth_interval} and {settings.top_k}")
