@@ -57,7 +57,9 @@ class TensorBoardSink:
 
         # The file name has the time in seconds; the suffix keeps a resume within the same second from
         # overwriting the previous file (and keeps the files in write order).
-        self.writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30,
+        # max_queue: once the disk is full tensorboardX's writer thread stops draining its queue, and add_scalar
+        # then blocks when the queue is full; a deep queue lets the run reach the checkpoint's one-line failure.
+        self.writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step, flush_secs=30, max_queue=10000,
                                     filename_suffix=f".{time.time_ns()}")
         if config is not None:
             text = json.dumps(config_dict(config), indent=2)
